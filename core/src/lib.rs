@@ -1,0 +1,22 @@
+//! Errand's domain model. No I/O, no clocks except where a caller passes one in.
+//!
+//! - [`ids`]: ULID-based [`TaskId`] / [`MessageId`], and [`DeviceId`] (a validated libp2p PeerId).
+//! - [`task`]: [`Task`], [`TaskEvent`], and the pure status [`fold`](task::fold).
+//! - [`message`] and [`device`]: the other records of a thread.
+//! - [`limits`]: every size cap, each with its reason.
+//! - [`ticket`]: the pairing ticket that a QR code carries.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod device;
+pub mod ids;
+pub mod limits;
+pub mod message;
+pub mod task;
+pub mod ticket;
+pub mod time;
+
+pub use device::{Device, DeviceKind};
+pub use ids::{DeviceId, IdError, MessageId, TaskId};
+pub use message::{Message, MessageKind};
+pub use task::{EventKind, Request, Task, TaskEvent, TaskStatus, TaskView, fold};
+pub use ticket::{Ticket, TicketError};

@@ -1,0 +1,1 @@
+//! The errand-relay server (being written).
