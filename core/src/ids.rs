@@ -75,6 +75,10 @@ ulid_id!(
     /// Identifies a chat message.
     MessageId
 );
+ulid_id!(
+    /// Identifies a thread: the one conversation a desktop and its phones share.
+    ThreadId
+);
 
 /// A device: the string form of its libp2p PeerId, checked to be well formed.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

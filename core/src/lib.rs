@@ -16,7 +16,7 @@ pub mod ticket;
 pub mod time;
 
 pub use device::{Device, DeviceKind};
-pub use ids::{DeviceId, IdError, MessageId, TaskId};
+pub use ids::{DeviceId, IdError, MessageId, TaskId, ThreadId};
 pub use message::{Message, MessageKind};
 pub use task::{EventKind, Request, Task, TaskEvent, TaskStatus, TaskView, fold};
 pub use ticket::{Ticket, TicketError};

@@ -1,1 +1,20 @@
-//! placeholder
+//! Errand's thread as an Automerge document, its sync sessions, and its durable store.
+//!
+//! - [`ThreadDoc`] wraps an Automerge `AutoCommit`. Its root objects come from a deterministic
+//!   genesis change, so every peer reaches the same objects by the same ids. Reads treat the
+//!   document as untrusted: authorship comes from each op's actor, and anything malformed is
+//!   skipped and counted.
+//! - [`SyncSession`] is the sans-IO Automerge sync state for one peer and one document.
+//! - [`Store`] keeps documents, sync states, trust and identity in one redb file per home.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod doc;
+pub mod store;
+pub mod sync;
+
+pub use doc::{DocId, NewTask, ThreadDoc, ThreadGenesis, WriteError};
+pub use store::{LoadedDoc, Store, StoreError, StoreTxn, TrustedPeer};
+pub use sync::{SyncError, SyncSession};
+
+/// Re-exported so callers can name heads and actors without depending on automerge directly.
+pub use automerge::{ActorId, ChangeHash};

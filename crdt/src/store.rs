@@ -1,0 +1,425 @@
+//! The durable store of one home: one redb file, owned by one process at a time.
+//!
+//! - Documents: an optional compacted `save()` snapshot plus incremental change chunks, keyed
+//!   by document id. A commit appends its chunk in the same transaction that acknowledges it.
+//! - Per-peer sync states, keyed by (document id, peer), written with the changes they describe.
+//! - Trusted peers, and small named values (`meta`): the device's Automerge actor, its node
+//!   identity, the thread's genesis, secrets. Callers add their own tables through
+//!   [`StoreTxn::table`] and [`Store::read_table`].
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::DocId;
+
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_snapshot");
+const CHUNKS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("doc_chunks");
+const SYNC_STATES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sync_state");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const TRUSTED: TableDefinition<&str, &[u8]> = TableDefinition::new("trusted_peers");
+
+/// The store's file name inside a home.
+pub const STORE_FILE: &str = "errand.redb";
+
+/// redb's page cache. Its default is 1 GiB; a phone cannot spare that, and a thread's working
+/// set (one document plus a few sync states) fits in a few MiB.
+const CACHE_BYTES: usize = 32 << 20;
+
+/// Compact once incremental chunks exceed this many bytes *and* the snapshot's size. Chunks
+/// are uncompressed and carry per-change overhead (about 15x a compacted save, measured in the
+/// dependency notes), so this keeps the file within a small multiple of the document.
+const COMPACT_MIN_CHUNK_BYTES: u64 = 256 * 1024;
+
+/// Why the store could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process holds the home.
+    #[error("the home {0} is in use by another Errand process")]
+    Locked(PathBuf),
+    /// The home directory could not be created or read.
+    #[error("cannot use the home directory {path}: {source}")]
+    Home {
+        /// The home.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database file is damaged or unreadable.
+    #[error("the store in {path} cannot be opened: {source}")]
+    Open {
+        /// The home.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: redb::DatabaseError,
+    },
+    /// A database operation failed.
+    #[error("store error: {0}")]
+    Db(#[from] redb::Error),
+    /// A stored record did not decode.
+    #[error("stored record {what} is corrupt: {why}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+        /// Why.
+        why: String,
+    },
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+db_err!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A peer this home trusts, with what it knows of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustedPeer {
+    /// The peer's PeerId.
+    pub id: errand_core::DeviceId,
+    /// Its name, as it told us.
+    pub name: String,
+    /// Desktop or phone.
+    pub kind: errand_core::DeviceKind,
+    /// Addresses to dial it at (configured, or remembered from the last session).
+    pub addrs: Vec<String>,
+    /// When trust was granted.
+    pub paired_at: i64,
+    /// When we last had a connection to it.
+    pub last_seen: Option<i64>,
+    /// When we last were in sync with it.
+    pub last_sync_at: Option<i64>,
+    /// Revoked peers are refused.
+    pub revoked: bool,
+}
+
+/// A document as stored: the snapshot (if any) followed by its chunks, in order.
+#[derive(Debug, Default)]
+pub struct LoadedDoc {
+    /// The compacted snapshot, if one was written.
+    pub snapshot: Option<Vec<u8>>,
+    /// Incremental chunks since the snapshot.
+    pub chunks: Vec<Vec<u8>>,
+}
+
+impl LoadedDoc {
+    /// Snapshot then chunks, ready for [`crate::ThreadDoc::load`].
+    pub fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        self.snapshot
+            .iter()
+            .map(Vec::as_slice)
+            .chain(self.chunks.iter().map(Vec::as_slice))
+    }
+    /// True if nothing is stored for the document.
+    pub fn is_empty(&self) -> bool {
+        self.snapshot.is_none() && self.chunks.is_empty()
+    }
+    /// Total stored bytes.
+    pub fn bytes(&self) -> u64 {
+        self.parts().map(|p| p.len() as u64).sum()
+    }
+}
+
+/// The durable store of one home.
+pub struct Store {
+    db: Database,
+    home: PathBuf,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("home", &self.home).finish()
+    }
+}
+
+impl Store {
+    /// Opens or creates the store in `home`, taking the home's single-owner lock.
+    pub fn open(home: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(home).map_err(|source| StoreError::Home {
+            path: home.to_owned(),
+            source,
+        })?;
+        restrict_dir(home);
+        let path = home.join(STORE_FILE);
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(home.to_owned()),
+                source => StoreError::Open {
+                    path: home.to_owned(),
+                    source,
+                },
+            })?;
+        restrict_file(&path);
+        let tx = db.begin_write()?;
+        {
+            tx.open_table(SNAPSHOTS)?;
+            tx.open_table(CHUNKS)?;
+            tx.open_table(SYNC_STATES)?;
+            tx.open_table(META)?;
+            tx.open_table(TRUSTED)?;
+        }
+        tx.commit()?;
+        Ok(Self {
+            db,
+            home: home.to_owned(),
+        })
+    }
+
+    /// The home directory.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    /// Runs `f` in one write transaction and commits it durably. If `f` fails nothing is kept.
+    pub fn write<T, E>(&self, f: impl FnOnce(&mut StoreTxn<'_>) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let tx = self.db.begin_write().map_err(StoreError::from)?;
+        let mut txn = StoreTxn { tx, _p: std::marker::PhantomData };
+        let out = f(&mut txn)?;
+        txn.tx.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+
+    /// Reads a stored document.
+    pub fn load_doc(&self, doc: &DocId) -> Result<LoadedDoc, StoreError> {
+        let rx = self.db.begin_read()?;
+        let snapshot = rx
+            .open_table(SNAPSHOTS)?
+            .get(doc.as_str())?
+            .map(|g| g.value().to_vec());
+        let mut chunks = Vec::new();
+        let table = rx.open_table(CHUNKS)?;
+        for row in table.range((doc.as_str(), 0)..=(doc.as_str(), u64::MAX))? {
+            let (_, v) = row?;
+            chunks.push(v.value().to_vec());
+        }
+        Ok(LoadedDoc { snapshot, chunks })
+    }
+
+    /// True when a document's chunks have grown past the compaction threshold.
+    pub fn needs_compaction(&self, doc: &DocId) -> Result<bool, StoreError> {
+        let rx = self.db.begin_read()?;
+        let snap = rx
+            .open_table(SNAPSHOTS)?
+            .get(doc.as_str())?
+            .map_or(0, |g| g.value().len() as u64);
+        let mut chunk_bytes = 0u64;
+        for row in rx
+            .open_table(CHUNKS)?
+            .range((doc.as_str(), 0)..=(doc.as_str(), u64::MAX))?
+        {
+            chunk_bytes += row?.1.value().len() as u64;
+        }
+        Ok(chunk_bytes > COMPACT_MIN_CHUNK_BYTES.max(snap))
+    }
+
+    /// A persisted sync state.
+    pub fn sync_state(&self, doc: &DocId, peer: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let rx = self.db.begin_read()?;
+        Ok(rx
+            .open_table(SYNC_STATES)?
+            .get((doc.as_str(), peer))?
+            .map(|g| g.value().to_vec()))
+    }
+
+    /// A named value.
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let rx = self.db.begin_read()?;
+        Ok(rx.open_table(META)?.get(key)?.map(|g| g.value().to_vec()))
+    }
+
+    /// A named JSON value.
+    pub fn meta_json<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        self.meta(key)?
+            .map(|b| {
+                serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
+                    what: key.to_owned(),
+                    why: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    /// Every trusted (or revoked) peer.
+    pub fn trusted_peers(&self) -> Result<Vec<TrustedPeer>, StoreError> {
+        let rx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in rx.open_table(TRUSTED)?.iter()? {
+            let (k, v) = row?;
+            match serde_json::from_slice(v.value()) {
+                Ok(p) => out.push(p),
+                Err(e) => {
+                    return Err(StoreError::Corrupt {
+                        what: format!("trusted peer {}", k.value()),
+                        why: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One trusted peer.
+    pub fn trusted_peer(&self, id: &str) -> Result<Option<TrustedPeer>, StoreError> {
+        Ok(self.trusted_peers()?.into_iter().find(|p| p.id.as_str() == id))
+    }
+
+    /// Reads rows of a caller-defined table (created on first write; empty before that).
+    pub fn read_table<K, V, T>(
+        &self,
+        def: TableDefinition<K, V>,
+        f: impl FnOnce(&redb::ReadOnlyTable<K, V>) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError>
+    where
+        K: redb::Key + 'static,
+        V: redb::Value + 'static,
+    {
+        let rx = self.db.begin_read()?;
+        match rx.open_table(def) {
+            Ok(t) => f(&t).map(Some),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// One write transaction. Dropped without commit on error.
+pub struct StoreTxn<'a> {
+    tx: redb::WriteTransaction,
+    #[allow(dead_code)]
+    _p: std::marker::PhantomData<&'a ()>,
+}
+
+impl fmt::Debug for StoreTxn<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StoreTxn")
+    }
+}
+
+impl StoreTxn<'_> {
+    /// Appends an incremental chunk to a document. Empty chunks are skipped.
+    pub fn append_chunk(&mut self, doc: &DocId, chunk: &[u8]) -> Result<(), StoreError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let mut t = self.tx.open_table(CHUNKS)?;
+        let next = t
+            .range((doc.as_str(), 0)..=(doc.as_str(), u64::MAX))?
+            .next_back()
+            .transpose()?
+            .map_or(0, |(k, _)| k.value().1 + 1);
+        t.insert((doc.as_str(), next), chunk)?;
+        Ok(())
+    }
+
+    /// Replaces a document's snapshot and drops its chunks: compaction, atomically.
+    pub fn replace_snapshot(&mut self, doc: &DocId, snapshot: &[u8]) -> Result<(), StoreError> {
+        self.tx.open_table(SNAPSHOTS)?.insert(doc.as_str(), snapshot)?;
+        let mut t = self.tx.open_table(CHUNKS)?;
+        let keys: Vec<u64> = t
+            .range((doc.as_str(), 0)..=(doc.as_str(), u64::MAX))?
+            .map(|r| r.map(|(k, _)| k.value().1))
+            .collect::<Result<_, _>>()?;
+        for k in keys {
+            t.remove((doc.as_str(), k))?;
+        }
+        Ok(())
+    }
+
+    /// Stores a peer's sync state.
+    pub fn put_sync_state(&mut self, doc: &DocId, peer: &str, state: &[u8]) -> Result<(), StoreError> {
+        self.tx
+            .open_table(SYNC_STATES)?
+            .insert((doc.as_str(), peer), state)?;
+        Ok(())
+    }
+
+    /// Forgets a peer's sync state.
+    pub fn delete_sync_state(&mut self, doc: &DocId, peer: &str) -> Result<(), StoreError> {
+        self.tx.open_table(SYNC_STATES)?.remove((doc.as_str(), peer))?;
+        Ok(())
+    }
+
+    /// Sets a named value.
+    pub fn put_meta(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.tx.open_table(META)?.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Sets a named JSON value.
+    pub fn put_meta_json<T: Serialize>(&mut self, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
+            what: key.to_owned(),
+            why: e.to_string(),
+        })?;
+        self.put_meta(key, &bytes)
+    }
+
+    /// Removes a named value.
+    pub fn delete_meta(&mut self, key: &str) -> Result<(), StoreError> {
+        self.tx.open_table(META)?.remove(key)?;
+        Ok(())
+    }
+
+    /// Adds or updates a trusted peer.
+    pub fn put_trusted(&mut self, peer: &TrustedPeer) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(peer).map_err(|e| StoreError::Corrupt {
+            what: format!("trusted peer {}", peer.id),
+            why: e.to_string(),
+        })?;
+        self.tx
+            .open_table(TRUSTED)?
+            .insert(peer.id.as_str(), bytes.as_slice())?;
+        Ok(())
+    }
+
+    /// Removes a trusted peer entirely.
+    pub fn delete_trusted(&mut self, id: &str) -> Result<(), StoreError> {
+        self.tx.open_table(TRUSTED)?.remove(id)?;
+        Ok(())
+    }
+
+    /// Opens a caller-defined table in this transaction.
+    pub fn table<K, V>(&mut self, def: TableDefinition<K, V>) -> Result<redb::Table<'_, K, V>, StoreError>
+    where
+        K: redb::Key + 'static,
+        V: redb::Value + 'static,
+    {
+        Ok(self.tx.open_table(def)?)
+    }
+}
+
+#[cfg(unix)]
+fn restrict_dir(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
+}
+#[cfg(unix)]
+fn restrict_file(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+#[cfg(not(unix))]
+fn restrict_dir(_: &Path) {}
+#[cfg(not(unix))]
+fn restrict_file(_: &Path) {}

@@ -1,0 +1,211 @@
+//! Replicas that apply random writes and sync in random order, with dropped messages
+//! modelled as disconnects, converge on the same heads, tasks and statuses.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{sync_pair, world};
+use errand_core::{EventKind, MessageKind, fold};
+use errand_crdt::{NewTask, SyncSession, ThreadDoc};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Enqueue(usize),
+    Event(usize, usize, u8),
+    Message(usize),
+    /// Exchange `rounds` messages between two replicas; if `drop_at` is hit, that message is
+    /// lost and both sessions restart from their persisted state.
+    Exchange(usize, usize, u8, Option<u8>),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0usize..3).prop_map(Op::Enqueue),
+        4 => (0usize..3, 0usize..8, 0u8..12).prop_map(|(r, t, k)| Op::Event(r, t, k)),
+        1 => (0usize..3).prop_map(Op::Message),
+        4 => (0usize..3, 0usize..3, 1u8..6, proptest::option::of(0u8..6))
+            .prop_map(|(a, b, n, d)| Op::Exchange(a, b, n, d)),
+    ]
+}
+
+fn kind(k: u8) -> EventKind {
+    match k {
+        0 => EventKind::Delivered,
+        1 => EventKind::ApprovalRequested,
+        2 => EventKind::Started,
+        3 => EventKind::Output { text: "out".into() },
+        4 => EventKind::Finished { exit_code: 0 },
+        5 => EventKind::Finished { exit_code: 2 },
+        6 => EventKind::Failed { reason: "no".into() },
+        7 => EventKind::Denied,
+        8 => EventKind::Approved,
+        9 => EventKind::CancelRequested,
+        10 => EventKind::Retried,
+        _ => EventKind::Cancelled { reason: "requested".into() },
+    }
+}
+
+struct Net {
+    docs: Vec<ThreadDoc>,
+    /// Live sessions, by (owner, peer).
+    sessions: HashMap<(usize, usize), SyncSession>,
+    /// What each session last persisted, as the store would hold it.
+    persisted: HashMap<(usize, usize), Vec<u8>>,
+}
+
+impl Net {
+    fn session(&mut self, a: usize, b: usize) -> SyncSession {
+        self.sessions.remove(&(a, b)).unwrap_or_else(|| {
+            let doc_id = self.docs[a].doc_id();
+            match self.persisted.get(&(a, b)) {
+                Some(bytes) => SyncSession::restore(doc_id, bytes).unwrap(),
+                None => SyncSession::new(doc_id),
+            }
+        })
+    }
+
+    fn exchange(&mut self, a: usize, b: usize, rounds: u8, drop_at: Option<u8>) {
+        if a == b {
+            return;
+        }
+        let mut sa = self.session(a, b);
+        let mut sb = self.session(b, a);
+        let mut sent = 0u8;
+        'outer: for _ in 0..rounds {
+            for (from, to) in [(a, b), (b, a)] {
+                let (sf, st) = if from == a { (&mut sa, &mut sb) } else { (&mut sb, &mut sa) };
+                let Some(m) = sf.next_message(&mut self.docs[from]) else {
+                    continue;
+                };
+                if Some(sent) == drop_at {
+                    // Lost in flight: the connection drops, both sides restart from storage.
+                    self.sessions.remove(&(a, b));
+                    self.sessions.remove(&(b, a));
+                    return;
+                }
+                sent += 1;
+                st.receive(&mut self.docs[to], &m).unwrap();
+                self.persisted.insert((to, from), st.encode_state());
+                if sent > 40 {
+                    break 'outer;
+                }
+            }
+        }
+        self.sessions.insert((a, b), sa);
+        self.sessions.insert((b, a), sb);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn three_replicas_converge_despite_drops_and_reordering(ops in proptest::collection::vec(op(), 1..60)) {
+        let w = world(2);
+        let mut net = Net {
+            docs: vec![w.desktop(), w.replica(1), w.replica(2)],
+            sessions: HashMap::new(),
+            persisted: HashMap::new(),
+        };
+        let mut now = 1_700_000_000_000i64;
+        for op in ops {
+            now += 7;
+            match op {
+                Op::Enqueue(r) => {
+                    let t = NewTask {
+                        instruction: format!("task from {r} at {now}"),
+                        executor: "shell".into(),
+                        target: w.ids[0].clone(),
+                        not_after: None,
+                    };
+                    net.docs[r].enqueue_task(&t, now).unwrap();
+                }
+                Op::Event(r, t, k) => {
+                    let tasks = net.docs[r].tasks();
+                    if let Some(task) = tasks.get(t % tasks.len().max(1)) {
+                        let attempt = fold(task).attempt;
+                        net.docs[r].append_task_event(task.id, attempt, &kind(k), now).unwrap();
+                    }
+                }
+                Op::Message(r) => {
+                    net.docs[r].post_message(MessageKind::User, "hi", None, now).unwrap();
+                }
+                Op::Exchange(a, b, n, d) => net.exchange(a, b, n, d),
+            }
+        }
+        // A final full exchange, through fresh connections restored from persisted state.
+        net.sessions.clear();
+        for _ in 0..2 {
+            for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+                let mut sa = net.session(a, b);
+                let mut sb = net.session(b, a);
+                let (lo, hi) = net.docs.split_at_mut(b);
+                sync_pair(&mut lo[a], &mut sa, &mut hi[0], &mut sb);
+                net.sessions.insert((a, b), sa);
+                net.sessions.insert((b, a), sb);
+            }
+        }
+        let mut heads: Vec<_> = net.docs.iter_mut().map(|d| { let mut h = d.heads(); h.sort(); h }).collect();
+        let tasks: Vec<_> = net.docs.iter().map(|d| d.tasks()).collect();
+        let folds: Vec<Vec<_>> = tasks.iter().map(|ts| ts.iter().map(fold).collect()).collect();
+        prop_assert_eq!(&heads[0], &heads[1]);
+        prop_assert_eq!(&heads[0], &heads[2]);
+        prop_assert_eq!(&tasks[0], &tasks[1]);
+        prop_assert_eq!(&tasks[0], &tasks[2]);
+        prop_assert_eq!(&folds[0], &folds[1]);
+        prop_assert_eq!(&folds[0], &folds[2]);
+        prop_assert_eq!(net.docs[0].messages(), net.docs[2].messages());
+        heads.clear();
+    }
+}
+
+#[test]
+fn two_peers_that_start_from_genesis_each_keep_their_task_after_sync() {
+    let w = world(1);
+    let mut desktop = w.desktop();
+    let mut phone = w.replica(1);
+    let t = |who: &str| NewTask {
+        instruction: format!("from {who}"),
+        executor: "shell".into(),
+        target: w.ids[0].clone(),
+        not_after: None,
+    };
+    let a = desktop.enqueue_task(&t("desktop"), 10).unwrap();
+    let b = phone.enqueue_task(&t("phone"), 11).unwrap();
+    let doc_id = w.genesis.doc_id();
+    let (mut sa, mut sb) = (SyncSession::new(doc_id.clone()), SyncSession::new(doc_id));
+    sync_pair(&mut desktop, &mut sa, &mut phone, &mut sb);
+    for doc in [&desktop, &phone] {
+        let ids: Vec<_> = doc.tasks().iter().map(|t| t.id).collect();
+        assert_eq!(ids.len(), 2, "both tasks visible");
+        assert!(ids.contains(&a) && ids.contains(&b));
+    }
+    assert!(sa.in_sync(&mut desktop) && sb.in_sync(&mut phone));
+    let phone_task = desktop.task(&b).unwrap();
+    assert_eq!(phone_task.author, w.ids[1], "authorship comes from the phone's actor");
+}
+
+#[test]
+fn tasks_changed_since_reports_new_tasks_and_new_events() {
+    let w = world(1);
+    let mut desktop = w.desktop();
+    let task = NewTask {
+        instruction: "x".into(),
+        executor: "shell".into(),
+        target: w.ids[0].clone(),
+        not_after: None,
+    };
+    let before = desktop.heads();
+    let a = desktop.enqueue_task(&task, 10).unwrap();
+    assert_eq!(desktop.tasks_changed_since(&before).into_iter().collect::<Vec<_>>(), vec![a]);
+    let b = desktop.enqueue_task(&task, 11).unwrap();
+    let mid = desktop.heads();
+    desktop.append_task_event(a, 1, &EventKind::Delivered, 12).unwrap();
+    assert_eq!(desktop.tasks_changed_since(&mid).into_iter().collect::<Vec<_>>(), vec![a]);
+    assert_eq!(desktop.tasks_changed_since(&before).len(), 2);
+    let now = desktop.heads();
+    assert!(desktop.tasks_changed_since(&now).is_empty());
+    let _ = b;
+}

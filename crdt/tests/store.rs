@@ -1,0 +1,97 @@
+//! The redb store: lock, chunks, compaction, sync states.
+
+mod common;
+
+use errand_core::DeviceKind;
+use errand_crdt::{NewTask, Store, StoreError, ThreadDoc, TrustedPeer};
+
+#[test]
+fn a_second_open_of_a_home_names_the_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Store::open(dir.path()).unwrap();
+    match Store::open(dir.path()) {
+        Err(e @ StoreError::Locked(_)) => {
+            assert!(e.to_string().contains(&dir.path().display().to_string()))
+        }
+        other => panic!("expected Locked, got {other:?}"),
+    }
+}
+
+#[test]
+fn reopen_after_compaction_equals_reopen_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = common::world(1);
+    let doc_id = w.genesis.doc_id();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let mut doc = w.desktop();
+        let first = doc.save();
+        store.write(|t| t.append_chunk(&doc_id, &first)).unwrap();
+        for i in 0..1000 {
+            let task = NewTask {
+                instruction: format!("task {i} {}", "x".repeat(200)),
+                executor: "shell".into(),
+                target: w.ids[0].clone(),
+                not_after: None,
+            };
+            doc.enqueue_task(&task, 1_000 + i).unwrap();
+            let chunk = doc.save_incremental();
+            store.write(|t| t.append_chunk(&doc_id, &chunk)).unwrap();
+        }
+        assert!(store.needs_compaction(&doc_id).unwrap());
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let loaded = store.load_doc(&doc_id).unwrap();
+    let mut before = ThreadDoc::load(loaded.parts(), &w.genesis, w.actors[0].clone()).unwrap();
+    let snapshot = before.save();
+    store.write(|t| t.replace_snapshot(&doc_id, &snapshot)).unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let loaded = store.load_doc(&doc_id).unwrap();
+    assert!(loaded.chunks.is_empty() && loaded.snapshot.is_some());
+    assert!(!store.needs_compaction(&doc_id).unwrap());
+    let mut after = ThreadDoc::load(loaded.parts(), &w.genesis, w.actors[0].clone()).unwrap();
+    assert_eq!(before.heads(), after.heads());
+    assert_eq!(before.tasks(), after.tasks());
+    assert_eq!(after.tasks().len(), 1000);
+}
+
+#[test]
+fn meta_sync_states_and_trusted_peers_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = common::world(1);
+    let doc_id = w.genesis.doc_id();
+    let peer = TrustedPeer {
+        id: w.ids[1].clone(),
+        name: "phone".into(),
+        kind: DeviceKind::Phone,
+        addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
+        paired_at: 5,
+        last_seen: None,
+        last_sync_at: None,
+        revoked: false,
+    };
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .write(|t| {
+                t.put_meta("actor", b"abc")?;
+                t.put_sync_state(&doc_id, peer.id.as_str(), b"state")?;
+                t.put_trusted(&peer)
+            })
+            .unwrap();
+        // A failed transaction keeps nothing.
+        let r: Result<(), StoreError> = store.write(|t| {
+            t.put_meta("actor", b"changed")?;
+            Err(StoreError::Corrupt {
+                what: "test".into(),
+                why: "abort".into(),
+            })
+        });
+        assert!(r.is_err());
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.meta("actor").unwrap().unwrap(), b"abc");
+    assert_eq!(store.sync_state(&doc_id, peer.id.as_str()).unwrap().unwrap(), b"state");
+    assert_eq!(store.trusted_peers().unwrap(), vec![peer]);
+}

@@ -1,0 +1,110 @@
+//! A peer's document content is untrusted: garbage written through raw Automerge calls and
+//! synced in must not hide real tasks, forge facts, or panic.
+
+mod common;
+
+use automerge::{AutoCommit, ObjType, ROOT, ReadDoc, transaction::Transactable};
+use common::{sync_pair, world};
+use errand_core::{EventKind, TaskStatus, fold};
+use errand_crdt::{NewTask, SyncSession, ThreadDoc};
+
+#[test]
+fn garbage_from_a_peer_is_skipped_and_real_tasks_stay_visible() {
+    let w = world(1);
+    let mut desktop = w.desktop();
+    let mut phone = w.replica(1);
+    let doc_id = w.genesis.doc_id();
+    let (mut sd, mut sp) = (SyncSession::new(doc_id.clone()), SyncSession::new(doc_id.clone()));
+    sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
+
+    let task = |s: &str| NewTask {
+        instruction: s.into(),
+        executor: "shell".into(),
+        target: w.ids[0].clone(),
+        not_after: None,
+    };
+    let real = phone.enqueue_task(&task("real work"), 100).unwrap();
+    let acted = phone.enqueue_task(&task("second"), 101).unwrap();
+    sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
+    desktop.append_task_event(acted, 1, &EventKind::Delivered, 102).unwrap();
+    sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
+
+    // The phone's replica turns hostile: raw Automerge writes with the phone's own actor.
+    let mut raw = AutoCommit::load(&phone.save()).unwrap().with_actor(w.actors[1].clone());
+    let tasks = match raw.get(ROOT, "tasks").unwrap() {
+        Some((_, id)) => id,
+        None => panic!("tasks root missing"),
+    };
+    // Wrong types and shapes inside the tasks map.
+    raw.put(&tasks, "01ARZ3NDEKTSV4RRFFQ69G5FAV", 42).unwrap();
+    let list_task = raw.put_object(&tasks, "01ARZ3NDEKTSV4RRFFQ69G5FAW", ObjType::List).unwrap();
+    raw.insert(&list_task, 0, "x").unwrap();
+    raw.put(&tasks, "not-a-task-id", "junk").unwrap();
+    // A task with a missing field and one with a 10 MB instruction.
+    let partial = raw.put_object(&tasks, "01ARZ3NDEKTSV4RRFFQ69G5FAX", ObjType::Map).unwrap();
+    raw.put(&partial, "id", "01ARZ3NDEKTSV4RRFFQ69G5FAX").unwrap();
+    let huge = raw.put_object(&tasks, "01ARZ3NDEKTSV4RRFFQ69G5FAY", ObjType::Map).unwrap();
+    raw.put(&huge, "id", "01ARZ3NDEKTSV4RRFFQ69G5FAY").unwrap();
+    raw.put(&huge, "instruction", "a".repeat(10 * 1024 * 1024)).unwrap();
+    raw.put(&huge, "executor", "shell").unwrap();
+    raw.put(&huge, "target", w.ids[0].as_str()).unwrap();
+    raw.put(&huge, "created_at", 5).unwrap();
+    raw.put_object(&huge, "events", ObjType::List).unwrap();
+    // Events on the real task: an unknown kind, a wrong type, and a forged `finished` fact.
+    let real_obj = match raw.get(&tasks, real.to_string()).unwrap() {
+        Some((_, id)) => id,
+        None => panic!("real task missing"),
+    };
+    let events = match raw.get(&real_obj, "events").unwrap() {
+        Some((_, id)) => id,
+        None => panic!("events missing"),
+    };
+    let ev = raw.insert_object(&events, 0, ObjType::Map).unwrap();
+    raw.put(&ev, "kind", "explode").unwrap();
+    raw.put(&ev, "at", 1).unwrap();
+    raw.put(&ev, "attempt", 1).unwrap();
+    raw.insert(&events, 1, "not a map").unwrap();
+    let forged = raw.insert_object(&events, 2, ObjType::Map).unwrap();
+    raw.put(&forged, "kind", "finished").unwrap();
+    raw.put(&forged, "exit_code", 0).unwrap();
+    raw.put(&forged, "at", 2).unwrap();
+    raw.put(&forged, "attempt", 1).unwrap();
+    raw.put(&forged, "author", w.ids[0].as_str()).unwrap(); // a field that claims authorship
+    // A list where the devices map belongs, a forged device record, and a new map over
+    // ROOT.tasks that would hide every task if reads went through the root key.
+    raw.put_object(ROOT, "devices", ObjType::List).unwrap();
+    raw.put_object(ROOT, "tasks", ObjType::Map).unwrap();
+    raw.put_object(ROOT, "messages", ObjType::Text).unwrap();
+    raw.put(ROOT, "thread_id", 7).unwrap();
+    raw.commit();
+
+    let mut hostile = ThreadDoc::load([raw.save().as_slice()], &w.genesis, w.actors[1].clone()).unwrap();
+    let mut sh = SyncSession::new(doc_id.clone());
+    let mut sd2 = SyncSession::new(doc_id);
+    sync_pair(&mut desktop, &mut sd2, &mut hostile, &mut sh);
+
+    let tasks = desktop.tasks();
+    let ids: Vec<_> = tasks.iter().map(|t| t.id).collect();
+    assert_eq!(ids, vec![real, acted], "exactly the well-formed tasks are visible");
+    let real_task = desktop.task(&real).unwrap();
+    assert_eq!(fold(&real_task).status, TaskStatus::Queued, "the forged finished fact is ignored");
+    assert_eq!(fold(&desktop.task(&acted).unwrap()).status, TaskStatus::Delivered);
+    assert!(desktop.skipped_total() > 0, "skips are counted");
+    assert_eq!(desktop.genesis(), &w.genesis);
+    assert_eq!(desktop.devices().len(), 2);
+
+    // The desktop keeps working on top of the garbage.
+    desktop.append_task_event(real, 1, &EventKind::Delivered, 200).unwrap();
+    assert_eq!(fold(&desktop.task(&real).unwrap()).status, TaskStatus::Delivered);
+}
+
+#[test]
+fn a_garbage_sync_message_is_an_error_not_a_panic() {
+    let w = world(1);
+    let mut desktop = w.desktop();
+    let mut s = SyncSession::new(w.genesis.doc_id());
+    for bytes in [&b""[..], b"\x42", b"\x42\x00\x00\x00garbage", &[0xff; 64]] {
+        assert!(s.receive(&mut desktop, bytes).is_err());
+    }
+    assert_eq!(desktop.devices().len(), 2);
+}
