@@ -1,0 +1,220 @@
+//! Pieces both CLIs share: the home, logging, network flags, and running a request either on
+//! this process's own peer or through the daemon that holds the home.
+
+use std::{path::PathBuf, time::Duration};
+
+use errand_core::DeviceKind;
+use errand_crdt::StoreError;
+use libp2p::Multiaddr;
+
+use crate::{
+    api::{self, Request, exit},
+    control::{self, ApiError, ControlError},
+    peer::{Peer, PeerConfig, PeerError},
+};
+
+/// Network flags shared by the daemons.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NetArgs {
+    /// Address to listen on (repeatable). Default: all interfaces, TCP, a random port.
+    #[arg(long = "listen", value_name = "MULTIADDR")]
+    pub listen: Vec<Multiaddr>,
+    /// Turn LAN discovery (mDNS) off.
+    #[arg(long)]
+    pub no_mdns: bool,
+}
+
+impl NetArgs {
+    /// The listen addresses, with the default filled in.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        if self.listen.is_empty() {
+            // A literal that always parses.
+            vec!["/ip4/0.0.0.0/tcp/0".parse().unwrap_or(Multiaddr::empty())]
+        } else {
+            self.listen.clone()
+        }
+    }
+}
+
+/// The home directory: `--home`, else `ERRAND_HOME` (clap reads it), else the platform's data
+/// directory plus `errand/<kind>`.
+pub fn home_dir(flag: Option<PathBuf>, kind: &str) -> PathBuf {
+    flag.unwrap_or_else(|| {
+        dirs::data_dir()
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join("errand")
+            .join(kind)
+    })
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default: `default` for our crates).
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,errand={default},errand_p2p={default},errand_desktop={default},errand_mobile={default}")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Either this process holds the home, or a daemon does.
+#[derive(Debug)]
+pub enum Opened {
+    /// We opened the home.
+    Local(Peer),
+    /// A daemon holds it; talk to it at this home.
+    Daemon(PathBuf),
+}
+
+/// Opens the home, or finds that a daemon holds it.
+pub fn open(home: PathBuf, kind: DeviceKind) -> Result<Opened, ApiError> {
+    match Peer::open(PeerConfig {
+        home: home.clone(),
+        kind,
+        name: None,
+        listen: Vec::new(),
+        mdns: false,
+    }) {
+        Ok(p) => Ok(Opened::Local(p)),
+        Err(PeerError::Store(StoreError::Locked(_))) => Ok(Opened::Daemon(home)),
+        Err(e) => Err(ApiError::new(e.to_string())),
+    }
+}
+
+/// Runs a request locally or through the daemon.
+pub async fn execute(opened: &Opened, req: Request) -> Result<serde_json::Value, ApiError> {
+    match opened {
+        Opened::Local(peer) => api::handle(peer, req).await,
+        Opened::Daemon(home) => {
+            let value = serde_json::to_value(&req).map_err(|e| ApiError::new(e.to_string()))?;
+            control::call(home, &value, control::CALL_TIMEOUT)
+                .await
+                .map_err(|e| daemon_error(home, e))
+        }
+    }
+}
+
+/// Maps a control failure to the CLI's error, with exit 5 when the daemon does not answer.
+pub fn daemon_error(home: &std::path::Path, e: ControlError) -> ApiError {
+    match e {
+        ControlError::Api(e) => e,
+        ControlError::Unreachable(sock) => ApiError::with_code(
+            exit::LOCKED,
+            format!(
+                "the home {} is locked by another process that does not answer on {}; stop that process or use another --home",
+                home.display(),
+                sock.display()
+            ),
+        ),
+        ControlError::Io(m) => ApiError::with_code(exit::LOCKED, m),
+    }
+}
+
+/// Prints a result (JSON or text) and returns the exit code; errors go to stderr.
+pub fn finish(result: Result<(), ApiError>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            std::process::ExitCode::from(e.code.clamp(1, 255) as u8)
+        }
+    }
+}
+
+/// Serves the control socket for a running daemon's peer.
+pub fn serve_control(peer: &Peer) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let p = peer.clone();
+    control::serve(
+        peer.home(),
+        std::sync::Arc::new(move |value| {
+            let p = p.clone();
+            Box::pin(async move {
+                let req: Request = serde_json::from_value(value)
+                    .map_err(|e| ApiError::with_code(exit::USAGE, format!("unknown request: {e}")))?;
+                api::handle(&p, req).await
+            })
+        }),
+    )
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Parses a duration like `30s` or `10m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 30s or 10m"))
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Human text for a status value.
+pub fn print_status(v: &serde_json::Value) {
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned();
+    println!("peer id:   {}", s("peer_id"));
+    println!("name:      {}", s("name"));
+    println!("thread:    {}", s("thread_id"));
+    println!(
+        "running:   {}",
+        if v.get("running").and_then(|x| x.as_bool()).unwrap_or(false) { "yes" } else { "no (no daemon holds this home)" }
+    );
+    for a in v.get("listen_addrs").and_then(|x| x.as_array()).into_iter().flatten() {
+        println!("listening: {}", a.as_str().unwrap_or(""));
+    }
+    let peers = v.get("peers").and_then(|x| x.as_array()).cloned().unwrap_or_default();
+    if peers.is_empty() {
+        println!("peers:     none trusted yet");
+    }
+    for p in peers {
+        let g = |k: &str| p.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned();
+        let connected = p.get("connected").and_then(|x| x.as_bool()).unwrap_or(false);
+        println!(
+            "peer:      {} {} ({}) {}{} last sync {}",
+            g("id"),
+            g("name"),
+            g("kind"),
+            if connected { g("path") } else { "offline".into() },
+            if p.get("in_sync").and_then(|x| x.as_bool()).unwrap_or(false) { ", in sync" } else { "" },
+            g("last_sync_at"),
+        );
+    }
+}
+
+/// Human text for a task value.
+pub fn print_task(t: &serde_json::Value) {
+    let g = |k: &str| t.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
+    let reqs: Vec<String> = t
+        .get("requests")
+        .and_then(|x| x.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.as_str().map(|s| s.replace('_', " ")))
+        .collect();
+    println!(
+        "{}  {:<17} {}{}",
+        g("id"),
+        g("status"),
+        g("instruction").lines().next().unwrap_or(""),
+        if reqs.is_empty() { String::new() } else { format!("  [{}]", reqs.join(", ")) }
+    );
+}

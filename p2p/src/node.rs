@@ -1,0 +1,492 @@
+//! The node actor: it owns the libp2p `Swarm` and talks to the rest of the peer through a
+//! bounded command channel and a bounded event channel.
+//!
+//! Transport: TCP + Noise + Yamux (and the relay client transport, the same upgrade over a
+//! circuit). Behaviours, in order: the gate (first, so its refusal stops the rest), relay
+//! client, DCUtR, identify, ping, mDNS (switchable), rendezvous client, and `libp2p-stream`
+//! for `/errand/sync/1` and `/errand/pair/1`.
+
+use std::{collections::HashMap, time::Duration};
+
+use futures::StreamExt;
+use libp2p::{
+    Multiaddr, PeerId, Swarm, dcutr, identify, identity, mdns, noise, ping, relay, rendezvous,
+    multiaddr::Protocol,
+    swarm::{
+        ConnectionId, NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle,
+        dial_opts::{DialOpts, PeerCondition},
+    },
+    tcp, yamux,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::gate::{Gate, SharedGate};
+
+/// Identify's protocol string, shared with the relay.
+pub const IDENTIFY_PROTOCOL: &str = "/errand/id/1.0.0";
+
+/// Ping every 15 s: a quarter of the idle timeout, so a dead connection is noticed well
+/// before it would idle out, and the traffic stays negligible on a phone.
+const PING_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Close a connection with no streams after 60 s. The sync stream keeps a trusted peer's
+/// connection open; this only reaps connections nothing uses (dependency notes, 1.6).
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Commands queued to the node. Callers wait when it is busy rather than pile up work.
+const COMMAND_CAPACITY: usize = 64;
+
+/// Events queued from the node to the peer. The peer drains them promptly; if it falls
+/// behind, the swarm waits rather than drop a connect/disconnect.
+const EVENT_CAPACITY: usize = 256;
+
+/// The composed behaviour.
+#[allow(missing_debug_implementations)]
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    gate: Gate,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    rendezvous: rendezvous::client::Behaviour,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// How the node is set up.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// LAN discovery.
+    pub mdns: bool,
+}
+
+/// What the node reports.
+#[derive(Debug, Clone)]
+pub enum NodeEvent {
+    /// A connection to `peer` was established.
+    Connected {
+        /// The peer.
+        peer: PeerId,
+        /// Through a relay circuit.
+        relayed: bool,
+        /// The remote address.
+        addr: Multiaddr,
+    },
+    /// The last connection to `peer` closed.
+    Disconnected {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// mDNS found a peer on the LAN.
+    Discovered {
+        /// The peer.
+        peer: PeerId,
+        /// Where.
+        addr: Multiaddr,
+    },
+    /// Identify told us where a connected peer listens.
+    PeerListenAddrs {
+        /// The peer.
+        peer: PeerId,
+        /// Its listen addresses.
+        addrs: Vec<Multiaddr>,
+    },
+    /// We listen on a new address.
+    NewListenAddr(Multiaddr),
+}
+
+/// Why a node command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The node has stopped.
+    #[error("the network node has stopped")]
+    Gone,
+    /// Building the swarm failed.
+    #[error("cannot start the network node: {0}")]
+    Build(String),
+    /// Listening failed.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// Dialing failed immediately.
+    #[error("cannot dial {peer}: {reason}")]
+    Dial {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A snapshot of one peer's connections.
+#[derive(Debug, Clone, Default)]
+pub struct ConnInfo {
+    /// Open connections that go straight to the peer.
+    pub direct: usize,
+    /// Open connections through a relay circuit.
+    pub relayed: usize,
+}
+
+enum Command {
+    Dial {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
+    Disconnect {
+        peer: PeerId,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Connections {
+        reply: oneshot::Sender<HashMap<PeerId, ConnInfo>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A cloneable handle to the node actor.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<Command>,
+    control: libp2p_stream::Control,
+    peer_id: PeerId,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle").field("peer_id", &self.peer_id).finish()
+    }
+}
+
+impl NodeHandle {
+    /// Our PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The stream control, for opening and accepting protocol streams.
+    pub fn control(&self) -> libp2p_stream::Control {
+        self.control.clone()
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| NodeError::Gone)?;
+        rx.await.map_err(|_| NodeError::Gone)
+    }
+
+    /// Dials `peer` at `addrs` unless already connected or dialing.
+    pub async fn dial(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), NodeError> {
+        self.call(|reply| Command::Dial { peer, addrs, reply }).await?
+    }
+
+    /// Closes every connection to `peer`.
+    pub async fn disconnect(&self, peer: PeerId) -> Result<(), NodeError> {
+        self.tx
+            .send(Command::Disconnect { peer })
+            .await
+            .map_err(|_| NodeError::Gone)
+    }
+
+    /// Where we listen.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        self.call(|reply| Command::ListenAddrs { reply }).await
+    }
+
+    /// Open connections by peer.
+    pub async fn connections(&self) -> Result<HashMap<PeerId, ConnInfo>, NodeError> {
+        self.call(|reply| Command::Connections { reply }).await
+    }
+
+    /// Closes every connection and stops the node.
+    pub async fn shutdown(&self) -> Result<(), NodeError> {
+        self.call(|reply| Command::Shutdown { reply }).await
+    }
+}
+
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// Builds the swarm and spawns the node actor. Returns once every listener is bound.
+pub async fn spawn(
+    keypair: identity::Keypair,
+    gate: SharedGate,
+    config: NodeConfig,
+) -> Result<(NodeHandle, mpsc::Receiver<NodeEvent>, tokio::task::JoinHandle<()>), NodeError> {
+    let enable_mdns = config.mdns;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| NodeError::Build(e.to_string()))?
+        .with_dns()
+        .map_err(|e| NodeError::Build(e.to_string()))?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| NodeError::Build(e.to_string()))?
+        .with_behaviour(|key, relay_client| {
+            let peer_id = key.public().to_peer_id();
+            let mdns = if enable_mdns {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                gate: Gate::new(gate),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(peer_id),
+                identify: identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                        .with_agent_version(format!("errand/{}", env!("CARGO_PKG_VERSION"))),
+                ),
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_INTERVAL)),
+                mdns: Toggle::from(mdns),
+                rendezvous: rendezvous::client::Behaviour::new(key.clone()),
+                stream: libp2p_stream::Behaviour::new(),
+            })
+        })
+        .map_err(|e| NodeError::Build(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+
+    let mut pending = 0usize;
+    for addr in &config.listen {
+        swarm.listen_on(addr.clone()).map_err(|e| NodeError::Listen {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+        pending += 1;
+    }
+    let mut listen_addrs = Vec::new();
+    // Wait until every listener reports an address (or fails), so callers can print them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while pending > 0 {
+        let ev = tokio::time::timeout_at(deadline, swarm.select_next_some())
+            .await
+            .map_err(|_| NodeError::Build("listeners did not come up within 10 s".into()))?;
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                listen_addrs.push(address);
+                pending = pending.saturating_sub(1);
+            }
+            SwarmEvent::ListenerClosed { addresses, reason, .. } => {
+                return Err(NodeError::Listen {
+                    addr: addresses.first().cloned().unwrap_or(Multiaddr::empty()),
+                    reason: format!("{reason:?}"),
+                });
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                return Err(NodeError::Build(error.to_string()));
+            }
+            _ => {}
+        }
+    }
+
+    let peer_id = *swarm.local_peer_id();
+    let control = swarm.behaviour().stream.new_control();
+    let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
+    let actor = NodeActor {
+        swarm,
+        rx,
+        events: ev_tx,
+        listen_addrs,
+        conns: HashMap::new(),
+    };
+    let task = tokio::spawn(actor.run());
+    Ok((
+        NodeHandle {
+            tx,
+            control,
+            peer_id,
+        },
+        ev_rx,
+        task,
+    ))
+}
+
+struct NodeActor {
+    swarm: Swarm<Behaviour>,
+    rx: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NodeEvent>,
+    listen_addrs: Vec<Multiaddr>,
+    conns: HashMap<PeerId, HashMap<ConnectionId, bool>>,
+}
+
+impl NodeActor {
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.rx.recv() => match cmd {
+                    Some(Command::Shutdown { reply }) => {
+                        self.close_all().await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(cmd) => self.on_command(cmd),
+                    None => {
+                        self.close_all().await;
+                        return;
+                    }
+                },
+                ev = self.swarm.select_next_some() => self.on_event(ev).await,
+            }
+        }
+    }
+
+    /// Closes every connection and gives the swarm a moment to send the closes.
+    async fn close_all(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for p in peers {
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while self.swarm.connected_peers().next().is_some() {
+            match tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await {
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Dial { peer, addrs, reply } => {
+                let opts = DialOpts::peer_id(peer)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .addresses(addrs)
+                    .build();
+                let r = self.swarm.dial(opts).or_else(|e| match e {
+                    libp2p::swarm::DialError::DialPeerConditionFalse(_) => Ok(()),
+                    e => Err(NodeError::Dial {
+                        peer,
+                        reason: e.to_string(),
+                    }),
+                });
+                let _ = reply.send(r);
+            }
+            Command::Disconnect { peer } => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.listen_addrs.clone());
+            }
+            Command::Connections { reply } => {
+                let map = self
+                    .conns
+                    .iter()
+                    .map(|(p, cs)| {
+                        let relayed = cs.values().filter(|r| **r).count();
+                        (
+                            *p,
+                            ConnInfo {
+                                direct: cs.len() - relayed,
+                                relayed,
+                            },
+                        )
+                    })
+                    .collect();
+                let _ = reply.send(map);
+            }
+            Command::Shutdown { .. } => {}
+        }
+    }
+
+    async fn emit(&mut self, ev: NodeEvent) {
+        let _ = self.events.send(ev).await;
+    }
+
+    async fn on_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let addr = endpoint.get_remote_address().clone();
+                let relayed = is_relayed(&addr);
+                tracing::debug!(peer = %peer_id, %addr, relayed, "connected");
+                self.conns
+                    .entry(peer_id)
+                    .or_default()
+                    .insert(connection_id, relayed);
+                self.emit(NodeEvent::Connected {
+                    peer: peer_id,
+                    relayed,
+                    addr,
+                })
+                .await;
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, ?cause, "connection closed");
+                if let Some(cs) = self.conns.get_mut(&peer_id) {
+                    cs.remove(&connection_id);
+                    if cs.is_empty() {
+                        self.conns.remove(&peer_id);
+                    }
+                }
+                if num_established == 0 {
+                    self.emit(NodeEvent::Disconnected { peer: peer_id }).await;
+                }
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address.clone());
+                }
+                self.emit(NodeEvent::NewListenAddr(address)).await;
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                tracing::debug!(%error, "incoming connection refused");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, %error, "dial failed");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                for (peer, addr) in list {
+                    self.emit(NodeEvent::Discovered { peer, addr }).await;
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                let addrs: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .into_iter()
+                    .filter(|a| !is_relayed(a))
+                    .collect();
+                self.emit(NodeEvent::PeerListenAddrs {
+                    peer: peer_id,
+                    addrs,
+                })
+                .await;
+            }
+            _ => {}
+        }
+    }
+}

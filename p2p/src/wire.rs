@@ -1,0 +1,201 @@
+//! The wire format of `/errand/sync/1`.
+//!
+//! Every frame is a 4-byte big-endian length, then the payload:
+//! `kind: u8 | doc_id_len: u8 | doc_id | body`. The length is checked against [`MAX_FRAME`]
+//! before anything is allocated. The first frame each way is a [`Hello`]; then `Sync` frames
+//! carry Automerge sync messages for the named document.
+
+use std::{io, time::Duration};
+
+use errand_crdt::{DocId, ThreadGenesis};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use serde::{Deserialize, Serialize};
+
+/// The sync protocol's version, carried in the hello. Peers on another version are refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame. The first sync of a large thread carries the whole document in one
+/// Automerge message (about 140 KB per 10,000 tasks compressed, several MB uncompressed
+/// with history), so 64 MiB leaves headroom without letting a peer make us allocate gigabytes.
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Once a frame's length has arrived, its body must follow within this time. Generous for a
+/// 64 MiB frame over a slow relay, short enough that a stalled peer does not hold a session.
+pub const FRAME_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the peer has to send its hello after the stream opens.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Frame kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// The first frame: version and thread.
+    Hello = 0,
+    /// An Automerge sync message.
+    Sync = 1,
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// What it carries.
+    pub kind: FrameKind,
+    /// The document it is about (for a hello: the thread's document, or empty).
+    pub doc_id: Option<DocId>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// The hello: who we are on the protocol level.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The thread we hold, or `None` for a fresh home that will adopt its desktop's thread.
+    pub genesis: Option<ThreadGenesis>,
+}
+
+/// Why reading or decoding a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The stream failed or closed mid-frame.
+    #[error("stream error: {0}")]
+    Io(#[from] io::Error),
+    /// The length prefix is over [`MAX_FRAME`].
+    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
+    TooLarge(u64),
+    /// The body did not arrive in time.
+    #[error("frame body did not arrive within {FRAME_BODY_TIMEOUT:?}")]
+    Timeout,
+    /// The payload is malformed.
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+    /// The hello is not valid JSON of the expected shape.
+    #[error("malformed hello: {0}")]
+    Hello(#[from] serde_json::Error),
+}
+
+impl Frame {
+    /// A hello frame.
+    pub fn hello(hello: &Hello) -> Self {
+        Self {
+            kind: FrameKind::Hello,
+            doc_id: None,
+            // Serialising a plain struct of strings and numbers cannot fail.
+            body: serde_json::to_vec(hello).unwrap_or_default(),
+        }
+    }
+
+    /// A sync frame.
+    pub fn sync(doc_id: DocId, msg: Vec<u8>) -> Self {
+        Self {
+            kind: FrameKind::Sync,
+            doc_id: Some(doc_id),
+            body: msg,
+        }
+    }
+
+    /// Encodes the payload (without the length prefix).
+    pub fn encode(&self) -> Vec<u8> {
+        let doc = self.doc_id.as_ref().map_or("", |d| d.as_str());
+        let mut out = Vec::with_capacity(2 + doc.len() + self.body.len());
+        out.push(self.kind as u8);
+        out.push(doc.len() as u8); // DocId is at most 64 bytes
+        out.extend_from_slice(doc.as_bytes());
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// Decodes a payload.
+    pub fn decode(mut payload: Vec<u8>) -> Result<Self, WireError> {
+        let [kind, len, ..] = payload[..] else {
+            return Err(WireError::Malformed("shorter than its header"));
+        };
+        let kind = match kind {
+            0 => FrameKind::Hello,
+            1 => FrameKind::Sync,
+            _ => return Err(WireError::Malformed("unknown frame kind")),
+        };
+        let end = 2 + len as usize;
+        let doc = payload
+            .get(2..end)
+            .ok_or(WireError::Malformed("document id runs past the frame"))?;
+        let doc_id = if doc.is_empty() {
+            None
+        } else {
+            let s = std::str::from_utf8(doc).map_err(|_| WireError::Malformed("document id"))?;
+            Some(DocId::parse(s).ok_or(WireError::Malformed("document id"))?)
+        };
+        let body = payload.split_off(end);
+        Ok(Self { kind, doc_id, body })
+    }
+
+    /// Parses the body of a hello frame.
+    pub fn into_hello(self) -> Result<Hello, WireError> {
+        if self.kind != FrameKind::Hello {
+            return Err(WireError::Malformed("expected a hello first"));
+        }
+        Ok(serde_json::from_slice(&self.body)?)
+    }
+}
+
+/// Writes one frame and flushes.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<u64, WireError> {
+    let payload = frame.encode();
+    if payload.len() > MAX_FRAME {
+        return Err(WireError::TooLarge(payload.len() as u64));
+    }
+    w.write_all(&(payload.len() as u32).to_be_bytes()).await?;
+    w.write_all(&payload).await?;
+    w.flush().await?;
+    Ok(4 + payload.len() as u64)
+}
+
+/// Reads one frame. `Ok(None)` on a clean end of stream between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(Frame, u64)>, WireError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as u64;
+    if len > MAX_FRAME as u64 {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut buf = vec![0u8; len as usize];
+    tokio::time::timeout(FRAME_BODY_TIMEOUT, r.read_exact(&mut buf))
+        .await
+        .map_err(|_| WireError::Timeout)??;
+    Ok(Some((Frame::decode(buf)?, 4 + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_payloads_are_errors() {
+        let f = Frame::sync(DocId::parse("abc").unwrap(), vec![1, 2, 3]);
+        assert_eq!(Frame::decode(f.encode()).unwrap(), f);
+        let h = Frame::hello(&Hello {
+            version: 1,
+            genesis: None,
+        });
+        assert_eq!(Frame::decode(h.encode()).unwrap().into_hello().unwrap().version, 1);
+        for bad in [vec![], vec![0], vec![9, 0], vec![1, 10, b'a'], vec![1, 1, 0xff], vec![1, 1, b' ']] {
+            assert!(Frame::decode(bad).is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_length_is_refused_before_allocating() {
+        let mut data: &[u8] = &[0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(read_frame(&mut data).await, Err(WireError::TooLarge(_))));
+        let mut truncated: &[u8] = &[0, 0, 0, 10, 1, 0];
+        assert!(read_frame(&mut truncated).await.is_err());
+        let mut empty: &[u8] = &[];
+        assert!(read_frame(&mut empty).await.unwrap().is_none());
+    }
+}
