@@ -1,1 +1,289 @@
-fn main() {}
+//! `errand-phone`: the reference phone client for a terminal (Termux works).
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use errand_core::DeviceKind;
+use errand_p2p::{
+    api::{Action, Request, exit},
+    cli::{self, NetArgs, Opened},
+    control::ApiError,
+    peer::{Peer, PeerConfig, PeerEvent},
+};
+
+/// Errand on your phone: send work to your desktop and follow it.
+#[derive(Debug, Parser)]
+#[command(name = "errand-phone", version, about, long_about = None)]
+struct Cli {
+    /// The home directory (overrides ERRAND_HOME; default: the platform data dir + errand/phone).
+    #[arg(long, global = true, env = "ERRAND_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Keep syncing with the desktop in the foreground.
+    Daemon {
+        #[command(flatten)]
+        net: NetArgs,
+        /// This phone's name, as the desktop shows it.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Connect, sync until in sync or timed out, then exit (0 synced, 3 unreachable).
+    Sync {
+        #[command(flatten)]
+        net: NetArgs,
+        /// Give up after this long.
+        #[arg(long, default_value = "30s", value_parser = cli::parse_duration)]
+        timeout: Duration,
+    },
+    /// Queue a task for the desktop. Returns once it is stored on this phone.
+    Send {
+        /// The instruction.
+        text: String,
+        /// Executor to run it with (default: the desktop's first).
+        #[arg(long)]
+        executor: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show this phone's id, thread and desktop.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the thread.
+    Thread {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one task.
+    Task {
+        /// Task id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a task that waits for approval.
+    Approve {
+        /// Task id.
+        id: String,
+    },
+    /// Deny a task that waits for approval.
+    Deny {
+        /// Task id.
+        id: String,
+    },
+    /// Cancel a task (stops it, or keeps it from starting).
+    Cancel {
+        /// Task id.
+        id: String,
+    },
+    /// Run an ended task again.
+    Retry {
+        /// Task id.
+        id: String,
+    },
+    /// List the trusted desktop, or add one by hand.
+    Devices {
+        #[command(subcommand)]
+        action: Option<DevicesCommand>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// Trust a desktop by its peer id (manual pairing).
+    Add {
+        /// The desktop's peer id (errand-desktop status shows it).
+        peer_id: String,
+        /// An address to dial it at (repeatable), e.g. /ip4/192.168.1.5/tcp/4001.
+        #[arg(long = "addr", value_name = "MULTIADDR")]
+        addrs: Vec<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let home = cli::home_dir(cli.home, "phone");
+    cli::finish(run(home, cli.command).await)
+}
+
+fn open_peer(home: &std::path::Path, net: &NetArgs, name: Option<String>) -> Result<Peer, ApiError> {
+    Peer::open(PeerConfig {
+        home: home.to_owned(),
+        kind: DeviceKind::Phone,
+        name,
+        listen: net.listen_addrs(),
+        mdns: !net.no_mdns,
+    })
+    .map_err(|e| match e {
+        errand_p2p::peer::PeerError::Store(errand_crdt::StoreError::Locked(_)) => ApiError::with_code(
+            exit::LOCKED,
+            format!("another errand-phone process holds {}", home.display()),
+        ),
+        e => ApiError::new(e.to_string()),
+    })
+}
+
+async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
+    match command {
+        Command::Daemon { net, name } => {
+            cli::init_logging("info");
+            let peer = open_peer(&home, &net, name)?;
+            peer.start().await.map_err(|e| ApiError::new(e.to_string()))?;
+            let control = cli::serve_control(&peer)
+                .map_err(|e| ApiError::new(format!("cannot open the control socket: {e}")))?;
+            println!("errand-phone {} running", peer.peer_id());
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            cli::shutdown_signal().await;
+            control.abort();
+            peer.shutdown().await;
+            Ok(())
+        }
+        Command::Sync { net, timeout } => {
+            cli::init_logging("warn");
+            sync(&home, &net, timeout).await
+        }
+        other => {
+            cli::init_logging("warn");
+            let opened = cli::open(home, DeviceKind::Phone)?;
+            let out = request(&opened, other).await;
+            if let Opened::Local(peer) = &opened {
+                peer.shutdown().await;
+            }
+            out
+        }
+    }
+}
+
+async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Result<(), ApiError> {
+    let opened = cli::open(home.to_owned(), DeviceKind::Phone)?;
+    let desktop = |v: &serde_json::Value| {
+        v.get("peers")
+            .and_then(|p| p.as_array())
+            .and_then(|ps| ps.iter().find(|p| p.get("kind").and_then(|k| k.as_str()) == Some("desktop")).cloned())
+    };
+    match opened {
+        Opened::Daemon(_) => {
+            // The daemon syncs already: wait until it reports the desktop in sync.
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                let v = cli::execute(&opened, Request::Status).await?;
+                if desktop(&v).and_then(|d| d.get("in_sync").and_then(|x| x.as_bool())) == Some(true) {
+                    println!("in sync");
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ApiError::with_code(exit::UNREACHABLE, "the desktop is unreachable (timed out)"));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Opened::Local(peer) => {
+            drop(peer);
+            let peer = open_peer(home, net, None)?;
+            let trusted = peer.trusted_peers().await.map_err(|e| ApiError::new(e.to_string()))?;
+            let Some(desk) = trusted.iter().find(|t| t.kind == DeviceKind::Desktop && !t.revoked) else {
+                return Err(ApiError::new("this phone has no desktop yet: run errand-phone pair <TICKET> first"));
+            };
+            let desk_id = errand_p2p::peer::parse_peer_id(desk.id.as_str()).map_err(|e| ApiError::new(e.to_string()))?;
+            let mut events = peer.events();
+            peer.start().await.map_err(|e| ApiError::new(e.to_string()))?;
+            let wait = async {
+                loop {
+                    match events.recv().await {
+                        Ok(PeerEvent::InSync { peer: p }) if p == desk_id => return true,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            if peer.is_in_sync(&desk_id) {
+                                return true;
+                            }
+                        }
+                        Err(_) => return false,
+                    }
+                }
+            };
+            let synced = tokio::time::timeout(timeout, wait).await.unwrap_or(false);
+            peer.shutdown().await;
+            if synced {
+                println!("in sync");
+                Ok(())
+            } else {
+                Err(ApiError::with_code(exit::UNREACHABLE, format!("the desktop {} is unreachable (no sync within {timeout:?})", desk.id)))
+            }
+        }
+    }
+}
+
+async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
+    let act = |id: String, action: Action| Request::Act { id, action };
+    match command {
+        Command::Daemon { .. } | Command::Sync { .. } => Err(ApiError::with_code(exit::USAGE, "not a request")),
+        Command::Send { text, executor, json } => {
+            let v = cli::execute(opened, Request::Send { text, executor, not_after: None }).await?;
+            if json { cli::print_json(&v) } else { println!("{}", v.get("task_id").and_then(|x| x.as_str()).unwrap_or("")) }
+            Ok(())
+        }
+        Command::Status { json } => {
+            let v = cli::execute(opened, Request::Status).await?;
+            if json { cli::print_json(&v) } else { cli::print_status(&v) }
+            Ok(())
+        }
+        Command::Thread { json } => {
+            let v = cli::execute(opened, Request::Thread).await?;
+            if json {
+                cli::print_json(&v)
+            } else {
+                for t in v.get("tasks").and_then(|x| x.as_array()).into_iter().flatten() {
+                    cli::print_task(t);
+                }
+            }
+            Ok(())
+        }
+        Command::Task { id, json } => {
+            let v = cli::execute(opened, Request::Task { id }).await?;
+            if json {
+                cli::print_json(&v)
+            } else {
+                cli::print_task(&v);
+                if let Some(out) = v.get("output_tail").and_then(|x| x.as_str()) {
+                    print!("{out}");
+                }
+            }
+            Ok(())
+        }
+        Command::Approve { id } => cli::execute(opened, act(id, Action::Approve)).await.map(|_| ()),
+        Command::Deny { id } => cli::execute(opened, act(id, Action::Deny)).await.map(|_| ()),
+        Command::Cancel { id } => cli::execute(opened, act(id, Action::Cancel)).await.map(|_| ()),
+        Command::Retry { id } => cli::execute(opened, act(id, Action::Retry)).await.map(|_| ()),
+        Command::Devices { action: None, json } => {
+            let v = cli::execute(opened, Request::Devices).await?;
+            if json {
+                cli::print_json(&v)
+            } else {
+                for d in v.as_array().into_iter().flatten() {
+                    println!("{}  {}", d.get("id").and_then(|x| x.as_str()).unwrap_or(""), d.get("name").and_then(|x| x.as_str()).unwrap_or(""));
+                }
+            }
+            Ok(())
+        }
+        Command::Devices { action: Some(DevicesCommand::Add { peer_id, addrs }), json } => {
+            let v = cli::execute(opened, Request::DevicesAdd { id: peer_id, addrs, name: None }).await?;
+            if json { cli::print_json(&v) } else { println!("trusted {}", v.get("id").and_then(|x| x.as_str()).unwrap_or("")) }
+            Ok(())
+        }
+    }
+}
