@@ -30,7 +30,9 @@ impl std::str::FromStr for DeviceKind {
         match s {
             "desktop" => Ok(Self::Desktop),
             "phone" => Ok(Self::Phone),
-            other => Err(format!("unknown device kind {other:?} (expected desktop or phone)")),
+            other => Err(format!(
+                "unknown device kind {other:?} (expected desktop or phone)"
+            )),
         }
     }
 }

@@ -178,7 +178,14 @@ pub(crate) mod tests {
             assert_eq!(id.as_str(), ok);
             assert_eq!(DeviceId::from_bytes(&id.to_bytes()).unwrap(), id);
         }
-        for bad in ["", "hello", "0OIl", "12D3KooW", &"1".repeat(300), "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5"] {
+        for bad in [
+            "",
+            "hello",
+            "0OIl",
+            "12D3KooW",
+            &"1".repeat(300),
+            "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5",
+        ] {
             assert!(bad.parse::<DeviceId>().is_err(), "{bad:?} should not parse");
         }
     }

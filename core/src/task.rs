@@ -377,12 +377,28 @@ mod tests {
         let d = desktop();
         let cases = [
             (vec![Delivered], TaskStatus::Delivered),
-            (vec![Delivered, ApprovalRequested], TaskStatus::AwaitingApproval),
+            (
+                vec![Delivered, ApprovalRequested],
+                TaskStatus::AwaitingApproval,
+            ),
             (vec![Delivered, Started], TaskStatus::Running),
-            (vec![Delivered, Started, Finished { exit_code: 0 }], TaskStatus::Done),
+            (
+                vec![Delivered, Started, Finished { exit_code: 0 }],
+                TaskStatus::Done,
+            ),
             (vec![Started, Finished { exit_code: 3 }], TaskStatus::Failed),
-            (vec![Failed { reason: "spawn".into() }], TaskStatus::Failed),
-            (vec![Cancelled { reason: "expired".into() }], TaskStatus::Cancelled),
+            (
+                vec![Failed {
+                    reason: "spawn".into(),
+                }],
+                TaskStatus::Failed,
+            ),
+            (
+                vec![Cancelled {
+                    reason: "expired".into(),
+                }],
+                TaskStatus::Cancelled,
+            ),
             (vec![ApprovalRequested, Denied], TaskStatus::Denied),
             (vec![Started, Interrupted], TaskStatus::Interrupted),
         ];
@@ -438,7 +454,10 @@ mod tests {
 
     #[test]
     fn requests_from_the_target_itself_are_not_requests() {
-        let events = vec![ev(desktop(), 1, 1, Delivered), ev(desktop(), 1, 2, CancelRequested)];
+        let events = vec![
+            ev(desktop(), 1, 1, Delivered),
+            ev(desktop(), 1, 2, CancelRequested),
+        ];
         assert!(fold(&task(events)).requests.is_empty());
     }
 
@@ -464,7 +483,14 @@ mod tests {
         let v = fold(&task(events.clone()));
         assert_eq!(v.status, TaskStatus::Running);
         assert_eq!(v.requests, vec![Request::CancelRequested]);
-        events.push(ev(d, 1, 6, Cancelled { reason: "requested".into() }));
+        events.push(ev(
+            d,
+            1,
+            6,
+            Cancelled {
+                reason: "requested".into(),
+            },
+        ));
         let v = fold(&task(events));
         assert_eq!(v.status, TaskStatus::Cancelled);
         assert!(v.requests.is_empty());
@@ -476,7 +502,14 @@ mod tests {
         let mut events = vec![
             ev(d.clone(), 1, 1, Delivered),
             ev(d.clone(), 1, 2, Started),
-            ev(d.clone(), 1, 3, Output { text: "boom".into() }),
+            ev(
+                d.clone(),
+                1,
+                3,
+                Output {
+                    text: "boom".into(),
+                },
+            ),
             ev(d.clone(), 1, 4, Finished { exit_code: 1 }),
         ];
         assert_eq!(fold(&task(events.clone())).status, TaskStatus::Failed);
@@ -489,7 +522,10 @@ mod tests {
         events.push(ev(d.clone(), 2, 7, Started));
         events.push(ev(d, 2, 8, Finished { exit_code: 0 }));
         let v = fold(&task(events));
-        assert_eq!((v.attempt, v.status, v.exit_code), (2, TaskStatus::Done, Some(0)));
+        assert_eq!(
+            (v.attempt, v.status, v.exit_code),
+            (2, TaskStatus::Done, Some(0))
+        );
     }
 
     #[test]
@@ -512,7 +548,14 @@ mod tests {
     fn two_terminal_facts_resolve_to_the_earliest() {
         let d = desktop();
         let events = vec![
-            ev(d.clone(), 1, 9, Cancelled { reason: "requested".into() }),
+            ev(
+                d.clone(),
+                1,
+                9,
+                Cancelled {
+                    reason: "requested".into(),
+                },
+            ),
             ev(d, 1, 5, Finished { exit_code: 0 }),
         ];
         assert_eq!(fold(&task(events)).status, TaskStatus::Done);

@@ -53,10 +53,8 @@ impl DocId {
     }
     /// Parses an id received from a peer: short, printable ASCII.
     pub fn parse(s: &str) -> Option<Self> {
-        (!s.is_empty()
-            && s.len() <= MAX_DOC_ID_LEN
-            && s.bytes().all(|b| b.is_ascii_graphic()))
-        .then(|| Self(s.to_owned()))
+        (!s.is_empty() && s.len() <= MAX_DOC_ID_LEN && s.bytes().all(|b| b.is_ascii_graphic()))
+            .then(|| Self(s.to_owned()))
     }
     /// The id as text.
     pub fn as_str(&self) -> &str {
@@ -126,7 +124,13 @@ pub enum WriteError {
     UnknownTask(TaskId),
     /// Automerge refused the write.
     #[error("document error: {0}")]
-    Automerge(#[from] automerge::AutomergeError),
+    Automerge(Box<automerge::AutomergeError>),
+}
+
+impl From<automerge::AutomergeError> for WriteError {
+    fn from(e: automerge::AutomergeError) -> Self {
+        Self::Automerge(Box::new(e))
+    }
 }
 
 /// The thread document.
@@ -352,14 +356,23 @@ impl ThreadDoc {
         if task.instruction.trim().is_empty() {
             return Err(WriteError::EmptyInstruction);
         }
-        check_len("instruction", &task.instruction, limits::MAX_INSTRUCTION_BYTES)?;
-        check_len("executor name", &task.executor, limits::MAX_SHORT_TEXT_BYTES)?;
+        check_len(
+            "instruction",
+            &task.instruction,
+            limits::MAX_INSTRUCTION_BYTES,
+        )?;
+        check_len(
+            "executor name",
+            &task.executor,
+            limits::MAX_SHORT_TEXT_BYTES,
+        )?;
         let id = TaskId::new_at(now);
         let tasks = genesis_obj(TASKS_CTR);
         let result = (|| {
             let obj = self.doc.put_object(&tasks, id.to_string(), ObjType::Map)?;
             self.doc.put(&obj, "id", id.to_string())?;
-            self.doc.put(&obj, "instruction", task.instruction.as_str())?;
+            self.doc
+                .put(&obj, "instruction", task.instruction.as_str())?;
             self.doc.put(&obj, "executor", task.executor.as_str())?;
             self.doc.put(&obj, "target", task.target.as_str())?;
             self.doc.put(&obj, "created_at", now)?;
@@ -391,9 +404,7 @@ impl ThreadDoc {
             }
             _ => {}
         }
-        let (obj, creator) = self
-            .task_obj(&task)
-            .ok_or(WriteError::UnknownTask(task))?;
+        let (obj, creator) = self.task_obj(&task).ok_or(WriteError::UnknownTask(task))?;
         let events = self
             .obj_by(&obj, "events", &creator, ObjType::List)
             .ok_or(WriteError::UnknownTask(task))?;
@@ -464,7 +475,13 @@ impl ThreadDoc {
         }
     }
 
-    fn str_list_by(&self, obj: &ObjId, key: &str, author: &ActorId, max: usize) -> Option<Vec<String>> {
+    fn str_list_by(
+        &self,
+        obj: &ObjId,
+        key: &str,
+        author: &ActorId,
+        max: usize,
+    ) -> Option<Vec<String>> {
         let list = self.obj_by(obj, key, author, ObjType::List)?;
         let len = self.doc.length(&list);
         if len > max {
@@ -651,9 +668,13 @@ impl ThreadDoc {
         let events_obj = self.obj_by(obj, "events", by, ObjType::List)?;
         let mut events = Vec::new();
         let mut output_bytes = 0usize;
-        let len = self.doc.length(&events_obj).min(limits::MAX_EVENTS_PER_TASK);
+        let len = self
+            .doc
+            .length(&events_obj)
+            .min(limits::MAX_EVENTS_PER_TASK);
         for i in 0..len {
-            let Some((Value::Object(ObjType::Map), ev)) = self.doc.get(&events_obj, i).ok().flatten()
+            let Some((Value::Object(ObjType::Map), ev)) =
+                self.doc.get(&events_obj, i).ok().flatten()
             else {
                 self.skip("event", "not a map");
                 continue;

@@ -194,7 +194,10 @@ impl Store {
         E: From<StoreError>,
     {
         let tx = self.db.begin_write().map_err(StoreError::from)?;
-        let mut txn = StoreTxn { tx, _p: std::marker::PhantomData };
+        let mut txn = StoreTxn {
+            tx,
+            _p: std::marker::PhantomData,
+        };
         let out = f(&mut txn)?;
         txn.tx.commit().map_err(StoreError::from)?;
         Ok(out)
@@ -249,7 +252,10 @@ impl Store {
     }
 
     /// A named JSON value.
-    pub fn meta_json<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, StoreError> {
+    pub fn meta_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
         self.meta(key)?
             .map(|b| {
                 serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
@@ -281,7 +287,10 @@ impl Store {
 
     /// One trusted peer.
     pub fn trusted_peer(&self, id: &str) -> Result<Option<TrustedPeer>, StoreError> {
-        Ok(self.trusted_peers()?.into_iter().find(|p| p.id.as_str() == id))
+        Ok(self
+            .trusted_peers()?
+            .into_iter()
+            .find(|p| p.id.as_str() == id))
     }
 
     /// Reads rows of a caller-defined table (created on first write; empty before that).
@@ -334,7 +343,9 @@ impl StoreTxn<'_> {
 
     /// Replaces a document's snapshot and drops its chunks: compaction, atomically.
     pub fn replace_snapshot(&mut self, doc: &DocId, snapshot: &[u8]) -> Result<(), StoreError> {
-        self.tx.open_table(SNAPSHOTS)?.insert(doc.as_str(), snapshot)?;
+        self.tx
+            .open_table(SNAPSHOTS)?
+            .insert(doc.as_str(), snapshot)?;
         let mut t = self.tx.open_table(CHUNKS)?;
         let keys: Vec<u64> = t
             .range((doc.as_str(), 0)..=(doc.as_str(), u64::MAX))?
@@ -347,7 +358,12 @@ impl StoreTxn<'_> {
     }
 
     /// Stores a peer's sync state.
-    pub fn put_sync_state(&mut self, doc: &DocId, peer: &str, state: &[u8]) -> Result<(), StoreError> {
+    pub fn put_sync_state(
+        &mut self,
+        doc: &DocId,
+        peer: &str,
+        state: &[u8],
+    ) -> Result<(), StoreError> {
         self.tx
             .open_table(SYNC_STATES)?
             .insert((doc.as_str(), peer), state)?;
@@ -356,7 +372,9 @@ impl StoreTxn<'_> {
 
     /// Forgets a peer's sync state.
     pub fn delete_sync_state(&mut self, doc: &DocId, peer: &str) -> Result<(), StoreError> {
-        self.tx.open_table(SYNC_STATES)?.remove((doc.as_str(), peer))?;
+        self.tx
+            .open_table(SYNC_STATES)?
+            .remove((doc.as_str(), peer))?;
         Ok(())
     }
 
@@ -400,7 +418,10 @@ impl StoreTxn<'_> {
     }
 
     /// Opens a caller-defined table in this transaction.
-    pub fn table<K, V>(&mut self, def: TableDefinition<K, V>) -> Result<redb::Table<'_, K, V>, StoreError>
+    pub fn table<K, V>(
+        &mut self,
+        def: TableDefinition<K, V>,
+    ) -> Result<redb::Table<'_, K, V>, StoreError>
     where
         K: redb::Key + 'static,
         V: redb::Value + 'static,

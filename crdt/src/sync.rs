@@ -50,7 +50,10 @@ impl std::fmt::Debug for SyncSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SyncSession")
             .field("doc_id", &self.doc_id)
-            .field("their_heads", &self.state.their_heads.as_ref().map(Vec::len))
+            .field(
+                "their_heads",
+                &self.state.their_heads.as_ref().map(Vec::len),
+            )
             .finish_non_exhaustive()
     }
 }

@@ -38,12 +38,16 @@ fn kind(k: u8) -> EventKind {
         3 => EventKind::Output { text: "out".into() },
         4 => EventKind::Finished { exit_code: 0 },
         5 => EventKind::Finished { exit_code: 2 },
-        6 => EventKind::Failed { reason: "no".into() },
+        6 => EventKind::Failed {
+            reason: "no".into(),
+        },
         7 => EventKind::Denied,
         8 => EventKind::Approved,
         9 => EventKind::CancelRequested,
         10 => EventKind::Retried,
-        _ => EventKind::Cancelled { reason: "requested".into() },
+        _ => EventKind::Cancelled {
+            reason: "requested".into(),
+        },
     }
 }
 
@@ -75,7 +79,11 @@ impl Net {
         let mut sent = 0u8;
         'outer: for _ in 0..rounds {
             for (from, to) in [(a, b), (b, a)] {
-                let (sf, st) = if from == a { (&mut sa, &mut sb) } else { (&mut sb, &mut sa) };
+                let (sf, st) = if from == a {
+                    (&mut sa, &mut sb)
+                } else {
+                    (&mut sb, &mut sa)
+                };
                 let Some(m) = sf.next_message(&mut self.docs[from]) else {
                     continue;
                 };
@@ -184,7 +192,10 @@ fn two_peers_that_start_from_genesis_each_keep_their_task_after_sync() {
     }
     assert!(sa.in_sync(&mut desktop) && sb.in_sync(&mut phone));
     let phone_task = desktop.task(&b).unwrap();
-    assert_eq!(phone_task.author, w.ids[1], "authorship comes from the phone's actor");
+    assert_eq!(
+        phone_task.author, w.ids[1],
+        "authorship comes from the phone's actor"
+    );
 }
 
 #[test]
@@ -199,11 +210,25 @@ fn tasks_changed_since_reports_new_tasks_and_new_events() {
     };
     let before = desktop.heads();
     let a = desktop.enqueue_task(&task, 10).unwrap();
-    assert_eq!(desktop.tasks_changed_since(&before).into_iter().collect::<Vec<_>>(), vec![a]);
+    assert_eq!(
+        desktop
+            .tasks_changed_since(&before)
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![a]
+    );
     let b = desktop.enqueue_task(&task, 11).unwrap();
     let mid = desktop.heads();
-    desktop.append_task_event(a, 1, &EventKind::Delivered, 12).unwrap();
-    assert_eq!(desktop.tasks_changed_since(&mid).into_iter().collect::<Vec<_>>(), vec![a]);
+    desktop
+        .append_task_event(a, 1, &EventKind::Delivered, 12)
+        .unwrap();
+    assert_eq!(
+        desktop
+            .tasks_changed_since(&mid)
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![a]
+    );
     assert_eq!(desktop.tasks_changed_since(&before).len(), 2);
     let now = desktop.heads();
     assert!(desktop.tasks_changed_since(&now).is_empty());

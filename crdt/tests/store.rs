@@ -44,7 +44,9 @@ fn reopen_after_compaction_equals_reopen_before() {
     let loaded = store.load_doc(&doc_id).unwrap();
     let mut before = ThreadDoc::load(loaded.parts(), &w.genesis, w.actors[0].clone()).unwrap();
     let snapshot = before.save();
-    store.write(|t| t.replace_snapshot(&doc_id, &snapshot)).unwrap();
+    store
+        .write(|t| t.replace_snapshot(&doc_id, &snapshot))
+        .unwrap();
     drop(store);
     let store = Store::open(dir.path()).unwrap();
     let loaded = store.load_doc(&doc_id).unwrap();
@@ -92,6 +94,12 @@ fn meta_sync_states_and_trusted_peers_round_trip() {
     }
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.meta("actor").unwrap().unwrap(), b"abc");
-    assert_eq!(store.sync_state(&doc_id, peer.id.as_str()).unwrap().unwrap(), b"state");
+    assert_eq!(
+        store
+            .sync_state(&doc_id, peer.id.as_str())
+            .unwrap()
+            .unwrap(),
+        b"state"
+    );
     assert_eq!(store.trusted_peers().unwrap(), vec![peer]);
 }

@@ -14,7 +14,10 @@ fn garbage_from_a_peer_is_skipped_and_real_tasks_stay_visible() {
     let mut desktop = w.desktop();
     let mut phone = w.replica(1);
     let doc_id = w.genesis.doc_id();
-    let (mut sd, mut sp) = (SyncSession::new(doc_id.clone()), SyncSession::new(doc_id.clone()));
+    let (mut sd, mut sp) = (
+        SyncSession::new(doc_id.clone()),
+        SyncSession::new(doc_id.clone()),
+    );
     sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
 
     let task = |s: &str| NewTask {
@@ -26,26 +29,38 @@ fn garbage_from_a_peer_is_skipped_and_real_tasks_stay_visible() {
     let real = phone.enqueue_task(&task("real work"), 100).unwrap();
     let acted = phone.enqueue_task(&task("second"), 101).unwrap();
     sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
-    desktop.append_task_event(acted, 1, &EventKind::Delivered, 102).unwrap();
+    desktop
+        .append_task_event(acted, 1, &EventKind::Delivered, 102)
+        .unwrap();
     sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
 
     // The phone's replica turns hostile: raw Automerge writes with the phone's own actor.
-    let mut raw = AutoCommit::load(&phone.save()).unwrap().with_actor(w.actors[1].clone());
+    let mut raw = AutoCommit::load(&phone.save())
+        .unwrap()
+        .with_actor(w.actors[1].clone());
     let tasks = match raw.get(ROOT, "tasks").unwrap() {
         Some((_, id)) => id,
         None => panic!("tasks root missing"),
     };
     // Wrong types and shapes inside the tasks map.
     raw.put(&tasks, "01ARZ3NDEKTSV4RRFFQ69G5FAV", 42).unwrap();
-    let list_task = raw.put_object(&tasks, "01ARZ3NDEKTSV4RRFFQ69G5FAW", ObjType::List).unwrap();
+    let list_task = raw
+        .put_object(&tasks, "01ARZ3NDEKTSV4RRFFQ69G5FAW", ObjType::List)
+        .unwrap();
     raw.insert(&list_task, 0, "x").unwrap();
     raw.put(&tasks, "not-a-task-id", "junk").unwrap();
     // A task with a missing field and one with a 10 MB instruction.
-    let partial = raw.put_object(&tasks, "01ARZ3NDEKTSV4RRFFQ69G5FAX", ObjType::Map).unwrap();
-    raw.put(&partial, "id", "01ARZ3NDEKTSV4RRFFQ69G5FAX").unwrap();
-    let huge = raw.put_object(&tasks, "01ARZ3NDEKTSV4RRFFQ69G5FAY", ObjType::Map).unwrap();
+    let partial = raw
+        .put_object(&tasks, "01ARZ3NDEKTSV4RRFFQ69G5FAX", ObjType::Map)
+        .unwrap();
+    raw.put(&partial, "id", "01ARZ3NDEKTSV4RRFFQ69G5FAX")
+        .unwrap();
+    let huge = raw
+        .put_object(&tasks, "01ARZ3NDEKTSV4RRFFQ69G5FAY", ObjType::Map)
+        .unwrap();
     raw.put(&huge, "id", "01ARZ3NDEKTSV4RRFFQ69G5FAY").unwrap();
-    raw.put(&huge, "instruction", "a".repeat(10 * 1024 * 1024)).unwrap();
+    raw.put(&huge, "instruction", "a".repeat(10 * 1024 * 1024))
+        .unwrap();
     raw.put(&huge, "executor", "shell").unwrap();
     raw.put(&huge, "target", w.ids[0].as_str()).unwrap();
     raw.put(&huge, "created_at", 5).unwrap();
@@ -78,24 +93,41 @@ fn garbage_from_a_peer_is_skipped_and_real_tasks_stay_visible() {
     raw.put(ROOT, "thread_id", 7).unwrap();
     raw.commit();
 
-    let mut hostile = ThreadDoc::load([raw.save().as_slice()], &w.genesis, w.actors[1].clone()).unwrap();
+    let mut hostile =
+        ThreadDoc::load([raw.save().as_slice()], &w.genesis, w.actors[1].clone()).unwrap();
     let mut sh = SyncSession::new(doc_id.clone());
     let mut sd2 = SyncSession::new(doc_id);
     sync_pair(&mut desktop, &mut sd2, &mut hostile, &mut sh);
 
     let tasks = desktop.tasks();
     let ids: Vec<_> = tasks.iter().map(|t| t.id).collect();
-    assert_eq!(ids, vec![real, acted], "exactly the well-formed tasks are visible");
+    assert_eq!(
+        ids,
+        vec![real, acted],
+        "exactly the well-formed tasks are visible"
+    );
     let real_task = desktop.task(&real).unwrap();
-    assert_eq!(fold(&real_task).status, TaskStatus::Queued, "the forged finished fact is ignored");
-    assert_eq!(fold(&desktop.task(&acted).unwrap()).status, TaskStatus::Delivered);
+    assert_eq!(
+        fold(&real_task).status,
+        TaskStatus::Queued,
+        "the forged finished fact is ignored"
+    );
+    assert_eq!(
+        fold(&desktop.task(&acted).unwrap()).status,
+        TaskStatus::Delivered
+    );
     assert!(desktop.skipped_total() > 0, "skips are counted");
     assert_eq!(desktop.genesis(), &w.genesis);
     assert_eq!(desktop.devices().len(), 2);
 
     // The desktop keeps working on top of the garbage.
-    desktop.append_task_event(real, 1, &EventKind::Delivered, 200).unwrap();
-    assert_eq!(fold(&desktop.task(&real).unwrap()).status, TaskStatus::Delivered);
+    desktop
+        .append_task_event(real, 1, &EventKind::Delivered, 200)
+        .unwrap();
+    assert_eq!(
+        fold(&desktop.task(&real).unwrap()).status,
+        TaskStatus::Delivered
+    );
 }
 
 #[test]

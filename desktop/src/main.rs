@@ -118,7 +118,11 @@ async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiErr
         Command::Run { .. } => Err(ApiError::with_code(exit::USAGE, "run is not a request")),
         Command::Status { json } => {
             let v = cli::execute(opened, Request::Status).await?;
-            if json { cli::print_json(&v) } else { cli::print_status(&v) }
+            if json {
+                cli::print_json(&v)
+            } else {
+                cli::print_status(&v)
+            }
             Ok(())
         }
         Command::Devices { action: None, json } => {
@@ -129,19 +133,69 @@ async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiErr
                 for d in v.as_array().into_iter().flatten() {
                     let g = |k: &str| d.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned();
                     let revoked = d.get("revoked").and_then(|x| x.as_bool()).unwrap_or(false);
-                    println!("{}  {} ({}) paired {} last seen {}{}", g("id"), g("name"), g("kind"), g("paired_at"), g("last_seen"), if revoked { "  REVOKED" } else { "" });
+                    println!(
+                        "{}  {} ({}) paired {} last seen {}{}",
+                        g("id"),
+                        g("name"),
+                        g("kind"),
+                        g("paired_at"),
+                        g("last_seen"),
+                        if revoked { "  REVOKED" } else { "" }
+                    );
                 }
             }
             Ok(())
         }
-        Command::Devices { action: Some(DevicesCommand::Add { peer_id, addrs, name }), json } => {
-            let v = cli::execute(opened, Request::DevicesAdd { id: peer_id, addrs, name }).await?;
-            if json { cli::print_json(&v) } else { println!("trusted {}", v.get("id").and_then(|x| x.as_str()).unwrap_or("")) }
+        Command::Devices {
+            action:
+                Some(DevicesCommand::Add {
+                    peer_id,
+                    addrs,
+                    name,
+                }),
+            json,
+        } => {
+            let v = cli::execute(
+                opened,
+                Request::DevicesAdd {
+                    id: peer_id,
+                    addrs,
+                    name,
+                },
+            )
+            .await?;
+            if json {
+                cli::print_json(&v)
+            } else {
+                println!(
+                    "trusted {}",
+                    v.get("id").and_then(|x| x.as_str()).unwrap_or("")
+                )
+            }
             Ok(())
         }
-        Command::Send { text, executor, json } => {
-            let v = cli::execute(opened, Request::Send { text, executor, not_after: None }).await?;
-            if json { cli::print_json(&v) } else { println!("{}", v.get("task_id").and_then(|x| x.as_str()).unwrap_or("")) }
+        Command::Send {
+            text,
+            executor,
+            json,
+        } => {
+            let v = cli::execute(
+                opened,
+                Request::Send {
+                    text,
+                    executor,
+                    not_after: None,
+                },
+            )
+            .await?;
+            if json {
+                cli::print_json(&v)
+            } else {
+                println!(
+                    "{}",
+                    v.get("task_id").and_then(|x| x.as_str()).unwrap_or("")
+                )
+            }
             Ok(())
         }
         Command::Thread { json } => {
@@ -149,7 +203,12 @@ async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiErr
             if json {
                 cli::print_json(&v)
             } else {
-                for t in v.get("tasks").and_then(|x| x.as_array()).into_iter().flatten() {
+                for t in v
+                    .get("tasks")
+                    .and_then(|x| x.as_array())
+                    .into_iter()
+                    .flatten()
+                {
                     cli::print_task(t);
                 }
             }
@@ -179,18 +238,26 @@ async fn daemon(home: PathBuf, net: NetArgs, name: Option<String>) -> Result<(),
         mdns: !net.no_mdns,
     })
     .map_err(|e| match e {
-        errand_p2p::peer::PeerError::Store(errand_crdt::StoreError::Locked(_)) => ApiError::with_code(
-            exit::LOCKED,
-            format!("another errand-desktop already runs for {}", home.display()),
-        ),
+        errand_p2p::peer::PeerError::Store(errand_crdt::StoreError::Locked(_)) => {
+            ApiError::with_code(
+                exit::LOCKED,
+                format!("another errand-desktop already runs for {}", home.display()),
+            )
+        }
         e => ApiError::new(e.to_string()),
     })?;
     peer.publish_self(vec!["shell".into()])
         .await
         .map_err(|e| ApiError::new(e.to_string()))?;
-    peer.start().await.map_err(|e| ApiError::new(e.to_string()))?;
-    let control = cli::serve_control(&peer).map_err(|e| ApiError::new(format!("cannot open the control socket: {e}")))?;
-    let status = peer.status().await.map_err(|e| ApiError::new(e.to_string()))?;
+    peer.start()
+        .await
+        .map_err(|e| ApiError::new(e.to_string()))?;
+    let control = cli::serve_control(&peer)
+        .map_err(|e| ApiError::new(format!("cannot open the control socket: {e}")))?;
+    let status = peer
+        .status()
+        .await
+        .map_err(|e| ApiError::new(e.to_string()))?;
     println!("errand-desktop {} running", status.peer_id);
     for a in &status.listen_addrs {
         println!("listening on {a}/p2p/{}", status.peer_id);

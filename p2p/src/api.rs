@@ -162,7 +162,9 @@ fn event_json(e: &TaskEvent) -> EventJson {
     let (text, exit_code, reason) = match &e.kind {
         EventKind::Output { text } => (Some(text.clone()), None, None),
         EventKind::Finished { exit_code } => (None, Some(*exit_code), None),
-        EventKind::Failed { reason } | EventKind::Cancelled { reason } => (None, None, Some(reason.clone())),
+        EventKind::Failed { reason } | EventKind::Cancelled { reason } => {
+            (None, None, Some(reason.clone()))
+        }
         _ => (None, None, None),
     };
     EventJson {
@@ -246,7 +248,11 @@ pub async fn handle(peer: &Peer, req: Request) -> Result<serde_json::Value, ApiE
                 .read(move |d| d.task(&id))
                 .await
                 .map_err(|e| ApiError::new(e.to_string()))?
-                .ok_or_else(|| ApiError::new(format!("no task {id} in this thread (it may not have synced here yet)")))?;
+                .ok_or_else(|| {
+                    ApiError::new(format!(
+                        "no task {id} in this thread (it may not have synced here yet)"
+                    ))
+                })?;
             Ok(json(&task_json(&task)))
         }
         Request::Send {
@@ -291,9 +297,14 @@ pub async fn handle(peer: &Peer, req: Request) -> Result<serde_json::Value, ApiE
                 }
             };
             if view.status.is_terminal() && action != Action::Retry {
-                return Err(ApiError::new(format!("task {id} already ended ({})", view.status)));
+                return Err(ApiError::new(format!(
+                    "task {id} already ended ({})",
+                    view.status
+                )));
             }
-            peer.append_event(id, view.attempt, kind).await.map_err(err)?;
+            peer.append_event(id, view.attempt, kind)
+                .await
+                .map_err(err)?;
             Ok(serde_json::json!({ "task_id": id.to_string(), "requested": action }))
         }
         Request::Devices => {
@@ -321,9 +332,13 @@ pub async fn handle(peer: &Peer, req: Request) -> Result<serde_json::Value, ApiE
             Ok(serde_json::Value::Array(out))
         }
         Request::DevicesAdd { id, addrs, name } => {
-            let pid = parse_peer_id(&id).map_err(|e| ApiError::with_code(exit::USAGE, e.to_string()))?;
+            let pid =
+                parse_peer_id(&id).map_err(|e| ApiError::with_code(exit::USAGE, e.to_string()))?;
             if pid == peer.peer_id() {
-                return Err(ApiError::with_code(exit::USAGE, "that is this device's own id"));
+                return Err(ApiError::with_code(
+                    exit::USAGE,
+                    "that is this device's own id",
+                ));
             }
             for a in &addrs {
                 parse_addr(a).map_err(|e| ApiError::with_code(exit::USAGE, e.to_string()))?;
@@ -338,22 +353,25 @@ pub async fn handle(peer: &Peer, req: Request) -> Result<serde_json::Value, ApiE
                 .map_err(err)?
                 .into_iter()
                 .find(|t| t.id.as_str() == pid.to_base58());
-            if kind == DeviceKind::Desktop {
-                if let Some(other) = peer
-                    .trusted_peers()
-                    .await
-                    .map_err(err)?
-                    .into_iter()
-                    .find(|t| t.kind == DeviceKind::Desktop && !t.revoked && t.id.as_str() != pid.to_base58())
-                {
-                    return Err(ApiError::new(format!(
-                        "this phone already has a desktop ({}); run `errand-phone forget` first",
-                        other.id
-                    )));
-                }
+            let other_desktop = peer
+                .trusted_peers()
+                .await
+                .map_err(err)?
+                .into_iter()
+                .find(|t| {
+                    t.kind == DeviceKind::Desktop && !t.revoked && t.id.as_str() != pid.to_base58()
+                });
+            if let (DeviceKind::Desktop, Some(other)) = (kind, other_desktop) {
+                return Err(ApiError::new(format!(
+                    "this phone already has a desktop ({}); run `errand-phone forget` first",
+                    other.id
+                )));
             }
             let mut t = existing.unwrap_or(TrustedPeer {
-                id: pid.to_base58().parse().map_err(|e: errand_core::IdError| ApiError::new(e.to_string()))?,
+                id: pid
+                    .to_base58()
+                    .parse()
+                    .map_err(|e: errand_core::IdError| ApiError::new(e.to_string()))?,
                 name: String::new(),
                 kind,
                 addrs: Vec::new(),

@@ -129,8 +129,9 @@ pub fn serve_control(peer: &Peer) -> std::io::Result<tokio::task::JoinHandle<()>
         std::sync::Arc::new(move |value| {
             let p = p.clone();
             Box::pin(async move {
-                let req: Request = serde_json::from_value(value)
-                    .map_err(|e| ApiError::with_code(exit::USAGE, format!("unknown request: {e}")))?;
+                let req: Request = serde_json::from_value(value).map_err(|e| {
+                    ApiError::with_code(exit::USAGE, format!("unknown request: {e}"))
+                })?;
                 api::handle(&p, req).await
             })
         }),
@@ -142,13 +143,14 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -160,7 +162,8 @@ pub async fn shutdown_signal() {
 
 /// Parses a duration like `30s` or `10m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 30s or 10m"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 30s or 10m"))
 }
 
 /// Prints a value as pretty JSON on stdout.
@@ -176,25 +179,49 @@ pub fn print_status(v: &serde_json::Value) {
     println!("thread:    {}", s("thread_id"));
     println!(
         "running:   {}",
-        if v.get("running").and_then(|x| x.as_bool()).unwrap_or(false) { "yes" } else { "no (no daemon holds this home)" }
+        if v.get("running").and_then(|x| x.as_bool()).unwrap_or(false) {
+            "yes"
+        } else {
+            "no (no daemon holds this home)"
+        }
     );
-    for a in v.get("listen_addrs").and_then(|x| x.as_array()).into_iter().flatten() {
+    for a in v
+        .get("listen_addrs")
+        .and_then(|x| x.as_array())
+        .into_iter()
+        .flatten()
+    {
         println!("listening: {}", a.as_str().unwrap_or(""));
     }
-    let peers = v.get("peers").and_then(|x| x.as_array()).cloned().unwrap_or_default();
+    let peers = v
+        .get("peers")
+        .and_then(|x| x.as_array())
+        .cloned()
+        .unwrap_or_default();
     if peers.is_empty() {
         println!("peers:     none trusted yet");
     }
     for p in peers {
         let g = |k: &str| p.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned();
-        let connected = p.get("connected").and_then(|x| x.as_bool()).unwrap_or(false);
+        let connected = p
+            .get("connected")
+            .and_then(|x| x.as_bool())
+            .unwrap_or(false);
         println!(
             "peer:      {} {} ({}) {}{} last sync {}",
             g("id"),
             g("name"),
             g("kind"),
-            if connected { g("path") } else { "offline".into() },
-            if p.get("in_sync").and_then(|x| x.as_bool()).unwrap_or(false) { ", in sync" } else { "" },
+            if connected {
+                g("path")
+            } else {
+                "offline".into()
+            },
+            if p.get("in_sync").and_then(|x| x.as_bool()).unwrap_or(false) {
+                ", in sync"
+            } else {
+                ""
+            },
             g("last_sync_at"),
         );
     }
@@ -215,6 +242,10 @@ pub fn print_task(t: &serde_json::Value) {
         g("id"),
         g("status"),
         g("instruction").lines().next().unwrap_or(""),
-        if reqs.is_empty() { String::new() } else { format!("  [{}]", reqs.join(", ")) }
+        if reqs.is_empty() {
+            String::new()
+        } else {
+            format!("  [{}]", reqs.join(", "))
+        }
     );
 }

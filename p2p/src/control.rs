@@ -77,7 +77,9 @@ pub enum ControlError {
 
 /// Handles one request.
 pub type Handler = Arc<
-    dyn Fn(serde_json::Value) -> Pin<Box<dyn Future<Output = Result<serde_json::Value, ApiError>> + Send>>
+    dyn Fn(
+            serde_json::Value,
+        ) -> Pin<Box<dyn Future<Output = Result<serde_json::Value, ApiError>> + Send>>
         + Send
         + Sync,
 >;
@@ -160,7 +162,11 @@ async fn serve_one(stream: UnixStream, handler: Handler) -> std::io::Result<()> 
 }
 
 /// Sends one request to the daemon of `home`.
-pub async fn call(home: &Path, request: &serde_json::Value, timeout: Duration) -> Result<serde_json::Value, ControlError> {
+pub async fn call(
+    home: &Path,
+    request: &serde_json::Value,
+    timeout: Duration,
+) -> Result<serde_json::Value, ControlError> {
     let path = socket_path(home);
     let mut stream = UnixStream::connect(&path)
         .await

@@ -10,10 +10,12 @@ use std::{collections::HashMap, time::Duration};
 
 use futures::StreamExt;
 use libp2p::{
-    Multiaddr, PeerId, Swarm, dcutr, identify, identity, mdns, noise, ping, relay, rendezvous,
+    Multiaddr, PeerId, Swarm, dcutr, identify, identity, mdns,
     multiaddr::Protocol,
+    noise, ping, relay, rendezvous,
     swarm::{
-        ConnectionId, NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle,
+        ConnectionId, NetworkBehaviour, SwarmEvent,
+        behaviour::toggle::Toggle,
         dial_opts::{DialOpts, PeerCondition},
     },
     tcp, yamux,
@@ -164,7 +166,9 @@ pub struct NodeHandle {
 
 impl std::fmt::Debug for NodeHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeHandle").field("peer_id", &self.peer_id).finish()
+        f.debug_struct("NodeHandle")
+            .field("peer_id", &self.peer_id)
+            .finish()
     }
 }
 
@@ -179,7 +183,10 @@ impl NodeHandle {
         self.control.clone()
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NodeError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.map_err(|_| NodeError::Gone)?;
         rx.await.map_err(|_| NodeError::Gone)
@@ -187,7 +194,8 @@ impl NodeHandle {
 
     /// Dials `peer` at `addrs` unless already connected or dialing.
     pub async fn dial(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), NodeError> {
-        self.call(|reply| Command::Dial { peer, addrs, reply }).await?
+        self.call(|reply| Command::Dial { peer, addrs, reply })
+            .await?
     }
 
     /// Closes every connection to `peer`.
@@ -223,7 +231,14 @@ pub async fn spawn(
     keypair: identity::Keypair,
     gate: SharedGate,
     config: NodeConfig,
-) -> Result<(NodeHandle, mpsc::Receiver<NodeEvent>, tokio::task::JoinHandle<()>), NodeError> {
+) -> Result<
+    (
+        NodeHandle,
+        mpsc::Receiver<NodeEvent>,
+        tokio::task::JoinHandle<()>,
+    ),
+    NodeError,
+> {
     let enable_mdns = config.mdns;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -240,7 +255,10 @@ pub async fn spawn(
         .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let mdns = if enable_mdns {
-                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    peer_id,
+                )?)
             } else {
                 None
             };
@@ -264,10 +282,12 @@ pub async fn spawn(
 
     let mut pending = 0usize;
     for addr in &config.listen {
-        swarm.listen_on(addr.clone()).map_err(|e| NodeError::Listen {
-            addr: addr.clone(),
-            reason: e.to_string(),
-        })?;
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NodeError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
         pending += 1;
     }
     let mut listen_addrs = Vec::new();
@@ -282,7 +302,9 @@ pub async fn spawn(
                 listen_addrs.push(address);
                 pending = pending.saturating_sub(1);
             }
-            SwarmEvent::ListenerClosed { addresses, reason, .. } => {
+            SwarmEvent::ListenerClosed {
+                addresses, reason, ..
+            } => {
                 return Err(NodeError::Listen {
                     addr: addresses.first().cloned().unwrap_or(Multiaddr::empty()),
                     reason: format!("{reason:?}"),

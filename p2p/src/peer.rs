@@ -109,7 +109,7 @@ pub enum PeerError {
     Store(#[from] StoreError),
     /// The replica failed.
     #[error(transparent)]
-    Replica(#[from] ReplicaError),
+    Replica(Box<ReplicaError>),
     /// The network node failed.
     #[error(transparent)]
     Node(#[from] node::NodeError),
@@ -122,6 +122,12 @@ pub enum PeerError {
     /// The network is not started.
     #[error("the network is not running in this process")]
     NotStarted,
+}
+
+impl From<ReplicaError> for PeerError {
+    fn from(e: ReplicaError) -> Self {
+        Self::Replica(Box::new(e))
+    }
 }
 
 /// One peer's line in `status`.
@@ -220,9 +226,7 @@ pub fn now_ms() -> i64 {
 
 fn to_device_id(peer: &PeerId) -> DeviceId {
     // A PeerId's base58 form is always a valid DeviceId.
-    DeviceId::from_bytes(&peer.to_bytes()).unwrap_or_else(|_| {
-        unreachable_device_id()
-    })
+    DeviceId::from_bytes(&peer.to_bytes()).unwrap_or_else(|_| unreachable_device_id())
 }
 
 #[cold]
@@ -234,16 +238,20 @@ fn unreachable_device_id() -> DeviceId {
 
 /// Parses a PeerId given by a person, with an error that says what was expected.
 pub fn parse_peer_id(s: &str) -> Result<PeerId, PeerError> {
-    s.trim()
-        .parse()
-        .map_err(|_| PeerError::Invalid(format!("{s:?} is not a peer id (expected something like 12D3KooW…)")))
+    s.trim().parse().map_err(|_| {
+        PeerError::Invalid(format!(
+            "{s:?} is not a peer id (expected something like 12D3KooW…)"
+        ))
+    })
 }
 
 /// Parses a multiaddr given by a person.
 pub fn parse_addr(s: &str) -> Result<Multiaddr, PeerError> {
-    s.trim()
-        .parse()
-        .map_err(|e| PeerError::Invalid(format!("{s:?} is not a multiaddr ({e}); expected e.g. /ip4/192.168.1.5/tcp/4001")))
+    s.trim().parse().map_err(|e| {
+        PeerError::Invalid(format!(
+            "{s:?} is not a multiaddr ({e}); expected e.g. /ip4/192.168.1.5/tcp/4001"
+        ))
+    })
 }
 
 impl Peer {
@@ -387,7 +395,12 @@ impl Peer {
     }
 
     /// Appends an event to a task; durable on return.
-    pub async fn append_event(&self, task: TaskId, attempt: u32, kind: EventKind) -> Result<(), PeerError> {
+    pub async fn append_event(
+        &self,
+        task: TaskId,
+        attempt: u32,
+        kind: EventKind,
+    ) -> Result<(), PeerError> {
         let now = now_ms();
         let (_, tasks) = self
             .inner
@@ -401,7 +414,12 @@ impl Peer {
     }
 
     /// Posts a message; durable on return.
-    pub async fn post_message(&self, kind: MessageKind, text: String, task: Option<TaskId>) -> Result<(), PeerError> {
+    pub async fn post_message(
+        &self,
+        kind: MessageKind,
+        text: String,
+        task: Option<TaskId>,
+    ) -> Result<(), PeerError> {
         let now = now_ms();
         self.inner
             .replica
@@ -422,10 +440,9 @@ impl Peer {
             .replica
             .read(move |d| d.devices().into_iter().find(|x| x.id == me))
             .await?;
-        if current
-            .as_ref()
-            .is_some_and(|d| d.name == info.name && d.executors == executors && d.actors.contains(&info.actor))
-        {
+        if current.as_ref().is_some_and(|d| {
+            d.name == info.name && d.executors == executors && d.actors.contains(&info.actor)
+        }) {
             return Ok(());
         }
         let device = errand_core::Device {
@@ -437,7 +454,10 @@ impl Peer {
             added_at: current.map_or_else(now_ms, |d| d.added_at),
             revoked_at: None,
         };
-        self.inner.replica.commit(move |d| d.add_device(&device)).await?;
+        self.inner
+            .replica
+            .commit(move |d| d.add_device(&device))
+            .await?;
         Ok(())
     }
 
@@ -519,7 +539,9 @@ impl Peer {
                     last_sync_at: t.last_sync_at.map(errand_core::time::rfc3339),
                     in_sync: connected && in_sync,
                     revoked: t.revoked,
-                    bytes_sent: traffic.as_ref().map_or(0, |t| t.sent.load(std::sync::atomic::Ordering::Relaxed)),
+                    bytes_sent: traffic
+                        .as_ref()
+                        .map_or(0, |t| t.sent.load(std::sync::atomic::Ordering::Relaxed)),
                     bytes_received: traffic
                         .as_ref()
                         .map_or(0, |t| t.received.load(std::sync::atomic::Ordering::Relaxed)),
@@ -530,7 +552,11 @@ impl Peer {
             peer_id: self.inner.peer_id.to_base58(),
             kind: self.kind(),
             name: self.inner.name.clone(),
-            thread_id: self.inner.replica.genesis().map(|g| g.thread_id.to_string()),
+            thread_id: self
+                .inner
+                .replica
+                .genesis()
+                .map(|g| g.thread_id.to_string()),
             listen_addrs: listen_addrs.iter().map(ToString::to_string).collect(),
             peers,
             relay: None,
@@ -767,13 +793,16 @@ impl Supervisor {
     fn open_stream(&mut self, peer: PeerId) {
         self.generation += 1;
         let generation = self.generation;
-        self.sessions.insert(peer, (generation, self.cancel.child_token()));
+        self.sessions
+            .insert(peer, (generation, self.cancel.child_token()));
         let mut control = self.node.control();
         let internal = self.internal_tx.clone();
         tokio::spawn(async move {
             match control.open_stream(peer, SYNC_PROTOCOL).await {
                 Ok(stream) => {
-                    let _ = internal.send(Internal::Opened(peer, generation, stream)).await;
+                    let _ = internal
+                        .send(Internal::Opened(peer, generation, stream))
+                        .await;
                 }
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "could not open a sync stream");
@@ -787,12 +816,20 @@ impl Supervisor {
         match ev {
             Internal::Accepted(peer, stream) => self.start_session(peer, stream),
             Internal::Opened(peer, generation, stream) => {
-                if self.sessions.get(&peer).is_some_and(|(g, _)| *g == generation) {
+                if self
+                    .sessions
+                    .get(&peer)
+                    .is_some_and(|(g, _)| *g == generation)
+                {
                     self.start_session(peer, stream);
                 }
             }
             Internal::Ended(peer, generation) => {
-                if self.sessions.get(&peer).is_some_and(|(g, _)| *g == generation) {
+                if self
+                    .sessions
+                    .get(&peer)
+                    .is_some_and(|(g, _)| *g == generation)
+                {
                     self.sessions.remove(&peer);
                     self.peer.set_live(peer, |l| l.in_sync = false);
                     if self.opener(&peer) && self.peer.is_connected(&peer) {
@@ -818,7 +855,11 @@ impl Supervisor {
     fn on_session(&mut self, ev: SessionEvent) {
         match ev {
             SessionEvent::Merged { peer, tasks } => {
-                let _ = self.peer.inner.events.send(PeerEvent::Merged { peer, tasks });
+                let _ = self
+                    .peer
+                    .inner
+                    .events
+                    .send(PeerEvent::Merged { peer, tasks });
             }
             SessionEvent::InSync { peer } => {
                 self.peer.set_live(peer, |l| l.in_sync = true);
@@ -843,24 +884,29 @@ impl Supervisor {
                 let this = self.peer.clone();
                 tokio::spawn(async move {
                     // The owner records a trusted device's actor, so its writes count.
-                    if this.kind() == DeviceKind::Desktop {
-                        if let Err(e) = this
+                    if this.kind() == DeviceKind::Desktop
+                        && let Err(e) = this
                             .replica()
-                            .ensure_device(peer, device.name.clone(), device.kind, device.actor.clone(), now_ms())
+                            .ensure_device(
+                                peer,
+                                device.name.clone(),
+                                device.kind,
+                                device.actor.clone(),
+                                now_ms(),
+                            )
                             .await
-                        {
-                            tracing::warn!(%peer, error = %e, "could not record the device");
-                        }
+                    {
+                        tracing::warn!(%peer, error = %e, "could not record the device");
                     }
                     let id = peer.to_base58();
                     let _ = this
                         .replica()
                         .store_blocking(move |s| {
-                            if let Ok(Some(mut t)) = s.trusted_peer(&id) {
-                                if t.name.is_empty() || t.name != device.name {
-                                    t.name = device.name;
-                                    let _ = s.write(|tx| tx.put_trusted(&t));
-                                }
+                            if let Ok(Some(mut t)) = s.trusted_peer(&id)
+                                && t.name != device.name
+                            {
+                                t.name = device.name;
+                                let _ = s.write(|tx| tx.put_trusted(&t));
                             }
                         })
                         .await;
@@ -880,7 +926,11 @@ impl Supervisor {
                     l.connected = true;
                     l.relayed = relayed;
                 });
-                let _ = self.peer.inner.events.send(PeerEvent::Connected { peer, relayed });
+                let _ = self
+                    .peer
+                    .inner
+                    .events
+                    .send(PeerEvent::Connected { peer, relayed });
                 if self.opener(&peer) && !self.sessions.contains_key(&peer) {
                     self.open_stream(peer);
                 }
@@ -901,7 +951,11 @@ impl Supervisor {
                             delay: BACKOFF_START,
                         },
                     );
-                    let _ = self.peer.inner.events.send(PeerEvent::Disconnected { peer });
+                    let _ = self
+                        .peer
+                        .inner
+                        .events
+                        .send(PeerEvent::Disconnected { peer });
                 }
             }
             NodeEvent::Discovered { peer, addr } => {
@@ -918,8 +972,11 @@ impl Supervisor {
                 tokio::spawn(async move {
                     let _ = replica
                         .store_blocking(move |s| {
-                            let Ok(Some(mut t)) = s.trusted_peer(&id) else { return };
-                            let mut merged: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                            let Ok(Some(mut t)) = s.trusted_peer(&id) else {
+                                return;
+                            };
+                            let mut merged: Vec<String> =
+                                addrs.iter().map(ToString::to_string).collect();
                             for a in &t.addrs {
                                 if !merged.contains(a) {
                                     merged.push(a.clone());
@@ -974,7 +1031,9 @@ impl Supervisor {
 /// The tasks whose content changed in a set of events (for runners that react to merges).
 pub fn changed_tasks(ev: &PeerEvent) -> BTreeSet<TaskId> {
     match ev {
-        PeerEvent::Merged { tasks, .. } | PeerEvent::Committed { tasks } => tasks.iter().copied().collect(),
+        PeerEvent::Merged { tasks, .. } | PeerEvent::Committed { tasks } => {
+            tasks.iter().copied().collect()
+        }
         _ => BTreeSet::new(),
     }
 }

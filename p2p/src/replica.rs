@@ -12,8 +12,7 @@ use std::{
 
 use errand_core::{DeviceKind, TaskId};
 use errand_crdt::{
-    ActorId, DocId, Store, StoreError, SyncError, SyncSession, ThreadDoc, ThreadGenesis,
-    WriteError,
+    ActorId, DocId, Store, StoreError, SyncError, SyncSession, ThreadDoc, ThreadGenesis, WriteError,
 };
 use libp2p::PeerId;
 use tokio::sync::watch;
@@ -41,7 +40,7 @@ pub enum ReplicaError {
     Sync(#[from] SyncError),
     /// The stored document did not load.
     #[error("the stored thread does not load: {0}")]
-    Load(automerge::AutomergeError),
+    Load(Box<automerge::AutomergeError>),
     /// No thread in this home yet.
     #[error("this home has no thread yet: pair with a desktop first (errand-phone pair <TICKET>)")]
     NoThread,
@@ -113,7 +112,7 @@ impl State {
         self.snapshot_bytes = loaded.snapshot.as_ref().map_or(0, |s| s.len() as u64);
         self.chunk_bytes = loaded.chunks.iter().map(|c| c.len() as u64).sum();
         let doc = ThreadDoc::load(loaded.parts(), &genesis, self.actor.clone())
-            .map_err(ReplicaError::Load)?;
+            .map_err(|e| ReplicaError::Load(Box::new(e)))?;
         self.doc = Some(doc);
         Ok(())
     }
@@ -127,7 +126,8 @@ impl State {
         };
         let snapshot = doc.save();
         let doc_id = doc.doc_id();
-        self.store.write(|t| t.replace_snapshot(&doc_id, &snapshot))?;
+        self.store
+            .write(|t| t.replace_snapshot(&doc_id, &snapshot))?;
         tracing::debug!(bytes = snapshot.len(), "compacted the thread");
         self.snapshot_bytes = snapshot.len() as u64;
         self.chunk_bytes = 0;
@@ -274,7 +274,11 @@ impl Replica {
 
     /// Reads the document on the calling thread (for callers already off the async workers).
     pub fn read_now<T>(&self, f: impl FnOnce(&ThreadDoc) -> T) -> Result<T, ReplicaError> {
-        self.lock().doc.as_ref().map(f).ok_or(ReplicaError::NoThread)
+        self.lock()
+            .doc
+            .as_ref()
+            .map(f)
+            .ok_or(ReplicaError::NoThread)
     }
 
     /// Makes a local change durable, then wakes every session.
@@ -307,9 +311,7 @@ impl Replica {
     /// The next sync message for `peer`, if any.
     pub async fn generate(&self, peer: PeerId) -> Result<Option<(DocId, Vec<u8>)>, ReplicaError> {
         self.blocking(move |s| {
-            let Some(doc_id) = s.doc.as_ref().map(ThreadDoc::doc_id) else {
-                return None;
-            };
+            let doc_id = s.doc.as_ref().map(ThreadDoc::doc_id)?;
             let mut doc = s.doc.take()?;
             let msg = s.session(&peer, &doc_id).next_message(&mut doc);
             s.doc = Some(doc);

@@ -61,7 +61,9 @@ pub enum SessionError {
     #[error("no hello within {HELLO_TIMEOUT:?}")]
     HelloTimeout,
     /// The peer speaks another protocol version.
-    #[error("peer speaks sync protocol version {0}, this build speaks {PROTOCOL_VERSION}; update the older side")]
+    #[error(
+        "peer speaks sync protocol version {0}, this build speaks {PROTOCOL_VERSION}; update the older side"
+    )]
     Version(u32),
     /// Different threads, or nobody has one.
     #[error("{0}")]
@@ -172,10 +174,11 @@ pub async fn run(
         .and_then(|v| v.get("version").and_then(|v| v.as_u64()))
         .ok_or(WireError::Malformed("hello without a version"))?;
     if version != u64::from(PROTOCOL_VERSION) {
-        return Err(SessionError::Version(version.min(u64::from(u32::MAX)) as u32));
+        return Err(SessionError::Version(
+            version.min(u64::from(u32::MAX)) as u32
+        ));
     }
-    let theirs: SyncHello =
-        serde_json::from_slice(&theirs.body).map_err(WireError::Hello)?;
+    let theirs: SyncHello = serde_json::from_slice(&theirs.body).map_err(WireError::Hello)?;
     let _ = ctx
         .events
         .send(SessionEvent::Hello {

@@ -141,7 +141,10 @@ impl Frame {
 }
 
 /// Writes one frame and flushes.
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<u64, WireError> {
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &Frame,
+) -> Result<u64, WireError> {
     let payload = frame.encode();
     if payload.len() > MAX_FRAME {
         return Err(WireError::TooLarge(payload.len() as u64));
@@ -153,7 +156,9 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Res
 }
 
 /// Reads one frame. `Ok(None)` on a clean end of stream between frames.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(Frame, u64)>, WireError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<(Frame, u64)>, WireError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(()) => {}
@@ -183,8 +188,22 @@ mod tests {
             version: 1,
             genesis: None,
         });
-        assert_eq!(Frame::decode(h.encode()).unwrap().into_hello().unwrap().version, 1);
-        for bad in [vec![], vec![0], vec![9, 0], vec![1, 10, b'a'], vec![1, 1, 0xff], vec![1, 1, b' ']] {
+        assert_eq!(
+            Frame::decode(h.encode())
+                .unwrap()
+                .into_hello()
+                .unwrap()
+                .version,
+            1
+        );
+        for bad in [
+            vec![],
+            vec![0],
+            vec![9, 0],
+            vec![1, 10, b'a'],
+            vec![1, 1, 0xff],
+            vec![1, 1, b' '],
+        ] {
             assert!(Frame::decode(bad).is_err());
         }
     }
@@ -192,7 +211,10 @@ mod tests {
     #[tokio::test]
     async fn an_oversized_length_is_refused_before_allocating() {
         let mut data: &[u8] = &[0xff, 0xff, 0xff, 0xff];
-        assert!(matches!(read_frame(&mut data).await, Err(WireError::TooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut data).await,
+            Err(WireError::TooLarge(_))
+        ));
         let mut truncated: &[u8] = &[0, 0, 0, 10, 1, 0];
         assert!(read_frame(&mut truncated).await.is_err());
         let mut empty: &[u8] = &[];

@@ -120,7 +120,11 @@ async fn main() -> ExitCode {
     cli::finish(run(home, cli.command).await)
 }
 
-fn open_peer(home: &std::path::Path, net: &NetArgs, name: Option<String>) -> Result<Peer, ApiError> {
+fn open_peer(
+    home: &std::path::Path,
+    net: &NetArgs,
+    name: Option<String>,
+) -> Result<Peer, ApiError> {
     Peer::open(PeerConfig {
         home: home.to_owned(),
         kind: DeviceKind::Phone,
@@ -129,10 +133,12 @@ fn open_peer(home: &std::path::Path, net: &NetArgs, name: Option<String>) -> Res
         mdns: !net.no_mdns,
     })
     .map_err(|e| match e {
-        errand_p2p::peer::PeerError::Store(errand_crdt::StoreError::Locked(_)) => ApiError::with_code(
-            exit::LOCKED,
-            format!("another errand-phone process holds {}", home.display()),
-        ),
+        errand_p2p::peer::PeerError::Store(errand_crdt::StoreError::Locked(_)) => {
+            ApiError::with_code(
+                exit::LOCKED,
+                format!("another errand-phone process holds {}", home.display()),
+            )
+        }
         e => ApiError::new(e.to_string()),
     })
 }
@@ -142,7 +148,9 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
         Command::Daemon { net, name } => {
             cli::init_logging("info");
             let peer = open_peer(&home, &net, name)?;
-            peer.start().await.map_err(|e| ApiError::new(e.to_string()))?;
+            peer.start()
+                .await
+                .map_err(|e| ApiError::new(e.to_string()))?;
             let control = cli::serve_control(&peer)
                 .map_err(|e| ApiError::new(format!("cannot open the control socket: {e}")))?;
             println!("errand-phone {} running", peer.peer_id());
@@ -172,9 +180,11 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
 async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Result<(), ApiError> {
     let opened = cli::open(home.to_owned(), DeviceKind::Phone)?;
     let desktop = |v: &serde_json::Value| {
-        v.get("peers")
-            .and_then(|p| p.as_array())
-            .and_then(|ps| ps.iter().find(|p| p.get("kind").and_then(|k| k.as_str()) == Some("desktop")).cloned())
+        v.get("peers").and_then(|p| p.as_array()).and_then(|ps| {
+            ps.iter()
+                .find(|p| p.get("kind").and_then(|k| k.as_str()) == Some("desktop"))
+                .cloned()
+        })
     };
     match opened {
         Opened::Daemon(_) => {
@@ -182,12 +192,17 @@ async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Resul
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
                 let v = cli::execute(&opened, Request::Status).await?;
-                if desktop(&v).and_then(|d| d.get("in_sync").and_then(|x| x.as_bool())) == Some(true) {
+                if desktop(&v).and_then(|d| d.get("in_sync").and_then(|x| x.as_bool()))
+                    == Some(true)
+                {
                     println!("in sync");
                     return Ok(());
                 }
                 if tokio::time::Instant::now() >= deadline {
-                    return Err(ApiError::with_code(exit::UNREACHABLE, "the desktop is unreachable (timed out)"));
+                    return Err(ApiError::with_code(
+                        exit::UNREACHABLE,
+                        "the desktop is unreachable (timed out)",
+                    ));
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -195,13 +210,24 @@ async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Resul
         Opened::Local(peer) => {
             drop(peer);
             let peer = open_peer(home, net, None)?;
-            let trusted = peer.trusted_peers().await.map_err(|e| ApiError::new(e.to_string()))?;
-            let Some(desk) = trusted.iter().find(|t| t.kind == DeviceKind::Desktop && !t.revoked) else {
-                return Err(ApiError::new("this phone has no desktop yet: run errand-phone pair <TICKET> first"));
+            let trusted = peer
+                .trusted_peers()
+                .await
+                .map_err(|e| ApiError::new(e.to_string()))?;
+            let Some(desk) = trusted
+                .iter()
+                .find(|t| t.kind == DeviceKind::Desktop && !t.revoked)
+            else {
+                return Err(ApiError::new(
+                    "this phone has no desktop yet: run errand-phone pair <TICKET> first",
+                ));
             };
-            let desk_id = errand_p2p::peer::parse_peer_id(desk.id.as_str()).map_err(|e| ApiError::new(e.to_string()))?;
+            let desk_id = errand_p2p::peer::parse_peer_id(desk.id.as_str())
+                .map_err(|e| ApiError::new(e.to_string()))?;
             let mut events = peer.events();
-            peer.start().await.map_err(|e| ApiError::new(e.to_string()))?;
+            peer.start()
+                .await
+                .map_err(|e| ApiError::new(e.to_string()))?;
             let wait = async {
                 loop {
                     match events.recv().await {
@@ -222,7 +248,13 @@ async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Resul
                 println!("in sync");
                 Ok(())
             } else {
-                Err(ApiError::with_code(exit::UNREACHABLE, format!("the desktop {} is unreachable (no sync within {timeout:?})", desk.id)))
+                Err(ApiError::with_code(
+                    exit::UNREACHABLE,
+                    format!(
+                        "the desktop {} is unreachable (no sync within {timeout:?})",
+                        desk.id
+                    ),
+                ))
             }
         }
     }
@@ -231,15 +263,40 @@ async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Resul
 async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
     let act = |id: String, action: Action| Request::Act { id, action };
     match command {
-        Command::Daemon { .. } | Command::Sync { .. } => Err(ApiError::with_code(exit::USAGE, "not a request")),
-        Command::Send { text, executor, json } => {
-            let v = cli::execute(opened, Request::Send { text, executor, not_after: None }).await?;
-            if json { cli::print_json(&v) } else { println!("{}", v.get("task_id").and_then(|x| x.as_str()).unwrap_or("")) }
+        Command::Daemon { .. } | Command::Sync { .. } => {
+            Err(ApiError::with_code(exit::USAGE, "not a request"))
+        }
+        Command::Send {
+            text,
+            executor,
+            json,
+        } => {
+            let v = cli::execute(
+                opened,
+                Request::Send {
+                    text,
+                    executor,
+                    not_after: None,
+                },
+            )
+            .await?;
+            if json {
+                cli::print_json(&v)
+            } else {
+                println!(
+                    "{}",
+                    v.get("task_id").and_then(|x| x.as_str()).unwrap_or("")
+                )
+            }
             Ok(())
         }
         Command::Status { json } => {
             let v = cli::execute(opened, Request::Status).await?;
-            if json { cli::print_json(&v) } else { cli::print_status(&v) }
+            if json {
+                cli::print_json(&v)
+            } else {
+                cli::print_status(&v)
+            }
             Ok(())
         }
         Command::Thread { json } => {
@@ -247,7 +304,12 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
             if json {
                 cli::print_json(&v)
             } else {
-                for t in v.get("tasks").and_then(|x| x.as_array()).into_iter().flatten() {
+                for t in v
+                    .get("tasks")
+                    .and_then(|x| x.as_array())
+                    .into_iter()
+                    .flatten()
+                {
                     cli::print_task(t);
                 }
             }
@@ -265,24 +327,54 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
             }
             Ok(())
         }
-        Command::Approve { id } => cli::execute(opened, act(id, Action::Approve)).await.map(|_| ()),
-        Command::Deny { id } => cli::execute(opened, act(id, Action::Deny)).await.map(|_| ()),
-        Command::Cancel { id } => cli::execute(opened, act(id, Action::Cancel)).await.map(|_| ()),
-        Command::Retry { id } => cli::execute(opened, act(id, Action::Retry)).await.map(|_| ()),
+        Command::Approve { id } => cli::execute(opened, act(id, Action::Approve))
+            .await
+            .map(|_| ()),
+        Command::Deny { id } => cli::execute(opened, act(id, Action::Deny))
+            .await
+            .map(|_| ()),
+        Command::Cancel { id } => cli::execute(opened, act(id, Action::Cancel))
+            .await
+            .map(|_| ()),
+        Command::Retry { id } => cli::execute(opened, act(id, Action::Retry))
+            .await
+            .map(|_| ()),
         Command::Devices { action: None, json } => {
             let v = cli::execute(opened, Request::Devices).await?;
             if json {
                 cli::print_json(&v)
             } else {
                 for d in v.as_array().into_iter().flatten() {
-                    println!("{}  {}", d.get("id").and_then(|x| x.as_str()).unwrap_or(""), d.get("name").and_then(|x| x.as_str()).unwrap_or(""));
+                    println!(
+                        "{}  {}",
+                        d.get("id").and_then(|x| x.as_str()).unwrap_or(""),
+                        d.get("name").and_then(|x| x.as_str()).unwrap_or("")
+                    );
                 }
             }
             Ok(())
         }
-        Command::Devices { action: Some(DevicesCommand::Add { peer_id, addrs }), json } => {
-            let v = cli::execute(opened, Request::DevicesAdd { id: peer_id, addrs, name: None }).await?;
-            if json { cli::print_json(&v) } else { println!("trusted {}", v.get("id").and_then(|x| x.as_str()).unwrap_or("")) }
+        Command::Devices {
+            action: Some(DevicesCommand::Add { peer_id, addrs }),
+            json,
+        } => {
+            let v = cli::execute(
+                opened,
+                Request::DevicesAdd {
+                    id: peer_id,
+                    addrs,
+                    name: None,
+                },
+            )
+            .await?;
+            if json {
+                cli::print_json(&v)
+            } else {
+                println!(
+                    "trusted {}",
+                    v.get("id").and_then(|x| x.as_str()).unwrap_or("")
+                )
+            }
             Ok(())
         }
     }
