@@ -32,6 +32,23 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Show a pairing QR code for a phone to scan (and its text form).
+    Pair {
+        /// How long the code stays valid.
+        #[arg(long, default_value = "10m", value_parser = cli::parse_duration)]
+        ttl: std::time::Duration,
+        /// Also write the QR code as a PNG image.
+        #[arg(long, value_name = "FILE")]
+        png: Option<PathBuf>,
+        /// Also write the QR code as an SVG image.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+        /// Print `{ticket, expires_at}` as JSON instead of the QR code.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        net: NetArgs,
+    },
     /// Show this desktop's id, thread, addresses and peers.
     Status {
         /// Print JSON.
@@ -75,6 +92,12 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum DevicesCommand {
+    /// Revoke a paired device: close its connections, refuse it from now on, cancel its
+    /// unstarted tasks.
+    Revoke {
+        /// The device's peer id (see `errand-desktop devices`).
+        id: String,
+    },
     /// Trust a phone by its peer id (manual pairing, as in Syncthing).
     Add {
         /// The phone's peer id (errand-phone status shows it).
@@ -101,6 +124,16 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             cli::init_logging("info");
             daemon(home, net, name).await
         }
+        Command::Pair {
+            ttl,
+            png,
+            svg,
+            json,
+            net,
+        } => {
+            cli::init_logging("warn");
+            pair(home, ttl, png, svg, json, net).await
+        }
         other => {
             cli::init_logging("warn");
             let opened = cli::open(home, DeviceKind::Desktop)?;
@@ -115,7 +148,25 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
 
 async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiError> {
     match command {
-        Command::Run { .. } => Err(ApiError::with_code(exit::USAGE, "run is not a request")),
+        Command::Run { .. } | Command::Pair { .. } => {
+            Err(ApiError::with_code(exit::USAGE, "not a request"))
+        }
+        Command::Devices {
+            action: Some(DevicesCommand::Revoke { id }),
+            json,
+        } => {
+            let v = cli::execute(opened, Request::Revoke { id }).await?;
+            if json {
+                cli::print_json(&v)
+            } else {
+                println!(
+                    "revoked {}; cancelled {} unstarted task(s)",
+                    v["id"].as_str().unwrap_or(""),
+                    v["cancelled_tasks"]
+                );
+            }
+            Ok(())
+        }
         Command::Status { json } => {
             let v = cli::execute(opened, Request::Status).await?;
             if json {
@@ -268,5 +319,91 @@ async fn daemon(home: PathBuf, net: NetArgs, name: Option<String>) -> Result<(),
     tracing::info!("shutting down");
     control.abort();
     peer.shutdown().await;
+    Ok(())
+}
+
+/// `pair`: through the daemon when one runs, else with this process's own network until a
+/// phone pairs or the ticket expires.
+async fn pair(
+    home: PathBuf,
+    ttl: std::time::Duration,
+    png: Option<PathBuf>,
+    svg: Option<PathBuf>,
+    json: bool,
+    net: NetArgs,
+) -> Result<(), ApiError> {
+    let req = Request::Pair {
+        ttl_secs: ttl.as_secs().max(1),
+    };
+    let (value, local) = match cli::open(home.clone(), DeviceKind::Desktop)? {
+        opened @ Opened::Daemon(_) => (cli::execute(&opened, req).await?, None),
+        Opened::Local(peer) => {
+            drop(peer);
+            let peer = Peer::open(PeerConfig {
+                home,
+                kind: DeviceKind::Desktop,
+                name: None,
+                listen: net.listen_addrs(),
+                mdns: !net.no_mdns,
+            })
+            .map_err(|e| ApiError::new(e.to_string()))?;
+            peer.start()
+                .await
+                .map_err(|e| ApiError::new(e.to_string()))?;
+            let v = errand_p2p::api::handle(&peer, req).await?;
+            (v, Some(peer))
+        }
+    };
+    let ticket = value["ticket"].as_str().unwrap_or_default().to_owned();
+    if let Some(path) = &png {
+        errand_desktop::qr::write_png(&ticket, path).map_err(|e| ApiError::new(e.to_string()))?;
+    }
+    if let Some(path) = &svg {
+        errand_desktop::qr::write_svg(&ticket, path).map_err(|e| ApiError::new(e.to_string()))?;
+    }
+    if json {
+        cli::print_json(&value);
+    } else {
+        let qr = errand_desktop::qr::render_unicode(&ticket)
+            .map_err(|e| ApiError::new(e.to_string()))?;
+        println!("{qr}");
+        println!("Scan this with Errand on your phone, or run on the phone:\n");
+        println!("  errand-phone pair {ticket}\n");
+        println!(
+            "Valid until {}.",
+            value["expires_at"].as_str().unwrap_or("")
+        );
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    if let Some(peer) = local {
+        // No daemon: keep the network up until a phone pairs or the ticket expires.
+        eprintln!("waiting for the phone to pair (Ctrl-C to stop)…");
+        let before = peer.trusted_peers().await.map(|t| t.len()).unwrap_or(0);
+        let mut events = peer.events();
+        let wait = async {
+            loop {
+                if let Ok(errand_p2p::peer::PeerEvent::InSync { .. }) = events.recv().await {
+                    let now = peer.trusted_peers().await.map(|t| t.len()).unwrap_or(0);
+                    if now > before {
+                        return true;
+                    }
+                }
+            }
+        };
+        let paired = tokio::select! {
+            p = tokio::time::timeout(ttl, wait) => p.unwrap_or(false),
+            _ = cli::shutdown_signal() => false,
+        };
+        peer.shutdown().await;
+        if paired {
+            eprintln!("paired.");
+        } else {
+            return Err(ApiError::with_code(
+                exit::UNREACHABLE,
+                "no phone paired before the code expired",
+            ));
+        }
+    }
     Ok(())
 }

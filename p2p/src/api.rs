@@ -65,6 +65,23 @@ pub enum Request {
     },
     /// `devices`.
     Devices,
+    /// `pair` on a desktop: issue a ticket.
+    Pair {
+        /// Lifetime in seconds.
+        ttl_secs: u64,
+    },
+    /// `pair TICKET` on a phone.
+    PairWith {
+        /// The ticket text.
+        ticket: String,
+    },
+    /// `devices revoke ID`.
+    Revoke {
+        /// PeerId.
+        id: String,
+    },
+    /// `forget` on a phone.
+    Forget,
     /// `devices add PEER_ID`.
     DevicesAdd {
         /// PeerId.
@@ -331,6 +348,42 @@ pub async fn handle(peer: &Peer, req: Request) -> Result<serde_json::Value, ApiE
                 .collect();
             Ok(serde_json::Value::Array(out))
         }
+        Request::Pair { ttl_secs } => {
+            if ttl_secs == 0 {
+                return Err(ApiError::with_code(
+                    exit::USAGE,
+                    "--ttl must be more than 0",
+                ));
+            }
+            let ticket = crate::pairing::create_ticket(peer, std::time::Duration::from_secs(ttl_secs))
+                .await
+                .map_err(|e| match e {
+                    PeerError::NotStarted => ApiError::new(
+                        "the desktop's network is not running in this process; start `errand-desktop run`",
+                    ),
+                    e => err(e),
+                })?;
+            Ok(
+                serde_json::json!({ "ticket": ticket.to_string(), "expires_at": rfc3339(ticket.expires_at()) }),
+            )
+        }
+        Request::PairWith { ticket } => {
+            let ticket: errand_core::Ticket =
+                ticket.parse().map_err(|e: errand_core::TicketError| {
+                    ApiError::with_code(exit::USAGE, format!("bad ticket: {e}"))
+                })?;
+            let out = crate::pairing::pair_phone(peer, &ticket)
+                .await
+                .map_err(|e| match e {
+                    crate::pairing::PhonePairError::Unreachable(_) => {
+                        ApiError::with_code(exit::UNREACHABLE, e.to_string())
+                    }
+                    e => ApiError::new(e.to_string()),
+                })?;
+            Ok(json(&out))
+        }
+        Request::Revoke { id } => crate::pairing::revoke(peer, &id).await.map_err(err),
+        Request::Forget => crate::pairing::forget(peer).await.map_err(err),
         Request::DevicesAdd { id, addrs, name } => {
             let pid =
                 parse_peer_id(&id).map_err(|e| ApiError::with_code(exit::USAGE, e.to_string()))?;

@@ -15,6 +15,7 @@ pub mod control;
 pub mod gate;
 pub mod node;
 pub mod pair;
+pub mod pairing;
 pub mod peer;
 pub mod relay;
 pub mod replica;

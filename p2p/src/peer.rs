@@ -623,10 +623,14 @@ impl Peer {
             backoff: HashMap::new(),
         };
         let sup_task = tokio::spawn(sup.run(node_events, session_rx, internal_rx));
+        let mut tasks = vec![accept, sup_task, node_task];
+        if self.kind() == DeviceKind::Desktop {
+            tasks.push(crate::pairing::serve(self)?);
+        }
         *net = Some(Net {
             node,
             cancel,
-            tasks: vec![accept, sup_task, node_task],
+            tasks,
         });
         Ok(())
     }

@@ -241,6 +241,22 @@ impl Replica {
         Ok(genesis)
     }
 
+    /// Switches this home to `genesis` (a phone pairing with a desktop). The previous thread,
+    /// if any, stays in the store under its own document id but is no longer shown.
+    pub fn replace_thread(&self, genesis: ThreadGenesis) -> Result<(), ReplicaError> {
+        let mut s = self.lock();
+        if s.doc.as_ref().is_some_and(|d| d.genesis() == &genesis) {
+            return Ok(());
+        }
+        let loaded = s.store.load_doc(&genesis.doc_id())?;
+        let mut doc = ThreadDoc::load(loaded.parts(), &genesis, s.actor.clone())
+            .map_err(|e| ReplicaError::Load(Box::new(e)))?;
+        s.persist_new_doc(&mut doc)?;
+        s.doc = Some(doc);
+        s.sessions.clear();
+        Ok(())
+    }
+
     /// Adopts the thread of `peer`, a trusted desktop that owns it. A home that has a thread
     /// keeps it: a different thread is an error.
     pub async fn adopt(&self, genesis: ThreadGenesis) -> Result<(), ReplicaError> {

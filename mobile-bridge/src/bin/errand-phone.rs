@@ -32,6 +32,21 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Pair with a desktop: scan its QR code, or paste the `errand:` text it printed.
+    Pair {
+        /// The ticket text (starts with `errand:`).
+        ticket: String,
+        /// This phone's name, as the desktop shows it.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        net: NetArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget the paired desktop (to pair with another one).
+    Forget,
     /// Connect, sync until in sync or timed out, then exit (0 synced, 3 unreachable).
     Sync {
         #[command(flatten)]
@@ -165,6 +180,43 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             cli::init_logging("warn");
             sync(&home, &net, timeout).await
         }
+        Command::Pair {
+            ticket,
+            name,
+            net,
+            json,
+        } => {
+            cli::init_logging("warn");
+            let req = Request::PairWith { ticket };
+            let v = match cli::open(home.clone(), DeviceKind::Phone)? {
+                opened @ Opened::Daemon(_) => cli::execute(&opened, req).await?,
+                Opened::Local(peer) => {
+                    drop(peer);
+                    let peer = open_peer(&home, &net, name)?;
+                    peer.start()
+                        .await
+                        .map_err(|e| ApiError::new(e.to_string()))?;
+                    let out = errand_p2p::api::handle(&peer, req).await;
+                    peer.shutdown().await;
+                    out?
+                }
+            };
+            if json {
+                cli::print_json(&v);
+            } else {
+                println!(
+                    "paired with {} ({})",
+                    v["desktop_name"].as_str().unwrap_or(""),
+                    v["desktop_id"].as_str().unwrap_or("")
+                );
+            }
+            if v["synced"].as_bool() == Some(false) {
+                eprintln!(
+                    "warning: paired, but the first sync did not finish; run errand-phone sync"
+                );
+            }
+            Ok(())
+        }
         other => {
             cli::init_logging("warn");
             let opened = cli::open(home, DeviceKind::Phone)?;
@@ -263,8 +315,15 @@ async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Resul
 async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
     let act = |id: String, action: Action| Request::Act { id, action };
     match command {
-        Command::Daemon { .. } | Command::Sync { .. } => {
+        Command::Daemon { .. } | Command::Sync { .. } | Command::Pair { .. } => {
             Err(ApiError::with_code(exit::USAGE, "not a request"))
+        }
+        Command::Forget => {
+            let v = cli::execute(opened, Request::Forget).await?;
+            for id in v["forgotten"].as_array().into_iter().flatten() {
+                println!("forgot {}", id.as_str().unwrap_or(""));
+            }
+            Ok(())
         }
         Command::Send {
             text,
