@@ -22,9 +22,22 @@ pub struct NetArgs {
     /// Turn LAN discovery (mDNS) off.
     #[arg(long)]
     pub no_mdns: bool,
+    /// A relay to stay reachable through, e.g. /ip4/203.0.113.7/tcp/4001/p2p/12D3KooW…
+    /// (repeatable; remembered in the home). Phones also learn it from the pairing ticket.
+    #[arg(long = "relay", value_name = "MULTIADDR")]
+    pub relays: Vec<Multiaddr>,
+    /// Reach peers only through relay circuits: no direct dials, no mDNS, no hole punching.
+    /// For testing the relayed path.
+    #[arg(long)]
+    pub relay_only: bool,
 }
 
 impl NetArgs {
+    /// Applies the relay flags to a peer before it starts.
+    pub fn apply(&self, peer: &Peer) {
+        peer.set_relays(self.relays.clone(), self.relay_only);
+    }
+
     /// The listen addresses, with the default filled in.
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         if self.listen.is_empty() {

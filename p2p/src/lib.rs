@@ -18,6 +18,7 @@ pub mod pair;
 pub mod pairing;
 pub mod peer;
 pub mod relay;
+pub mod relay_client;
 pub mod replica;
 pub mod session;
 pub mod wire;

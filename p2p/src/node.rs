@@ -22,7 +22,10 @@ use libp2p::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::gate::{Gate, SharedGate};
+use crate::{
+    gate::{Gate, SharedGate},
+    relay_client::{RelayInfo, Relays, is_circuit},
+};
 
 /// Identify's protocol string, shared with the relay.
 pub const IDENTIFY_PROTOCOL: &str = "/errand/id/1.0.0";
@@ -48,11 +51,11 @@ const EVENT_CAPACITY: usize = 256;
 pub struct Behaviour {
     gate: Gate,
     relay_client: relay::client::Behaviour,
-    dcutr: dcutr::Behaviour,
+    dcutr: Toggle<dcutr::Behaviour>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
-    rendezvous: rendezvous::client::Behaviour,
+    pub(crate) rendezvous: rendezvous::client::Behaviour,
     stream: libp2p_stream::Behaviour,
 }
 
@@ -63,6 +66,13 @@ pub struct NodeConfig {
     pub listen: Vec<Multiaddr>,
     /// LAN discovery.
     pub mdns: bool,
+    /// Relays to keep a reservation on (each ending in `/p2p/<relay id>`).
+    pub relays: Vec<Multiaddr>,
+    /// Rendezvous namespace of this thread's devices (none before pairing).
+    pub namespace: Option<String>,
+    /// Only ever connect to peers through relay circuits: no direct dials, no mDNS, no DCUtR.
+    /// For testing the relayed path.
+    pub relay_only: bool,
 }
 
 /// What the node reports.
@@ -154,6 +164,15 @@ enum Command {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    RelayInfo {
+        reply: oneshot::Sender<(Vec<RelayInfo>, Vec<Multiaddr>)>,
+    },
+    AddRelay {
+        addr: Multiaddr,
+    },
+    SetNamespace {
+        namespace: String,
+    },
 }
 
 /// A cloneable handle to the node actor.
@@ -216,6 +235,27 @@ impl NodeHandle {
         self.call(|reply| Command::Connections { reply }).await
     }
 
+    /// Relay states, and the circuit addresses to put in a ticket.
+    pub async fn relay_info(&self) -> Result<(Vec<RelayInfo>, Vec<Multiaddr>), NodeError> {
+        self.call(|reply| Command::RelayInfo { reply }).await
+    }
+
+    /// Adds a relay (learned from a ticket) and reserves on it.
+    pub async fn add_relay(&self, addr: Multiaddr) -> Result<(), NodeError> {
+        self.tx
+            .send(Command::AddRelay { addr })
+            .await
+            .map_err(|_| NodeError::Gone)
+    }
+
+    /// Sets the rendezvous namespace (after pairing).
+    pub async fn set_namespace(&self, namespace: String) -> Result<(), NodeError> {
+        self.tx
+            .send(Command::SetNamespace { namespace })
+            .await
+            .map_err(|_| NodeError::Gone)
+    }
+
     /// Closes every connection and stops the node.
     pub async fn shutdown(&self) -> Result<(), NodeError> {
         self.call(|reply| Command::Shutdown { reply }).await
@@ -239,7 +279,13 @@ pub async fn spawn(
     ),
     NodeError,
 > {
-    let enable_mdns = config.mdns;
+    let enable_mdns = config.mdns && !config.relay_only;
+    let enable_dcutr = !config.relay_only;
+    let relays = Relays::new(&config.relays, config.namespace.clone());
+    if let Ok(mut g) = gate.write() {
+        g.infra.extend(relays.peers());
+    }
+    let gate_handle = gate.clone();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -265,7 +311,7 @@ pub async fn spawn(
             Ok(Behaviour {
                 gate: Gate::new(gate),
                 relay_client,
-                dcutr: dcutr::Behaviour::new(peer_id),
+                dcutr: Toggle::from(enable_dcutr.then(|| dcutr::Behaviour::new(peer_id))),
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
                         .with_agent_version(format!("errand/{}", env!("CARGO_PKG_VERSION"))),
@@ -327,6 +373,9 @@ pub async fn spawn(
         events: ev_tx,
         listen_addrs,
         conns: HashMap::new(),
+        relays,
+        relay_only: config.relay_only,
+        gate: gate_handle,
     };
     let task = tokio::spawn(actor.run());
     Ok((
@@ -346,10 +395,18 @@ struct NodeActor {
     events: mpsc::Sender<NodeEvent>,
     listen_addrs: Vec<Multiaddr>,
     conns: HashMap<PeerId, HashMap<ConnectionId, bool>>,
+    relays: Relays,
+    relay_only: bool,
+    gate: SharedGate,
 }
+
+/// How often the node does relay upkeep (reserve, register, discover). Cheap: most ticks
+/// do nothing.
+const RELAY_TICK: Duration = Duration::from_secs(1);
 
 impl NodeActor {
     async fn run(mut self) {
+        let mut relay_tick = tokio::time::interval(RELAY_TICK);
         loop {
             tokio::select! {
                 biased;
@@ -366,6 +423,7 @@ impl NodeActor {
                     }
                 },
                 ev = self.swarm.select_next_some() => self.on_event(ev).await,
+                _ = relay_tick.tick() => self.relays.tick(&mut self.swarm, true),
             }
         }
     }
@@ -387,7 +445,10 @@ impl NodeActor {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Dial { peer, addrs, reply } => {
+            Command::Dial { peer, mut addrs, reply } => {
+                if self.relay_only {
+                    addrs.retain(is_circuit);
+                }
                 let opts = DialOpts::peer_id(peer)
                     .condition(PeerCondition::DisconnectedAndNotDialing)
                     .addresses(addrs)
@@ -425,6 +486,21 @@ impl NodeActor {
                 let _ = reply.send(map);
             }
             Command::Shutdown { .. } => {}
+            Command::RelayInfo { reply } => {
+                let _ = reply.send((self.relays.info(), self.relays.ticket_addrs()));
+            }
+            Command::AddRelay { addr } => {
+                let mut current: Vec<Multiaddr> = self.relays.info().iter().filter_map(|i| i.addr.parse().ok()).collect();
+                if !current.contains(&addr) {
+                    current.push(addr);
+                    let ns = self.relays.namespace_string();
+                    self.relays = Relays::new(&current, ns);
+                    if let Ok(mut g) = self.gate.write() {
+                        g.infra.extend(self.relays.peers());
+                    }
+                }
+            }
+            Command::SetNamespace { namespace } => self.relays.set_namespace(namespace),
         }
     }
 
@@ -469,6 +545,9 @@ impl NodeActor {
                     }
                 }
                 if num_established == 0 {
+                    if self.relays.is_relay(&peer_id) {
+                        self.relays.on_disconnected(peer_id);
+                    }
                     self.emit(NodeEvent::Disconnected { peer: peer_id }).await;
                 }
             }
@@ -481,6 +560,52 @@ impl NodeActor {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
             }
+            SwarmEvent::ListenerClosed { listener_id, .. } => {
+                self.relays.on_listener_closed(listener_id);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+            )) => {
+                self.relays.on_reservation(relay_peer_id, &mut self.swarm);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Rendezvous(rendezvous::client::Event::Discovered {
+                rendezvous_node,
+                registrations,
+                cookie,
+            })) => {
+                let me = *self.swarm.local_peer_id();
+                let found = self.relays.on_discovered(rendezvous_node, registrations, cookie);
+                for (peer, addrs) in found {
+                    if peer == me {
+                        continue;
+                    }
+                    for addr in addrs {
+                        if self.relay_only && !is_circuit(&addr) {
+                            continue;
+                        }
+                        self.emit(NodeEvent::Discovered { peer, addr }).await;
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Rendezvous(ev)) => {
+                tracing::debug!(?ev, "rendezvous");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
+                Ok(_) => {
+                    // Both connections stay open after a hole punch, and streams would land on
+                    // either at random: close the relayed ones (dependency notes, 1.3).
+                    let relayed: Vec<ConnectionId> = self
+                        .conns
+                        .get(&remote_peer_id)
+                        .map(|cs| cs.iter().filter(|(_, r)| **r).map(|(id, _)| *id).collect())
+                        .unwrap_or_default();
+                    tracing::info!(peer = %remote_peer_id, closing = relayed.len(), "hole punch succeeded; moving to the direct connection");
+                    for id in relayed {
+                        self.swarm.close_connection(id);
+                    }
+                }
+                Err(e) => tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying on the relay"),
+            },
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 tracing::debug!(%error, "incoming connection refused");
             }

@@ -30,6 +30,8 @@ pub const MAX_TRIES: u32 = 5;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10 * 60);
 /// Addresses put in a ticket: the QR must stay small; the phone learns more by identify.
 const MAX_TICKET_ADDRS: usize = 3;
+/// Dial attempts before pairing gives up on the ticket's addresses.
+const PAIR_DIAL_ATTEMPTS: u32 = 3;
 /// How long the phone waits for its first full sync after the handshake.
 pub const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -104,8 +106,16 @@ pub async fn create_ticket(peer: &Peer, ttl: Duration) -> Result<Ticket, PeerErr
     // Routable addresses first, loopback last.
     addrs.sort_by_key(is_loopback);
     addrs.dedup();
-    let mut texts: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    texts.truncate(MAX_TICKET_ADDRS);
+    let (_, circuits) = node.relay_info().await?;
+    let relay_only = peer.relay_only();
+    let mut texts: Vec<String> = if relay_only {
+        Vec::new()
+    } else {
+        addrs.iter().take(MAX_TICKET_ADDRS).map(ToString::to_string).collect()
+    };
+    // Relay circuit addresses too, so a phone elsewhere can pair through the relay.
+    texts.extend(circuits.iter().map(ToString::to_string));
+    texts.truncate(errand_core::ticket::MAX_TICKET_ADDRS);
     let now = now_ms();
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
     let ticket = Ticket::new(peer.device_id(), texts, ttl_ms, now);
@@ -335,6 +345,14 @@ pub async fn pair_phone(peer: &Peer, ticket: &Ticket) -> Result<PairOutcome, Pho
         .into());
     }
     let node = peer.node().ok_or(PeerError::NotStarted)?;
+    // Relays named in the ticket: remember them and let them through the gate.
+    for a in ticket.addrs() {
+        if let Some(relay) = a.strip_suffix("/p2p-circuit").and_then(|r| r.parse::<Multiaddr>().ok())
+            && crate::relay_client::relay_peer(&relay).is_some()
+        {
+            peer.add_relay(relay).await?;
+        }
+    }
     // Let the desktop through our gate for the handshake only.
     if let Ok(mut g) = peer.gate().write() {
         g.infra.insert(desktop);
@@ -357,17 +375,27 @@ async fn pair_inner(
         .iter()
         .filter_map(|a| a.parse().ok())
         .collect();
-    node.dial(desktop, addrs)
-        .await
-        .map_err(|e| PhonePairError::Unreachable(e.to_string()))?;
     let mut control = node.control();
-    let mut stream = tokio::time::timeout(
-        pair::STEP_TIMEOUT * 2,
-        control.open_stream(desktop, PAIR_PROTOCOL),
-    )
-    .await
-    .map_err(|_| PhonePairError::Unreachable("timed out".into()))?
-    .map_err(|e| PhonePairError::Unreachable(e.to_string()))?;
+    // A circuit dial can lose a race with the relay connection it needs: retry a few times.
+    let mut attempt = 0u32;
+    let mut stream = loop {
+        attempt += 1;
+        node.dial(desktop, addrs.clone())
+            .await
+            .map_err(|e| PhonePairError::Unreachable(e.to_string()))?;
+        let opened =
+            tokio::time::timeout(pair::STEP_TIMEOUT, control.open_stream(desktop, PAIR_PROTOCOL)).await;
+        match opened {
+            Ok(Ok(stream)) => break stream,
+            Ok(Err(e)) if attempt >= PAIR_DIAL_ATTEMPTS => {
+                return Err(PhonePairError::Unreachable(e.to_string()));
+            }
+            Err(_) if attempt >= PAIR_DIAL_ATTEMPTS => {
+                return Err(PhonePairError::Unreachable("timed out".into()));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(300 * u64::from(attempt))).await,
+        }
+    };
     let me = peer.device_info();
     let hello = PhoneHello {
         name: me.name,
@@ -414,6 +442,7 @@ async fn pair_inner(
     .await?;
     drop(stream);
     // Trust is durable; open the gate for good and sync.
+    let _ = peer.refresh_namespace().await;
     let mut events = peer.events();
     if let Ok(mut g) = peer.gate().write() {
         g.trusted.insert(desktop);

@@ -33,6 +33,8 @@ use crate::{
 const META_IDENTITY: &str = "identity";
 /// Store key of this device's name.
 const META_NAME: &str = "name";
+/// Store key of the relays this home uses (JSON list of multiaddrs).
+const META_RELAYS: &str = "relays";
 
 /// First redial delay after a disconnect or failed dial.
 const BACKOFF_START: Duration = Duration::from_secs(1);
@@ -199,6 +201,7 @@ struct Inner {
     events: broadcast::Sender<PeerEvent>,
     net: tokio::sync::Mutex<Option<Net>>,
     node: RwLock<Option<NodeHandle>>,
+    relay_opts: Mutex<(Vec<Multiaddr>, bool)>,
     live: Mutex<HashMap<PeerId, Live>>,
     traffic: Mutex<HashMap<PeerId, Arc<Traffic>>>,
 }
@@ -313,10 +316,93 @@ impl Peer {
                 events: broadcast::channel(EVENT_CAPACITY).0,
                 net: tokio::sync::Mutex::new(None),
                 node: RwLock::new(None),
+                relay_opts: Mutex::new((Vec::new(), false)),
                 live: Mutex::new(HashMap::new()),
                 traffic: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Sets relays to use (remembered in the home) and whether to use *only* relay circuits
+    /// (no direct dials, mDNS or DCUtR: for testing the relayed path). Call before [`Peer::start`].
+    pub fn set_relays(&self, relays: Vec<Multiaddr>, relay_only: bool) {
+        if let Ok(mut o) = self.inner.relay_opts.lock() {
+            *o = (relays, relay_only);
+        }
+    }
+
+    /// The relays this home remembers, plus those set for this run.
+    async fn relays(&self) -> Result<(Vec<Multiaddr>, bool), PeerError> {
+        let (mut relays, relay_only) = self
+            .inner
+            .relay_opts
+            .lock()
+            .map(|o| o.clone())
+            .unwrap_or_default();
+        let stored: Vec<String> = self
+            .inner
+            .replica
+            .store_blocking(|s| s.meta_json::<Vec<String>>(META_RELAYS))
+            .await??
+            .unwrap_or_default();
+        for a in stored.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+            if !relays.contains(&a) {
+                relays.push(a);
+            }
+        }
+        let all: Vec<String> = relays.iter().map(ToString::to_string).collect();
+        if all != stored {
+            self.inner
+                .replica
+                .store_blocking(move |s| s.write(|t| t.put_meta_json(META_RELAYS, &all)))
+                .await??;
+        }
+        Ok((relays, relay_only))
+    }
+
+    /// Remembers a relay (learned from a ticket) and starts using it.
+    pub async fn add_relay(&self, addr: Multiaddr) -> Result<(), PeerError> {
+        if let Ok(mut o) = self.inner.relay_opts.lock()
+            && !o.0.contains(&addr)
+        {
+            o.0.push(addr.clone());
+        }
+        self.relays().await?;
+        if let Some(node) = self.node() {
+            node.add_relay(addr).await?;
+        }
+        Ok(())
+    }
+
+    /// The rendezvous namespace, when this home has a discovery secret (desktops create one).
+    async fn namespace(&self) -> Result<Option<String>, PeerError> {
+        let desktop = self.kind() == DeviceKind::Desktop;
+        let secret = self
+            .inner
+            .replica
+            .store_blocking(move |s| {
+                if desktop {
+                    crate::pairing::discovery_secret(s).map(Some)
+                } else {
+                    s.meta(crate::pairing::META_DISCOVERY)
+                        .map(|o| o.and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok()))
+                }
+            })
+            .await??;
+        Ok(secret.as_ref().map(crate::relay_client::namespace))
+    }
+
+    /// Re-reads the discovery secret and tells the node (after pairing or a rotation).
+    pub async fn refresh_namespace(&self) -> Result<(), PeerError> {
+        if let (Some(node), Some(ns)) = (self.node(), self.namespace().await?) {
+            node.set_namespace(ns).await?;
+        }
+        Ok(())
+    }
+
+    /// True when this peer only uses relay circuits.
+    pub fn relay_only(&self) -> bool {
+        self.inner.relay_opts.lock().map(|o| o.1).unwrap_or(false)
     }
 
     /// Our PeerId.
@@ -516,6 +602,15 @@ impl Peer {
             None => Vec::new(),
         };
         let running = self.node().is_some();
+        let relay = match self.node() {
+            Some(n) => n
+                .relay_info()
+                .await
+                .ok()
+                .and_then(|(info, _)| info.into_iter().next())
+                .and_then(|i| serde_json::to_value(i).ok()),
+            None => None,
+        };
         let live = self.inner.live.lock().map(|l| {
             l.iter()
                 .map(|(p, v)| (*p, (v.connected, v.relayed, v.in_sync)))
@@ -559,7 +654,7 @@ impl Peer {
                 .map(|g| g.thread_id.to_string()),
             listen_addrs: listen_addrs.iter().map(ToString::to_string).collect(),
             peers,
-            relay: None,
+            relay,
             running,
         })
     }
@@ -572,12 +667,17 @@ impl Peer {
         if net.is_some() {
             return Ok(());
         }
+        let (relays, relay_only) = self.relays().await?;
+        let namespace = self.namespace().await?;
         let (node, node_events, node_task) = node::spawn(
             self.inner.keypair.clone(),
             self.inner.gate.clone(),
             NodeConfig {
                 listen: self.inner.config.listen.clone(),
                 mdns: self.inner.config.mdns,
+                relays,
+                namespace,
+                relay_only,
             },
         )
         .await?;
