@@ -119,8 +119,14 @@ pub fn serve(home: &Path, handler: Handler) -> std::io::Result<tokio::task::Join
     let owner = owner_uid(home);
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             // Only the home's owner may talk to its daemon.
             let uid = stream.peer_cred().ok().map(|c| c.uid());
