@@ -15,11 +15,15 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use errand_core::DeviceKind;
+use errand_crdt::NewTask;
+use errand_p2p::peer::{Peer, PeerConfig, now_ms};
 
 /// Generous deadline for things that take milliseconds on a quiet machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
-fn target_dir() -> PathBuf {
+/// The cargo target directory (`CARGO_TARGET_DIR`, else the workspace's `target/`).
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
@@ -135,6 +139,11 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Kills it with SIGKILL and reaps it.
@@ -255,8 +264,18 @@ impl Home {
 
     /// Starts its daemon on loopback with mDNS off; returns it and its listen address.
     pub fn start(&self, extra: &[&str]) -> Result<(Daemon, String)> {
-        let sub = if self.bin == "errand-desktop" { "run" } else { "daemon" };
-        let mut args = self.args(&[sub, "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]);
+        self.start_at("/ip4/127.0.0.1/tcp/0", extra)
+    }
+
+    /// Starts its daemon listening on `listen` (for example the address of its previous run,
+    /// so peers that remember it can redial), with mDNS off; returns it and its address.
+    pub fn start_at(&self, listen: &str, extra: &[&str]) -> Result<(Daemon, String)> {
+        let sub = if self.bin == "errand-desktop" {
+            "run"
+        } else {
+            "daemon"
+        };
+        let mut args = self.args(&[sub, "--listen", listen, "--no-mdns"]);
         args.extend_from_slice(extra);
         let log_dir = self.dir.parent().unwrap_or(Path::new("/tmp")).to_owned();
         std::fs::create_dir_all(&log_dir)?;
@@ -291,7 +310,10 @@ pub fn trust_pair(desktop: &Home, phone: &Home, desktop_addr: Option<&str>) -> R
     let p = phone.peer_id()?;
     let out = desktop.run(&["devices", "add", &p])?;
     if !out.status.success() {
-        bail!("desktop devices add: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "desktop devices add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let mut args = vec!["devices", "add", d.as_str()];
     if let Some(a) = desktop_addr {
@@ -299,9 +321,65 @@ pub fn trust_pair(desktop: &Home, phone: &Home, desktop_addr: Option<&str>) -> R
     }
     let out = phone.run(&args)?;
     if !out.status.success() {
-        bail!("phone devices add: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "phone devices add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
+}
+
+/// Tasks per commit in [`fill_tasks`]: one Automerge change per task as usual, but one
+/// store write and one change scan per batch, so filling stays linear in the task count.
+const FILL_BATCH: usize = 250;
+
+/// Fills a home (which no process holds) with `count` tasks in-process and returns their ids.
+///
+/// Same document shape as `errand-fixture` (one change per task, target = the thread's
+/// desktop, executor `shell`), but batched: the fixture pays a whole-thread diff and a store
+/// write per task, which makes 5,000 tasks take minutes on a slow machine.
+pub fn fill_tasks(home: &Path, kind: DeviceKind, count: usize, text: &str) -> Result<Vec<String>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let peer = Peer::open(PeerConfig {
+            home: home.to_owned(),
+            kind,
+            name: None,
+            listen: Vec::new(),
+            mdns: false,
+        })?;
+        let target = peer.replica().read(|d| d.genesis().owner.clone()).await?;
+        let mut ids = Vec::with_capacity(count);
+        let mut next = 0;
+        while next < count {
+            let end = (next + FILL_BATCH).min(count);
+            let (target, text) = (target.clone(), text.to_owned());
+            let (batch, _) = peer
+                .replica()
+                .commit(move |d| {
+                    (next..end)
+                        .map(|i| {
+                            d.enqueue_task(
+                                &NewTask {
+                                    instruction: format!("{text} {i}"),
+                                    executor: "shell".into(),
+                                    target: target.clone(),
+                                    not_after: None,
+                                },
+                                now_ms(),
+                            )
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await?;
+            ids.extend(batch.iter().map(ToString::to_string));
+            next = end;
+        }
+        peer.shutdown().await;
+        Ok(ids)
+    })
 }
 
 /// True when running as root (network-namespace tests need it).

@@ -46,7 +46,11 @@ enum Command {
         json: bool,
     },
     /// Forget the paired desktop (to pair with another one).
-    Forget,
+    Forget {
+        /// Print `{forgotten: [ids]}` as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Connect, sync until in sync or timed out, then exit (0 synced, 3 unreachable).
     Sync {
         #[command(flatten)]
@@ -90,28 +94,40 @@ enum Command {
     Approve {
         /// Task id.
         id: String,
+        /// Print `{task_id, requested}` as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Deny a task that waits for approval.
     Deny {
         /// Task id.
         id: String,
+        /// Print `{task_id, requested}` as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Cancel a task (stops it, or keeps it from starting).
     Cancel {
         /// Task id.
         id: String,
+        /// Print `{task_id, requested}` as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Run an ended task again.
     Retry {
         /// Task id.
         id: String,
+        /// Print `{task_id, requested}` as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List the trusted desktop, or add one by hand.
     Devices {
         #[command(subcommand)]
         action: Option<DevicesCommand>,
-        /// Print JSON.
-        #[arg(long)]
+        /// Print JSON (also after `add`).
+        #[arg(long, global = true)]
         json: bool,
     },
 }
@@ -156,6 +172,7 @@ fn open_peer(
         }
         e => ApiError::new(e.to_string()),
     })
+    .inspect(|p| net.apply(p))
 }
 
 async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
@@ -312,16 +329,28 @@ async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Resul
     }
 }
 
+/// `approve|deny|cancel|retry ID`: appends the request; `--json` prints `{task_id, requested}`.
+async fn act(opened: &Opened, id: String, action: Action, json: bool) -> Result<(), ApiError> {
+    let v = cli::execute(opened, Request::Act { id, action }).await?;
+    if json {
+        cli::print_json(&v);
+    }
+    Ok(())
+}
+
 async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
-    let act = |id: String, action: Action| Request::Act { id, action };
     match command {
         Command::Daemon { .. } | Command::Sync { .. } | Command::Pair { .. } => {
             Err(ApiError::with_code(exit::USAGE, "not a request"))
         }
-        Command::Forget => {
+        Command::Forget { json } => {
             let v = cli::execute(opened, Request::Forget).await?;
-            for id in v["forgotten"].as_array().into_iter().flatten() {
-                println!("forgot {}", id.as_str().unwrap_or(""));
+            if json {
+                cli::print_json(&v);
+            } else {
+                for id in v["forgotten"].as_array().into_iter().flatten() {
+                    println!("forgot {}", id.as_str().unwrap_or(""));
+                }
             }
             Ok(())
         }
@@ -386,18 +415,10 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
             }
             Ok(())
         }
-        Command::Approve { id } => cli::execute(opened, act(id, Action::Approve))
-            .await
-            .map(|_| ()),
-        Command::Deny { id } => cli::execute(opened, act(id, Action::Deny))
-            .await
-            .map(|_| ()),
-        Command::Cancel { id } => cli::execute(opened, act(id, Action::Cancel))
-            .await
-            .map(|_| ()),
-        Command::Retry { id } => cli::execute(opened, act(id, Action::Retry))
-            .await
-            .map(|_| ()),
+        Command::Approve { id, json } => act(opened, id, Action::Approve, json).await,
+        Command::Deny { id, json } => act(opened, id, Action::Deny, json).await,
+        Command::Cancel { id, json } => act(opened, id, Action::Cancel, json).await,
+        Command::Retry { id, json } => act(opened, id, Action::Retry, json).await,
         Command::Devices { action: None, json } => {
             let v = cli::execute(opened, Request::Devices).await?;
             if json {
