@@ -1,14 +1,20 @@
 //! `errand-desktop`: the desktop daemon and its CLI.
 
-use std::{path::PathBuf, process::ExitCode};
+mod demo;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use errand_core::DeviceKind;
+use errand_desktop::{
+    config::{self, Overrides, Settings},
+    runner::Runner,
+};
 use errand_p2p::{
     api::{Request, exit},
     cli::{self, NetArgs, Opened},
     control::ApiError,
-    peer::{Peer, PeerConfig},
+    peer::{Peer, PeerConfig, now_ms},
 };
 
 /// Errand on your desktop: runs the tasks your phone sends.
@@ -31,6 +37,20 @@ enum Command {
         /// This desktop's name, as phones show it.
         #[arg(long)]
         name: Option<String>,
+        #[command(flatten)]
+        overrides: Overrides,
+        /// Sync the thread but run no tasks: they stay queued until a run without this flag.
+        #[arg(long)]
+        sync_only: bool,
+    },
+    /// A one-command tour: a desktop and a phone in this process pair, queue three tasks
+    /// offline, reconnect, and run them.
+    Demo(demo::DemoArgs),
+    /// Show the configuration in effect (file, then defaults), or where the file is.
+    Config {
+        /// Print only the config file's path.
+        #[arg(long)]
+        path: bool,
     },
     /// Show a pairing QR code for a phone to scan (and its text form).
     Pair {
@@ -70,6 +90,9 @@ enum Command {
         /// Executor to run it with (default: the first configured).
         #[arg(long)]
         executor: Option<String>,
+        /// Cancel the task instead of running it if it has not started within this long (e.g. 10m).
+        #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
+        expires_in: Option<Duration>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -120,9 +143,23 @@ async fn main() -> ExitCode {
 
 async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
     match command {
-        Command::Run { net, name } => {
+        Command::Run {
+            net,
+            name,
+            overrides,
+            sync_only,
+        } => {
             cli::init_logging("info");
-            daemon(home, net, name).await
+            let settings = load_settings(&home, &overrides)?;
+            daemon(home, net, name, settings, !sync_only).await
+        }
+        Command::Config { path } => show_config(&home, path),
+        Command::Demo(args) => {
+            // The tour prints its own story; connection churn at its end is not news.
+            cli::init_logging("error");
+            demo::run(args)
+                .await
+                .map_err(|e| ApiError::new(format!("{e:#}")))
         }
         Command::Pair {
             ttl,
@@ -148,7 +185,7 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
 
 async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiError> {
     match command {
-        Command::Run { .. } | Command::Pair { .. } => {
+        Command::Run { .. } | Command::Pair { .. } | Command::Config { .. } | Command::Demo(_) => {
             Err(ApiError::with_code(exit::USAGE, "not a request"))
         }
         Command::Devices {
@@ -228,14 +265,16 @@ async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiErr
         Command::Send {
             text,
             executor,
+            expires_in,
             json,
         } => {
+            let not_after = expires_in.map(|d| now_ms().saturating_add(d.as_millis() as i64));
             let v = cli::execute(
                 opened,
                 Request::Send {
                     text,
                     executor,
-                    not_after: None,
+                    not_after,
                 },
             )
             .await?;
@@ -280,7 +319,35 @@ async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiErr
     }
 }
 
-async fn daemon(home: PathBuf, net: NetArgs, name: Option<String>) -> Result<(), ApiError> {
+/// `config`: the file's path, or the settings in effect.
+fn show_config(home: &std::path::Path, path_only: bool) -> Result<(), ApiError> {
+    let path = config::config_path(home);
+    if path_only {
+        println!("{}", path.display());
+        return Ok(());
+    }
+    let settings = load_settings(home, &Overrides::default())?;
+    if path.exists() {
+        println!("# from {} and the defaults", path.display());
+    } else {
+        println!("# defaults ({} does not exist)", path.display());
+    }
+    print!("{settings}");
+    Ok(())
+}
+
+fn load_settings(home: &std::path::Path, overrides: &Overrides) -> Result<Settings, ApiError> {
+    Settings::load(home, overrides).map_err(|e| ApiError::new(e.to_string()))
+}
+
+/// `run`: the daemon. Unless `run_tasks` is false (`--sync-only`), it runs this desktop's tasks.
+async fn daemon(
+    home: PathBuf,
+    net: NetArgs,
+    name: Option<String>,
+    settings: Settings,
+    run_tasks: bool,
+) -> Result<(), ApiError> {
     let peer = Peer::open(PeerConfig {
         home: home.clone(),
         kind: DeviceKind::Desktop,
@@ -297,9 +364,21 @@ async fn daemon(home: PathBuf, net: NetArgs, name: Option<String>) -> Result<(),
         }
         e => ApiError::new(e.to_string()),
     })?;
-    peer.publish_self(vec!["shell".into()])
+    if let Err(e) = config::write_template_if_missing(&home) {
+        tracing::warn!(error = %e, "could not write a config template");
+    }
+    peer.publish_self(settings.executor_names())
         .await
         .map_err(|e| ApiError::new(e.to_string()))?;
+    let workspace = settings.workspace.clone();
+    let runner = if run_tasks {
+        let runner = Runner::start(peer.clone(), settings)
+            .await
+            .map_err(|e| ApiError::new(e.to_string()))?;
+        Some(runner)
+    } else {
+        None
+    };
     peer.start()
         .await
         .map_err(|e| ApiError::new(e.to_string()))?;
@@ -313,13 +392,47 @@ async fn daemon(home: PathBuf, net: NetArgs, name: Option<String>) -> Result<(),
     for a in &status.listen_addrs {
         println!("listening on {a}/p2p/{}", status.peer_id);
     }
+    if runner.is_some() {
+        println!("workspace {}", workspace.display());
+    } else {
+        println!("sync only: tasks stay queued");
+    }
+    println!("config {}", config::config_path(&home).display());
+    if status.peers.is_empty() {
+        first_run_pairing(&peer).await;
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
     cli::shutdown_signal().await;
     tracing::info!("shutting down");
     control.abort();
+    if let Some(runner) = runner {
+        runner.shutdown().await;
+    }
     peer.shutdown().await;
     Ok(())
+}
+
+/// First run with nothing paired: show the pairing QR right away when a person is watching
+/// the terminal; otherwise say how to get one (a ticket opens the pairing window, so none is
+/// issued for nobody to scan).
+async fn first_run_pairing(peer: &Peer) {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        println!("no phone paired yet: run `errand-desktop pair` to show a pairing code");
+        return;
+    }
+    match errand_p2p::pairing::create_ticket(peer, errand_p2p::pairing::DEFAULT_TTL).await {
+        Ok(ticket) => {
+            let text = ticket.to_string();
+            if let Ok(qr) = errand_desktop::qr::render_unicode(&text) {
+                println!("{qr}");
+            }
+            println!("No phone is paired yet. Scan this with Errand on your phone, or run there:\n");
+            println!("  errand-phone pair {text}\n");
+        }
+        Err(e) => tracing::warn!(error = %e, "could not issue a pairing ticket"),
+    }
 }
 
 /// `pair`: through the daemon when one runs, else with this process's own network until a

@@ -87,9 +87,7 @@ impl From<ReplicaError> for ErrandError {
             ReplicaError::Write(WriteError::Automerge(_)) => Self::Internal { msg },
             ReplicaError::Write(_) => Self::InvalidInput { msg },
             ReplicaError::Store(_) | ReplicaError::Load(_) => Self::Storage { msg },
-            ReplicaError::Sync(_) | ReplicaError::ThreadMismatch { .. } | ReplicaError::Join(_) => {
-                Self::Internal { msg }
-            }
+            _ => Self::Internal { msg },
         }
     }
 }

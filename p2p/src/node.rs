@@ -38,6 +38,9 @@ const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// connection open; this only reaps connections nothing uses (dependency notes, 1.6).
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Peers whose identify-reported addresses are kept for dials by PeerId (libp2p's default).
+const IDENTIFY_CACHE_SIZE: usize = 100;
+
 /// Commands queued to the node. Callers wait when it is busy rather than pile up work.
 const COMMAND_CAPACITY: usize = 64;
 
@@ -281,6 +284,7 @@ pub async fn spawn(
 > {
     let enable_mdns = config.mdns && !config.relay_only;
     let enable_dcutr = !config.relay_only;
+    let relay_only = config.relay_only;
     let relays = Relays::new(&config.relays, config.namespace.clone());
     if let Ok(mut g) = gate.write() {
         g.infra.extend(relays.peers());
@@ -314,7 +318,11 @@ pub async fn spawn(
                 dcutr: Toggle::from(enable_dcutr.then(|| dcutr::Behaviour::new(peer_id))),
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                        .with_agent_version(format!("errand/{}", env!("CARGO_PKG_VERSION"))),
+                        .with_agent_version(format!("errand/{}", env!("CARGO_PKG_VERSION")))
+                        // Identify hands the listen addresses it learned to any dial by PeerId
+                        // alone, such as libp2p-stream's `open_stream` on a peer that just
+                        // disconnected: relay-only would quietly dial direct. No cache then.
+                        .with_cache_size(if relay_only { 0 } else { IDENTIFY_CACHE_SIZE }),
                 ),
                 ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_INTERVAL)),
                 mdns: Toggle::from(mdns),
@@ -376,6 +384,7 @@ pub async fn spawn(
         relays,
         relay_only: config.relay_only,
         gate: gate_handle,
+        superseded: Vec::new(),
     };
     let task = tokio::spawn(actor.run());
     Ok((
@@ -398,7 +407,15 @@ struct NodeActor {
     relays: Relays,
     relay_only: bool,
     gate: SharedGate,
+    /// Relayed connections a hole punch replaced, closed once their grace ends.
+    superseded: Vec<(ConnectionId, tokio::time::Instant)>,
 }
+
+/// How long a relayed connection outlives a hole punch while a pairing may be running on it
+/// (the peer is not trusted yet, or our pairing window is open): closing it at once cuts the
+/// handshake after the desktop consumed the ticket but before the phone got its welcome. One
+/// handshake step's timeout covers the rest of a healthy handshake.
+const PAIRING_GRACE: Duration = crate::pair::STEP_TIMEOUT;
 
 /// How often the node does relay upkeep (reserve, register, discover). Cheap: most ticks
 /// do nothing.
@@ -423,9 +440,25 @@ impl NodeActor {
                     }
                 },
                 ev = self.swarm.select_next_some() => self.on_event(ev).await,
-                _ = relay_tick.tick() => self.relays.tick(&mut self.swarm, true),
+                _ = relay_tick.tick() => {
+                    self.relays.tick(&mut self.swarm, true);
+                    self.close_superseded();
+                }
             }
         }
+    }
+
+    /// Closes the superseded relayed connections whose grace has ended.
+    fn close_superseded(&mut self) {
+        let now = tokio::time::Instant::now();
+        let swarm = &mut self.swarm;
+        self.superseded.retain(|(id, due)| {
+            if *due > now {
+                return true;
+            }
+            swarm.close_connection(*id);
+            false
+        });
     }
 
     /// Closes every connection and gives the swarm a moment to send the closes.
@@ -490,14 +523,10 @@ impl NodeActor {
                 let _ = reply.send((self.relays.info(), self.relays.ticket_addrs()));
             }
             Command::AddRelay { addr } => {
-                let mut current: Vec<Multiaddr> = self.relays.info().iter().filter_map(|i| i.addr.parse().ok()).collect();
-                if !current.contains(&addr) {
-                    current.push(addr);
-                    let ns = self.relays.namespace_string();
-                    self.relays = Relays::new(&current, ns);
-                    if let Ok(mut g) = self.gate.write() {
-                        g.infra.extend(self.relays.peers());
-                    }
+                if self.relays.add(&addr)
+                    && let Ok(mut g) = self.gate.write()
+                {
+                    g.infra.extend(self.relays.peers());
                 }
             }
             Command::SetNamespace { namespace } => self.relays.set_namespace(namespace),
@@ -517,12 +546,17 @@ impl NodeActor {
                 ..
             } => {
                 let addr = endpoint.get_remote_address().clone();
-                let relayed = is_relayed(&addr);
+                // Not `is_relayed(&addr)`: an inbound circuit's remote address is just
+                // `/p2p/<peer>`; only its local (listen) address names the circuit.
+                let relayed = endpoint.is_relayed();
                 tracing::debug!(peer = %peer_id, %addr, relayed, "connected");
                 self.conns
                     .entry(peer_id)
                     .or_default()
                     .insert(connection_id, relayed);
+                if self.relays.is_relay(&peer_id) {
+                    self.relays.on_connected(peer_id);
+                }
                 self.emit(NodeEvent::Connected {
                     peer: peer_id,
                     relayed,
@@ -560,8 +594,14 @@ impl NodeActor {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
             }
-            SwarmEvent::ListenerClosed { listener_id, .. } => {
-                self.relays.on_listener_closed(listener_id);
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                let error = reason.err().map(|e| e.to_string());
+                self.relays
+                    .on_listener_closed(listener_id, error.as_deref());
             }
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
                 relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
@@ -599,9 +639,20 @@ impl NodeActor {
                         .get(&remote_peer_id)
                         .map(|cs| cs.iter().filter(|(_, r)| **r).map(|(id, _)| *id).collect())
                         .unwrap_or_default();
-                    tracing::info!(peer = %remote_peer_id, closing = relayed.len(), "hole punch succeeded; moving to the direct connection");
-                    for id in relayed {
-                        self.swarm.close_connection(id);
+                    let pairing = self.gate.read().is_ok_and(|g| {
+                        !g.trusted.contains(&remote_peer_id)
+                            || g.pairing_open_until
+                                .is_some_and(|t| t > std::time::Instant::now())
+                    });
+                    tracing::info!(peer = %remote_peer_id, closing = relayed.len(), pairing, "hole punch succeeded; moving to the direct connection");
+                    if pairing {
+                        let due = tokio::time::Instant::now() + PAIRING_GRACE;
+                        self.superseded
+                            .extend(relayed.into_iter().map(|id| (id, due)));
+                    } else {
+                        for id in relayed {
+                            self.swarm.close_connection(id);
+                        }
                     }
                 }
                 Err(e) => tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying on the relay"),

@@ -1,8 +1,14 @@
 //! Pairing, wired to the store and the network: tickets in redb (single use, expiring, dead
 //! after 5 wrong tries, secret wiped when spent), the desktop's `/errand/pair/1` responder,
 //! the phone's side, revocation and forgetting.
+//!
+//! - The desktop's gate lets unknown peers connect (to pair, nothing else) exactly while some
+//!   ticket in the store is live: [`refresh_window`] recomputes that window from the store when
+//!   a ticket is issued, used, expires or dies, and when the responder starts after a restart.
+//! - Checking a ticket and spending it (used, or one more wrong try) happen in one redb write
+//!   transaction, so two handshakes racing on one ticket cannot both succeed or lose a try.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use errand_core::{
     DeviceId, DeviceKind, EventKind, TaskStatus, Ticket, fold,
@@ -11,7 +17,7 @@ use errand_core::{
 use errand_crdt::{Store, StoreError, ThreadGenesis, TrustedPeer};
 use futures::StreamExt;
 use libp2p::{Multiaddr, PeerId, multiaddr::Protocol};
-use redb::TableDefinition;
+use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -73,6 +79,93 @@ fn save_ticket(store: &Store, id: &TicketId, t: &StoredTicket) -> Result<(), Sto
     })
 }
 
+/// Applies `f` to a stored ticket inside one write transaction, so the read and the update
+/// cannot interleave with another handshake's. `f` returns whether to store its change.
+/// Returns `f`'s view of the ticket, or `None` for an unknown id.
+fn update_ticket(
+    store: &Store,
+    id: &TicketId,
+    f: impl FnOnce(&mut StoredTicket) -> bool,
+) -> Result<Option<StoredTicket>, StoreError> {
+    store.write(|tx| {
+        let mut table = tx.table(TICKETS)?;
+        let current: Option<StoredTicket> = table
+            .get(id.as_bytes().as_slice())?
+            .and_then(|v| serde_json::from_slice(v.value()).ok());
+        let Some(mut t) = current else {
+            return Ok(None);
+        };
+        if f(&mut t) {
+            let bytes = serde_json::to_vec(&t).unwrap_or_default();
+            table.insert(id.as_bytes().as_slice(), bytes.as_slice())?;
+        }
+        Ok(Some(t))
+    })
+}
+
+/// The latest expiry (UTC ms) of a ticket that is live at `now`, if any.
+fn latest_live_expiry(store: &Store, now: i64) -> Option<i64> {
+    store
+        .read_table(TICKETS, |t| {
+            let mut latest = None;
+            for row in t.iter()? {
+                let (_, v) = row?;
+                if let Ok(st) = serde_json::from_slice::<StoredTicket>(v.value())
+                    && st.state == TicketState::Live
+                    && st.expires_at > now
+                {
+                    latest = latest.max(Some(st.expires_at));
+                }
+            }
+            Ok(latest)
+        })
+        .ok()
+        .flatten()
+        .flatten()
+}
+
+/// Drops tickets whose expiry has passed, whatever their state: an unknown id is refused just
+/// like a used or expired one, and this keeps the table as small as the open tickets.
+fn prune_tickets(store: &Store, now: i64) -> Result<(), StoreError> {
+    let stale: Vec<Vec<u8>> = store
+        .read_table(TICKETS, |t| {
+            let mut out = Vec::new();
+            for row in t.iter()? {
+                let (k, v) = row?;
+                let expired = serde_json::from_slice::<StoredTicket>(v.value())
+                    .map_or(true, |st| st.expires_at <= now);
+                if expired {
+                    out.push(k.value().to_vec());
+                }
+            }
+            Ok(out)
+        })?
+        .unwrap_or_default();
+    if stale.is_empty() {
+        return Ok(());
+    }
+    store.write(|tx| {
+        let mut table = tx.table(TICKETS)?;
+        for k in &stale {
+            table.remove(k.as_slice())?;
+        }
+        Ok(())
+    })
+}
+
+/// Opens the desktop's pairing window until the last live ticket expires, or closes it when
+/// none is live. The window lets unknown peers connect (the pairing protocol still needs the
+/// secret, and sync streams still need trust).
+pub fn refresh_window(peer: &Peer) {
+    let now = now_ms();
+    let latest = peer.replica().with_store(|s| latest_live_expiry(s, now));
+    let until = latest
+        .map(|ms| Instant::now() + Duration::from_millis(u64::try_from(ms - now).unwrap_or(0)));
+    if let Ok(mut g) = peer.gate().write() {
+        g.pairing_open_until = until;
+    }
+}
+
 /// The discovery secret shared by this thread's devices, created on first use.
 pub fn discovery_secret(store: &Store) -> Result<[u8; 32], StoreError> {
     if let Some(b) = store.meta(META_DISCOVERY)?
@@ -111,7 +204,11 @@ pub async fn create_ticket(peer: &Peer, ttl: Duration) -> Result<Ticket, PeerErr
     let mut texts: Vec<String> = if relay_only {
         Vec::new()
     } else {
-        addrs.iter().take(MAX_TICKET_ADDRS).map(ToString::to_string).collect()
+        addrs
+            .iter()
+            .take(MAX_TICKET_ADDRS)
+            .map(ToString::to_string)
+            .collect()
     };
     // Relay circuit addresses too, so a phone elsewhere can pair through the relay.
     texts.extend(circuits.iter().map(ToString::to_string));
@@ -127,12 +224,12 @@ pub async fn create_ticket(peer: &Peer, ttl: Duration) -> Result<Ticket, PeerErr
     };
     let id = ticket.id();
     peer.replica()
-        .store_blocking(move |s| save_ticket(s, &id, &stored))
+        .store_blocking(move |s| {
+            prune_tickets(s, now)?;
+            save_ticket(s, &id, &stored)
+        })
         .await??;
-    if let Ok(mut g) = peer.gate().write() {
-        let until = std::time::Instant::now() + ttl;
-        g.pairing_open_until = Some(g.pairing_open_until.map_or(until, |u| u.max(until)));
-    }
+    refresh_window(peer);
     tracing::info!(ticket = %ticket.id(), "pairing ticket issued");
     Ok(ticket)
 }
@@ -152,11 +249,13 @@ impl TicketBook for Book {
     type Genesis = ThreadGenesis;
 
     fn secret(&mut self, id: &TicketId) -> Option<TicketSecret> {
-        self.with_store(|s| {
+        let mut expired = false;
+        let secret = self.with_store(|s| {
             let mut t = load_ticket(s, id)?;
             if t.state == TicketState::Live && t.expires_at <= now_ms() {
                 t.state = TicketState::Expired;
                 t.secret = None;
+                expired = true;
                 let _ = save_ticket(s, id, &t);
             }
             if t.state != TicketState::Live {
@@ -164,22 +263,35 @@ impl TicketBook for Book {
             }
             let bytes = hex::decode(t.secret.as_deref()?).ok()?;
             Some(TicketSecret::from_bytes(bytes.try_into().ok()?))
-        })
+        });
+        if expired {
+            refresh_window(&self.peer);
+        }
+        secret
     }
 
     fn record_failure(&mut self, id: &TicketId) {
-        self.with_store(|s| {
-            let Some(mut t) = load_ticket(s, id) else {
-                return;
-            };
-            t.tries += 1;
-            if t.tries >= MAX_TRIES {
-                t.state = TicketState::Dead;
-                t.secret = None;
-                tracing::warn!(ticket = %id, "pairing ticket dead after {MAX_TRIES} wrong tries");
-            }
-            let _ = save_ticket(s, id, &t);
+        let result = self.with_store(|s| {
+            update_ticket(s, id, |t| {
+                if t.state != TicketState::Live {
+                    return false;
+                }
+                t.tries += 1;
+                if t.tries >= MAX_TRIES {
+                    t.state = TicketState::Dead;
+                    t.secret = None;
+                }
+                true
+            })
         });
+        match result {
+            Ok(Some(t)) if t.state == TicketState::Dead => {
+                tracing::warn!(ticket = %id, "pairing ticket dead after {MAX_TRIES} wrong tries");
+                refresh_window(&self.peer);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(ticket = %id, error = %e, "could not count a wrong try"),
+        }
     }
 
     fn accept(
@@ -207,14 +319,7 @@ impl TicketBook for Book {
             .unwrap_or_default();
         let name = hello.name.clone();
         let discovery = self.with_store(|s| -> Result<[u8; 32], String> {
-            let mut t = load_ticket(s, id).ok_or("unknown ticket")?;
-            if t.state != TicketState::Live {
-                return Err("the ticket is no longer valid".into());
-            }
             let secret = discovery_secret(s).map_err(|e| e.to_string())?;
-            t.state = TicketState::Used;
-            t.secret = None;
-            let bytes = serde_json::to_vec(&t).unwrap_or_default();
             let trusted = TrustedPeer {
                 id: phone_id.clone(),
                 name: name.clone(),
@@ -225,19 +330,42 @@ impl TicketBook for Book {
                 last_sync_at: None,
                 revoked: false,
             };
-            // One transaction: the ticket is spent exactly when trust is granted.
-            s.write(|tx| {
-                tx.table(TICKETS)?
-                    .insert(id.as_bytes().as_slice(), bytes.as_slice())?;
-                tx.put_trusted(&trusted)
-            })
-            .map_err(|e| e.to_string())?;
+            // One transaction: the ticket is checked and spent exactly when trust is granted,
+            // so a second handshake that raced this one on the same ticket finds it used.
+            let spent = s
+                .write(|tx| -> Result<bool, StoreError> {
+                    let mut table = tx.table(TICKETS)?;
+                    let current: Option<StoredTicket> = table
+                        .get(id.as_bytes().as_slice())?
+                        .and_then(|v| serde_json::from_slice(v.value()).ok());
+                    let Some(mut t) =
+                        current.filter(|t| t.state == TicketState::Live && t.expires_at > now_ms())
+                    else {
+                        return Ok(false);
+                    };
+                    t.state = TicketState::Used;
+                    t.secret = None;
+                    let bytes = serde_json::to_vec(&t).unwrap_or_default();
+                    table.insert(id.as_bytes().as_slice(), bytes.as_slice())?;
+                    drop(table);
+                    tx.put_trusted(&trusted)?;
+                    Ok(true)
+                })
+                .map_err(|e| e.to_string())?;
+            if !spent {
+                return Err(
+                    "this pairing code is no longer valid; ask for a new one on the \
+                            desktop: errand-desktop pair"
+                        .into(),
+                );
+            }
             Ok(secret)
         })?;
         if let Ok(mut g) = self.peer.gate().write() {
             g.trusted.insert(phone);
-            g.pairing_open_until = None;
         }
+        // Other live tickets keep the window open; otherwise it closes now.
+        refresh_window(&self.peer);
         let me = self.peer.device_info();
         Ok(Welcome {
             name: me.name,
@@ -257,6 +385,8 @@ pub fn serve(peer: &Peer) -> Result<tokio::task::JoinHandle<()>, PeerError> {
         .control()
         .accept(PAIR_PROTOCOL)
         .map_err(|e| PeerError::Invalid(e.to_string()))?;
+    // Tickets issued before a restart stay usable until they expire.
+    refresh_window(peer);
     let peer = peer.clone();
     Ok(tokio::spawn(async move {
         while let Some((phone, mut stream)) = incoming.next().await {
@@ -318,8 +448,13 @@ pub enum PhonePairError {
     /// Already paired with another desktop.
     #[error("this phone is already paired with desktop {0}; run `errand-phone forget` first")]
     AlreadyPaired(String),
-    /// Could not reach the desktop.
-    #[error("cannot reach the desktop at any address in the ticket: {0}")]
+    /// Could not reach the desktop. Its gate also closes connections once no ticket is live,
+    /// so a used or expired code can end up here too; the message says so.
+    #[error(
+        "cannot reach the desktop at any address in the ticket ({0}); check that it runs \
+         `errand-desktop run` on a network this phone can reach, and that the pairing code is \
+         still valid (errand-desktop pair makes a new one)"
+    )]
     Unreachable(String),
 }
 
@@ -347,7 +482,9 @@ pub async fn pair_phone(peer: &Peer, ticket: &Ticket) -> Result<PairOutcome, Pho
     let node = peer.node().ok_or(PeerError::NotStarted)?;
     // Relays named in the ticket: remember them and let them through the gate.
     for a in ticket.addrs() {
-        if let Some(relay) = a.strip_suffix("/p2p-circuit").and_then(|r| r.parse::<Multiaddr>().ok())
+        if let Some(relay) = a
+            .strip_suffix("/p2p-circuit")
+            .and_then(|r| r.parse::<Multiaddr>().ok())
             && crate::relay_client::relay_peer(&relay).is_some()
         {
             peer.add_relay(relay).await?;
@@ -383,8 +520,11 @@ async fn pair_inner(
         node.dial(desktop, addrs.clone())
             .await
             .map_err(|e| PhonePairError::Unreachable(e.to_string()))?;
-        let opened =
-            tokio::time::timeout(pair::STEP_TIMEOUT, control.open_stream(desktop, PAIR_PROTOCOL)).await;
+        let opened = tokio::time::timeout(
+            pair::STEP_TIMEOUT,
+            control.open_stream(desktop, PAIR_PROTOCOL),
+        )
+        .await;
         match opened {
             Ok(Ok(stream)) => break stream,
             Ok(Err(e)) if attempt >= PAIR_DIAL_ATTEMPTS => {
@@ -560,4 +700,80 @@ pub async fn forget(peer: &Peer) -> Result<serde_json::Value, PeerError> {
         forgotten.push(id);
     }
     Ok(serde_json::json!({ "forgotten": forgotten }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticket(state: TicketState, expires_at: i64) -> StoredTicket {
+        StoredTicket {
+            secret: (state == TicketState::Live).then(|| "00".repeat(32)),
+            expires_at,
+            tries: 0,
+            state,
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn the_window_lasts_until_the_last_live_ticket_expires() {
+        let (_dir, s) = store();
+        assert_eq!(latest_live_expiry(&s, 1_000), None, "no table yet");
+        let ids: Vec<TicketId> = (0..5).map(|_| TicketId::random()).collect();
+        save_ticket(&s, &ids[0], &ticket(TicketState::Live, 5_000)).unwrap();
+        save_ticket(&s, &ids[1], &ticket(TicketState::Live, 9_000)).unwrap();
+        save_ticket(&s, &ids[2], &ticket(TicketState::Used, 20_000)).unwrap();
+        save_ticket(&s, &ids[3], &ticket(TicketState::Dead, 20_000)).unwrap();
+        save_ticket(&s, &ids[4], &ticket(TicketState::Live, 500)).unwrap();
+        assert_eq!(latest_live_expiry(&s, 1_000), Some(9_000));
+        assert_eq!(latest_live_expiry(&s, 9_000), None, "expiry is exclusive");
+    }
+
+    #[test]
+    fn pruning_drops_only_tickets_past_their_expiry() {
+        let (_dir, s) = store();
+        let (old, live, used) = (TicketId::random(), TicketId::random(), TicketId::random());
+        save_ticket(&s, &old, &ticket(TicketState::Live, 500)).unwrap();
+        save_ticket(&s, &live, &ticket(TicketState::Live, 5_000)).unwrap();
+        save_ticket(&s, &used, &ticket(TicketState::Used, 5_000)).unwrap();
+        prune_tickets(&s, 1_000).unwrap();
+        assert!(load_ticket(&s, &old).is_none());
+        assert_eq!(load_ticket(&s, &live).unwrap().state, TicketState::Live);
+        assert_eq!(
+            load_ticket(&s, &used).unwrap().state,
+            TicketState::Used,
+            "a used ticket stays used until it expires"
+        );
+    }
+
+    #[test]
+    fn update_ticket_stores_only_what_the_closure_accepts() {
+        let (_dir, s) = store();
+        let id = TicketId::random();
+        assert!(
+            update_ticket(&s, &id, |_| true).unwrap().is_none(),
+            "unknown"
+        );
+        save_ticket(&s, &id, &ticket(TicketState::Live, 5_000)).unwrap();
+        let seen = update_ticket(&s, &id, |t| {
+            t.tries = 7;
+            false
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(seen.tries, 7);
+        assert_eq!(load_ticket(&s, &id).unwrap().tries, 0, "not stored");
+        update_ticket(&s, &id, |t| {
+            t.tries = 2;
+            true
+        })
+        .unwrap();
+        assert_eq!(load_ticket(&s, &id).unwrap().tries, 2);
+    }
 }

@@ -625,6 +625,7 @@ impl Peer {
                     .and_then(|p| live.get(&p).copied())
                     .unwrap_or((false, false, false));
                 let traffic = pid.map(|p| self.traffic(p));
+                let in_sync = in_sync && pid.is_some_and(|p| self.is_in_sync(&p));
                 PeerStatus {
                     id: t.id.to_string(),
                     name: t.name,
@@ -746,6 +747,10 @@ impl Peer {
         }
         net.cancel.cancel();
         let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, net.node.shutdown()).await;
+        // Nothing is connected any more; a later `start` must redial everyone.
+        if let Ok(mut l) = self.inner.live.lock() {
+            l.clear();
+        }
         for task in net.tasks {
             let abort = task.abort_handle();
             if tokio::time::timeout(SHUTDOWN_TIMEOUT, task).await.is_err() {
@@ -777,13 +782,10 @@ impl Peer {
             .unwrap_or(false)
     }
 
-    /// True when `peer` is connected and has exactly our heads.
+    /// True when `peer` is connected and its last known heads equal ours (so a local change
+    /// made since makes this false until the peer has it).
     pub fn is_in_sync(&self, peer: &PeerId) -> bool {
-        self.inner
-            .live
-            .lock()
-            .map(|l| l.get(peer).is_some_and(|v| v.connected && v.in_sync))
-            .unwrap_or(false)
+        self.is_connected(peer) && self.inner.replica.in_sync_now(*peer)
     }
 
     fn set_live(&self, peer: PeerId, f: impl FnOnce(&mut Live)) {

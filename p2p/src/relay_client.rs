@@ -9,10 +9,7 @@ use std::{
 };
 
 use libp2p::{
-    Multiaddr, PeerId, Swarm,
-    core::transport::ListenerId,
-    multiaddr::Protocol,
-    rendezvous,
+    Multiaddr, PeerId, Swarm, core::transport::ListenerId, multiaddr::Protocol, rendezvous,
 };
 use serde::Serialize;
 use sha2::Digest;
@@ -98,37 +95,48 @@ pub struct Relays {
 
 impl std::fmt::Debug for Relays {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relays").field("count", &self.entries.len()).finish()
+        f.debug_struct("Relays")
+            .field("count", &self.entries.len())
+            .finish()
     }
 }
 
 impl Relays {
     /// Relays from addresses that end in `/p2p/<relay id>`; others are skipped with a warning.
     pub fn new(addrs: &[Multiaddr], namespace: Option<String>) -> Self {
-        let entries = addrs
-            .iter()
-            .filter_map(|a| {
-                let Some(peer) = relay_peer(a) else {
-                    tracing::warn!(addr = %a, "relay address lacks /p2p/<relay id>; ignored");
-                    return None;
-                };
-                Some(RelayEntry {
-                    addr: a.clone(),
-                    peer,
-                    listener: None,
-                    reservation: Reservation::None,
-                    registered_at: None,
-                    cookie: None,
-                    next_attempt: Instant::now(),
-                    backoff: RESERVE_BACKOFF_START,
-                    last_discover: None,
-                })
-            })
-            .collect();
-        Self {
-            entries,
+        let mut relays = Self {
+            entries: Vec::new(),
             namespace: namespace.and_then(|n| rendezvous::Namespace::new(n).ok()),
+        };
+        for a in addrs {
+            relays.add(a);
         }
+        relays
+    }
+
+    /// Adds a relay (e.g. learned from a ticket), keeping the state of the others: rebuilding
+    /// would forget their listeners, so a live reservation would be taken a second time.
+    /// Returns false if it is already known or lacks `/p2p/<relay id>`.
+    pub fn add(&mut self, addr: &Multiaddr) -> bool {
+        let Some(peer) = relay_peer(addr) else {
+            tracing::warn!(%addr, "relay address lacks /p2p/<relay id>; ignored");
+            return false;
+        };
+        if self.entries.iter().any(|e| e.addr == *addr) {
+            return false;
+        }
+        self.entries.push(RelayEntry {
+            addr: addr.clone(),
+            peer,
+            listener: None,
+            reservation: Reservation::None,
+            registered_at: None,
+            cookie: None,
+            next_attempt: Instant::now(),
+            backoff: RESERVE_BACKOFF_START,
+            last_discover: None,
+        });
+        true
     }
 
     /// The namespace, as text.
@@ -161,7 +169,12 @@ impl Relays {
         self.entries
             .iter()
             .filter(|e| e.reservation == Reservation::Accepted)
-            .map(|e| e.addr.clone().with(Protocol::P2pCircuit).with(Protocol::P2p(me)))
+            .map(|e| {
+                e.addr
+                    .clone()
+                    .with(Protocol::P2pCircuit)
+                    .with(Protocol::P2p(me))
+            })
             .collect()
     }
 
@@ -206,20 +219,30 @@ impl Relays {
                         e.listener = Some(id);
                         e.reservation = Reservation::Pending;
                     }
-                    Err(err) => tracing::warn!(relay = %e.peer, error = %err, "cannot listen on the relay"),
+                    Err(err) => {
+                        tracing::warn!(relay = %e.peer, error = %err, "cannot listen on the relay")
+                    }
                 }
             }
             let Some(ns) = ns.clone() else { continue };
             if e.reservation == Reservation::Accepted
-                && e.registered_at.is_none_or(|t| now.duration_since(t) >= REREGISTER_EVERY)
+                && e.registered_at
+                    .is_none_or(|t| now.duration_since(t) >= REREGISTER_EVERY)
             {
                 e.registered_at = Some(now);
-                if let Err(err) = swarm.behaviour_mut().rendezvous.register(ns.clone(), e.peer, Some(REGISTRATION_TTL_SECS)) {
+                if let Err(err) = swarm.behaviour_mut().rendezvous.register(
+                    ns.clone(),
+                    e.peer,
+                    Some(REGISTRATION_TTL_SECS),
+                ) {
                     tracing::debug!(relay = %e.peer, error = ?err, "rendezvous registration not possible yet");
                     e.registered_at = None;
                 }
             }
-            if want_discovery && e.last_discover.is_none_or(|t| now.duration_since(t) >= DISCOVER_EVERY) {
+            if want_discovery
+                && e.last_discover
+                    .is_none_or(|t| now.duration_since(t) >= DISCOVER_EVERY)
+            {
                 e.last_discover = Some(now);
                 swarm
                     .behaviour_mut()
@@ -242,14 +265,32 @@ impl Relays {
         self.tick(swarm, true);
     }
 
-    /// A listener closed: if it was a relay's, the reservation is gone.
-    pub fn on_listener_closed(&mut self, id: ListenerId) {
+    /// A listener closed: if it was a relay's, the reservation is gone (or was refused).
+    ///
+    /// The backoff grows here too: a relay that refuses the reservation (its cap or rate limit
+    /// reached) keeps the connection open, so without this the client would ask again every
+    /// tick, and from one IP that drains the relay's per-IP budget for every other client.
+    pub fn on_listener_closed(&mut self, id: ListenerId, error: Option<&str>) {
         for e in self.entries.iter_mut().filter(|e| e.listener == Some(id)) {
-            tracing::info!(relay = %e.peer, "relay reservation lost; will re-reserve");
+            tracing::info!(relay = %e.peer, ?error, retry_in = ?e.backoff, "relay reservation lost or refused; will re-reserve");
             e.listener = None;
             e.reservation = Reservation::None;
             e.registered_at = None;
             e.next_attempt = Instant::now() + e.backoff;
+            e.backoff = (e.backoff * 2).min(RESERVE_BACKOFF_MAX);
+        }
+    }
+
+    /// A connection to a relay was established: reserve at once rather than after the dial's
+    /// backoff (the dial already waited for it).
+    pub fn on_connected(&mut self, peer: PeerId) {
+        let now = Instant::now();
+        for e in self
+            .entries
+            .iter_mut()
+            .filter(|e| e.peer == peer && e.listener.is_none())
+        {
+            e.next_attempt = now;
         }
     }
 
@@ -285,5 +326,57 @@ impl Relays {
         for e in &mut self.entries {
             e.cookie = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay_addr() -> Multiaddr {
+        let id = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        format!("/ip4/127.0.0.1/tcp/4001/p2p/{id}").parse().unwrap()
+    }
+
+    #[test]
+    fn adding_a_relay_keeps_the_state_of_the_others() {
+        let first = relay_addr();
+        let mut relays = Relays::new(std::slice::from_ref(&first), None);
+        let listener = ListenerId::next();
+        relays.entries[0].listener = Some(listener);
+        relays.entries[0].reservation = Reservation::Accepted;
+
+        assert!(!relays.add(&first), "a known relay is not added twice");
+        assert!(relays.add(&relay_addr()));
+        assert!(!relays.add(&"/ip4/127.0.0.1/tcp/4001".parse().unwrap()));
+        assert_eq!(relays.entries.len(), 2);
+        assert_eq!(relays.entries[0].listener, Some(listener));
+        assert_eq!(relays.entries[0].reservation, Reservation::Accepted);
+    }
+
+    #[test]
+    fn a_refused_reservation_is_retried_with_a_growing_backoff() {
+        let mut relays = Relays::new(&[relay_addr()], None);
+        let peer = relays.entries[0].peer;
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            let listener = ListenerId::next();
+            relays.entries[0].listener = Some(listener);
+            let before = Instant::now();
+            relays.on_listener_closed(listener, Some("reservation refused"));
+            // Whole seconds: the clock moves between `before` and the call.
+            let delay = relays.entries[0].next_attempt.duration_since(before);
+            delays.push(Duration::from_secs(delay.as_secs()));
+        }
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+        assert!(delays[0] >= RESERVE_BACKOFF_START);
+        assert!(delays[3] >= RESERVE_BACKOFF_START * 8, "{delays:?}");
+        assert_eq!(*delays.last().unwrap(), RESERVE_BACKOFF_MAX);
+
+        // Once connected again, the next attempt is due at once.
+        relays.on_connected(peer);
+        assert!(relays.entries[0].next_attempt <= Instant::now());
     }
 }

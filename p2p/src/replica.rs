@@ -28,6 +28,7 @@ const COMPACT_MIN_CHUNK_BYTES: u64 = 256 * 1024;
 
 /// Why a replica operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReplicaError {
     /// The store failed.
     #[error(transparent)]
@@ -52,9 +53,45 @@ pub enum ReplicaError {
         /// Theirs.
         theirs: String,
     },
+    /// The peer's sync message carries changes that do not parse.
+    #[error("the peer's changes do not parse: {0}")]
+    BadChanges(String),
     /// A blocking task panicked or was cancelled.
     #[error("internal task failed: {0}")]
     Join(String),
+}
+
+/// Checks that every change chunk in a peer's sync message parses, before Automerge sees it.
+///
+/// Automerge 0.12 skips a chunk it cannot parse (it logs "partial load") and applies the rest,
+/// so garbage from a peer would pass silently, and the changes it stood for would never
+/// arrive: the session must fail like on any other bad message. Loading each chunk into a
+/// scratch document parses it; changes whose dependencies are elsewhere only get queued there
+/// (`MissingDeps`), which is fine. A whole document (a first sync) is loaded twice, which is
+/// rare and bounded by the frame size. Bytes that are no sync message at all pass: the
+/// session's own decode reports them.
+fn check_changes(bytes: &[u8]) -> Result<(), ReplicaError> {
+    let Ok(msg) = automerge::sync::Message::decode(bytes) else {
+        return Ok(());
+    };
+    for chunk in msg.changes.iter() {
+        let loaded = std::panic::catch_unwind(|| {
+            automerge::Automerge::load_with_options(
+                chunk,
+                automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error),
+            )
+        });
+        match loaded {
+            Ok(Ok(_)) | Ok(Err(automerge::AutomergeError::MissingDeps)) => {}
+            Ok(Err(e)) => return Err(ReplicaError::BadChanges(e.to_string())),
+            Err(_) => {
+                return Err(ReplicaError::BadChanges(
+                    "automerge panicked while parsing them".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What a received sync message did.
@@ -344,6 +381,14 @@ impl Replica {
                     return Err(ReplicaError::NoThread);
                 };
                 let doc_id = doc.doc_id();
+                if let Err(e) = check_changes(&bytes) {
+                    s.sessions.remove(&peer);
+                    let _ = s
+                        .store
+                        .write(|t| t.delete_sync_state(&doc_id, &peer.to_base58()));
+                    s.doc = Some(doc);
+                    return Err(e);
+                }
                 let result = s.session(&peer, &doc_id).receive(&mut doc, &bytes);
                 let received = match result {
                     Ok(r) => r,
@@ -410,6 +455,18 @@ impl Replica {
         .unwrap_or(false)
     }
 
+    /// [`Self::in_sync`] on the calling thread (brief: compares two head lists).
+    pub fn in_sync_now(&self, peer: PeerId) -> bool {
+        let mut s = self.lock();
+        let Some(mut doc) = s.doc.take() else {
+            return false;
+        };
+        let doc_id = doc.doc_id();
+        let r = s.session(&peer, &doc_id).in_sync(&mut doc);
+        s.doc = Some(doc);
+        r
+    }
+
     /// Starts `peer`'s session afresh from its persisted state (a new stream).
     pub async fn restart_session(&self, peer: PeerId) {
         let _ = self
@@ -466,5 +523,68 @@ impl Replica {
         }
         self.commit(move |d| d.add_device(&device)).await?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use automerge::{
+        AutoCommit, ROOT,
+        sync::{self, SyncDoc},
+        transaction::Transactable,
+    };
+
+    use super::*;
+
+    /// The messages `from` sends `to` until they are in sync.
+    fn messages(from: &mut AutoCommit, to: &mut AutoCommit) -> Vec<Vec<u8>> {
+        let (mut a, mut b) = (sync::State::new(), sync::State::new());
+        let mut out = Vec::new();
+        for _ in 0..10 {
+            if let Some(m) = from.sync().generate_sync_message(&mut a) {
+                out.push(m.clone().encode());
+                to.sync().receive_sync_message(&mut b, m).unwrap();
+            }
+            if let Some(m) = to.sync().generate_sync_message(&mut b) {
+                from.sync().receive_sync_message(&mut a, m).unwrap();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn sync_messages_with_changes_that_do_not_parse_are_refused() {
+        // A whole document (first sync), then a delta: both pass.
+        let mut ours = AutoCommit::new();
+        for i in 0..50 {
+            ours.put(ROOT, format!("k{i}"), i).unwrap();
+            ours.commit();
+        }
+        let mut theirs = AutoCommit::new();
+        for m in messages(&mut ours, &mut theirs) {
+            check_changes(&m).unwrap();
+        }
+        ours.put(ROOT, "later", 1).unwrap();
+        ours.commit();
+        let delta = messages(&mut ours, &mut theirs);
+        assert!(!delta.is_empty());
+        for m in delta {
+            check_changes(&m).unwrap();
+        }
+        // Not a sync message at all: left to the session's decode.
+        check_changes(b"not a message").unwrap();
+        // A well-formed message whose changes are garbage.
+        let garbage = sync::Message {
+            heads: Vec::new(),
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: vec![vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3, 4, 1, 5, 9, 9, 9, 9, 9]].into(),
+            flags: None,
+            version: sync::MessageVersion::V1,
+        };
+        assert!(matches!(
+            check_changes(&garbage.encode()),
+            Err(ReplicaError::BadChanges(_))
+        ));
     }
 }

@@ -136,6 +136,27 @@ async fn send<W: futures::AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// A sync frame for `msg`, deflated if that pays (compressing a large message runs on a
+/// blocking thread).
+async fn pack(doc: errand_crdt::DocId, msg: Vec<u8>) -> Result<Frame, SessionError> {
+    if msg.len() < wire::DEFLATE_MIN {
+        return Ok(Frame::sync(doc, msg));
+    }
+    tokio::task::spawn_blocking(move || Frame::sync_packed(doc, msg))
+        .await
+        .map_err(|_| SessionError::Protocol("compressing a sync message failed"))
+}
+
+/// The `Sync` frame inside a received frame (inflating runs on a blocking thread).
+async fn unpack(frame: Frame) -> Result<Frame, WireError> {
+    if frame.kind != FrameKind::SyncDeflate {
+        return Ok(frame);
+    }
+    tokio::task::spawn_blocking(move || frame.unpacked())
+        .await
+        .map_err(|_| WireError::Malformed("inflating a sync message failed"))?
+}
+
 /// Runs a session until the stream ends, an error occurs, or `cancel` fires.
 pub async fn run(
     stream: libp2p::Stream,
@@ -221,12 +242,16 @@ pub async fn run(
     let traffic = ctx.traffic.clone();
     let reader = tokio::spawn(async move {
         loop {
-            let r = wire::read_frame(&mut rd).await;
+            let r = match wire::read_frame(&mut rd).await {
+                Ok(Some((frame, n))) => {
+                    traffic.received.fetch_add(n, Ordering::Relaxed);
+                    unpack(frame).await.map(Some)
+                }
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
             let stop = !matches!(r, Ok(Some(_)));
-            if let Ok(Some((_, n))) = &r {
-                traffic.received.fetch_add(*n, Ordering::Relaxed);
-            }
-            if tx.send(r.map(|o| o.map(|(f, _)| f))).await.is_err() || stop {
+            if tx.send(r).await.is_err() || stop {
                 return;
             }
         }
@@ -283,7 +308,7 @@ async fn sync_loop(
         }
         // Whatever woke us, say what there is to say.
         if let Some((doc, msg)) = ctx.replica.generate(peer).await? {
-            send(wr, &Frame::sync(doc, msg), &ctx.traffic).await?;
+            send(wr, &pack(doc, msg).await?, &ctx.traffic).await?;
             was_in_sync = false;
         } else if !was_in_sync && ctx.replica.in_sync(peer).await {
             was_in_sync = true;
