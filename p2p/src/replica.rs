@@ -75,23 +75,71 @@ fn check_changes(bytes: &[u8]) -> Result<(), ReplicaError> {
         return Ok(());
     };
     for chunk in msg.changes.iter() {
-        let loaded = std::panic::catch_unwind(|| {
-            automerge::Automerge::load_with_options(
-                chunk,
-                automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error),
-            )
-        });
-        match loaded {
-            Ok(Ok(_)) | Ok(Err(automerge::AutomergeError::MissingDeps)) => {}
-            Ok(Err(e)) => return Err(ReplicaError::BadChanges(e.to_string())),
-            Err(_) => {
-                return Err(ReplicaError::BadChanges(
-                    "automerge panicked while parsing them".into(),
-                ));
-            }
+        for part in split_chunks(chunk)? {
+            check_chunk(part)?;
         }
     }
     Ok(())
+}
+
+/// Automerge's chunk magic bytes.
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+/// Splits concatenated Automerge chunks (`magic | checksum(4) | type(1) | uleb128 len | data`),
+/// so each change can be parsed on its own.
+fn split_chunks(mut bytes: &[u8]) -> Result<Vec<&[u8]>, ReplicaError> {
+    let bad = |why: &str| ReplicaError::BadChanges(why.to_owned());
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.get(..4) != Some(&CHUNK_MAGIC[..]) {
+            return Err(bad("a chunk without the automerge magic bytes"));
+        }
+        let mut pos = 9; // magic, checksum, type
+        let (mut len, mut shift) = (0u64, 0u32);
+        loop {
+            let b = *bytes.get(pos).ok_or_else(|| bad("a truncated chunk header"))?;
+            pos += 1;
+            if shift > 56 {
+                return Err(bad("a chunk length that does not fit"));
+            }
+            len |= u64::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| pos.checked_add(l))
+            .filter(|e| *e <= bytes.len())
+            .ok_or_else(|| bad("a chunk longer than the message"))?;
+        out.push(&bytes[..end]);
+        bytes = &bytes[end..];
+    }
+    Ok(out)
+}
+
+/// Parses one chunk: a change (plain or compressed) on its own, a document by loading it.
+fn check_chunk(chunk: &[u8]) -> Result<(), ReplicaError> {
+    const DOCUMENT: u8 = 0;
+    if chunk.get(8) != Some(&DOCUMENT) {
+        return automerge::Change::try_from(chunk)
+            .map(|_| ())
+            .map_err(|e| ReplicaError::BadChanges(e.to_string()));
+    }
+    let loaded = std::panic::catch_unwind(|| {
+        automerge::Automerge::load_with_options(
+            chunk,
+            automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error),
+        )
+    });
+    match loaded {
+        Ok(Ok(_)) | Ok(Err(automerge::AutomergeError::MissingDeps)) => Ok(()),
+        Ok(Err(e)) => Err(ReplicaError::BadChanges(e.to_string())),
+        Err(_) => Err(ReplicaError::BadChanges(
+            "automerge panicked while parsing them".into(),
+        )),
+    }
 }
 
 /// What a received sync message did.
@@ -578,7 +626,10 @@ mod tests {
             heads: Vec::new(),
             need: Vec::new(),
             have: Vec::new(),
-            changes: vec![vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3, 4, 1, 5, 9, 9, 9, 9, 9]].into(),
+            changes: vec![vec![
+                0x85, 0x6f, 0x4a, 0x83, 1, 2, 3, 4, 1, 5, 9, 9, 9, 9, 9,
+            ]]
+            .into(),
             flags: None,
             version: sync::MessageVersion::V1,
         };
