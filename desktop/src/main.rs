@@ -364,6 +364,7 @@ async fn daemon(
         }
         e => ApiError::new(e.to_string()),
     })?;
+    net.apply(&peer);
     if let Err(e) = config::write_template_if_missing(&home) {
         tracing::warn!(error = %e, "could not write a config template");
     }
@@ -428,7 +429,9 @@ async fn first_run_pairing(peer: &Peer) {
             if let Ok(qr) = errand_desktop::qr::render_unicode(&text) {
                 println!("{qr}");
             }
-            println!("No phone is paired yet. Scan this with Errand on your phone, or run there:\n");
+            println!(
+                "No phone is paired yet. Scan this with Errand on your phone, or run there:\n"
+            );
             println!("  errand-phone pair {text}\n");
         }
         Err(e) => tracing::warn!(error = %e, "could not issue a pairing ticket"),
@@ -460,6 +463,7 @@ async fn pair(
                 mdns: !net.no_mdns,
             })
             .map_err(|e| ApiError::new(e.to_string()))?;
+            net.apply(&peer);
             peer.start()
                 .await
                 .map_err(|e| ApiError::new(e.to_string()))?;

@@ -181,7 +181,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Prints a value as pretty JSON on stdout.
 pub fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    use std::io::Write;
+    // A closed pipe (`… --json | head`) is not an error worth a panic.
+    let _ = writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_default()
+    );
 }
 
 /// Human text for a status value.

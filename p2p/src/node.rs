@@ -478,7 +478,11 @@ impl NodeActor {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Dial { peer, mut addrs, reply } => {
+            Command::Dial {
+                peer,
+                mut addrs,
+                reply,
+            } => {
                 if self.relay_only {
                     addrs.retain(is_circuit);
                 }
@@ -608,13 +612,17 @@ impl NodeActor {
             )) => {
                 self.relays.on_reservation(relay_peer_id, &mut self.swarm);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Rendezvous(rendezvous::client::Event::Discovered {
-                rendezvous_node,
-                registrations,
-                cookie,
-            })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Rendezvous(
+                rendezvous::client::Event::Discovered {
+                    rendezvous_node,
+                    registrations,
+                    cookie,
+                },
+            )) => {
                 let me = *self.swarm.local_peer_id();
-                let found = self.relays.on_discovered(rendezvous_node, registrations, cookie);
+                let found = self
+                    .relays
+                    .on_discovered(rendezvous_node, registrations, cookie);
                 for (peer, addrs) in found {
                     if peer == me {
                         continue;
@@ -630,7 +638,10 @@ impl NodeActor {
             SwarmEvent::Behaviour(BehaviourEvent::Rendezvous(ev)) => {
                 tracing::debug!(?ev, "rendezvous");
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
                 Ok(_) => {
                     // Both connections stay open after a hole punch, and streams would land on
                     // either at random: close the relayed ones (dependency notes, 1.3).
@@ -655,7 +666,9 @@ impl NodeActor {
                         }
                     }
                 }
-                Err(e) => tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying on the relay"),
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying on the relay")
+                }
             },
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 tracing::debug!(%error, "incoming connection refused");

@@ -97,7 +97,9 @@ fn split_chunks(mut bytes: &[u8]) -> Result<Vec<&[u8]>, ReplicaError> {
         let mut pos = 9; // magic, checksum, type
         let (mut len, mut shift) = (0u64, 0u32);
         loop {
-            let b = *bytes.get(pos).ok_or_else(|| bad("a truncated chunk header"))?;
+            let b = *bytes
+                .get(pos)
+                .ok_or_else(|| bad("a truncated chunk header"))?;
             pos += 1;
             if shift > 56 {
                 return Err(bad("a chunk length that does not fit"));

@@ -277,7 +277,9 @@ mod tests {
         let doc = DocId::parse("abc").unwrap();
         let small = Frame::sync_packed(doc.clone(), vec![7; 100]);
         assert_eq!(small.kind, FrameKind::Sync);
-        let msg: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 251).to_be_bytes()).collect();
+        let msg: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_be_bytes())
+            .collect();
         let packed = Frame::sync_packed(doc.clone(), msg.clone());
         assert_eq!(packed.kind, FrameKind::SyncDeflate);
         assert!(packed.body.len() < msg.len() / 4);

@@ -16,7 +16,13 @@ fn every_acknowledged_task_survives_a_sigkill_of_the_writer() -> anyhow::Result<
     let dir = tempfile::tempdir()?;
     let home = dir.path().join("desktop");
     let mut child = Command::new(bin("errand-fixture"))
-        .args(["--home", home.to_str().unwrap_or_default(), "--count", "100000", "--print-ids"])
+        .args([
+            "--home",
+            home.to_str().unwrap_or_default(),
+            "--count",
+            "100000",
+            "--print-ids",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
@@ -31,7 +37,11 @@ fn every_acknowledged_task_survives_a_sigkill_of_the_writer() -> anyhow::Result<
         }
     }
     child.wait()?;
-    assert_eq!(acked.len(), 300, "the writer acknowledged 300 tasks before the kill");
+    assert_eq!(
+        acked.len(),
+        300,
+        "the writer acknowledged 300 tasks before the kill"
+    );
 
     let rt = tokio::runtime::Runtime::new()?;
     let stored: BTreeSet<String> = rt.block_on(async {
@@ -46,7 +56,14 @@ fn every_acknowledged_task_survives_a_sigkill_of_the_writer() -> anyhow::Result<
         anyhow::Ok(tasks.into_iter().map(|t| t.id.to_string()).collect())
     })?;
     let lost: Vec<_> = acked.difference(&stored).collect();
-    assert!(lost.is_empty(), "acknowledged but lost after SIGKILL: {lost:?}");
-    println!("acknowledged {}, stored {} (a write in flight may add one)", acked.len(), stored.len());
+    assert!(
+        lost.is_empty(),
+        "acknowledged but lost after SIGKILL: {lost:?}"
+    );
+    println!(
+        "acknowledged {}, stored {} (a write in flight may add one)",
+        acked.len(),
+        stored.len()
+    );
     Ok(())
 }

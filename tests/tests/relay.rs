@@ -9,6 +9,11 @@
 //!   namespace with `ip netns exec`. It needs root, and says "skipped: needs root" otherwise.
 //! - The load test drives 200 in-process libp2p clients through the relay binary in batches
 //!   and reads the relay's own counters (`relay-stats` lines, asked for with SIGUSR1).
+//! - The NAT test (stretch) puts each peer behind an nftables masquerade in its own namespace
+//!   and proves the DCUtR upgrade by cutting the relay off. It also needs `nft` (Debian
+//!   package nftables) and says "skipped: needs nft" without it.
+//! - One test is `#[ignore]`d: DESIGN.md section 4's report of a sync message that never fits
+//!   a circuit is not built yet (`cargo test -p errand-tests --test relay -- --ignored`).
 //!
 //! Every wait polls a condition against a generous deadline: CI is a slow shared 2-core
 //! machine. Set `ERRAND_KEEP_TEST_DIRS` to keep a test's homes and logs.
@@ -403,7 +408,13 @@ fn reserved(dev: &Dev, deadline: Duration) -> Result<()> {
         last = st.clone();
         (st == Some(("accepted".to_owned(), true))).then_some(())
     })
-    .with_context(|| format!("{}: last relay state {last:?}", dev.home.dir.display()))
+    .with_context(|| match &last {
+        None => format!(
+            "{}: status --json shows no relay: the daemon is not using the --relay it was given",
+            dev.home.dir.display()
+        ),
+        Some(state) => format!("{}: last relay state {state:?}", dev.home.dir.display()),
+    })
 }
 
 /// Waits until both sides report each other connected through a relay circuit and in sync,
@@ -813,186 +824,6 @@ fn in_namespaces_the_peers_pair_queue_offline_and_resume_after_a_relay_restart()
     Ok(())
 }
 
-// ---- 5. NAT on both sides: the hole punch ---------------------------------------------------
-
-/// Each side's LAN behind its NAT, and the NATs' public (WAN) addresses.
-const PHONE_LAN_IP: &str = "10.77.11.2";
-const PHONE_GATEWAY: &str = "10.77.11.1";
-const DESKTOP_LAN_IP: &str = "10.77.12.2";
-const DESKTOP_GATEWAY: &str = "10.77.12.1";
-
-/// True when `nft` (Debian package nftables) can be run.
-fn have_nft() -> bool {
-    Command::new("nft")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// phone ─ phone NAT ─ relay/"internet" ─ desktop NAT ─ desktop, five namespaces. The relay's
-/// namespace routes between the two NATs' public addresses, as the internet would; each NAT
-/// masquerades its LAN and, like a home router, silently drops unsolicited connections to
-/// itself (answering them with a reset would abort every hole punch).
-fn behind_two_nats() -> Result<Namespaces> {
-    let ns = Namespaces::create('n', &["p", "np", "r", "nd", "d"])?;
-    ns.veth("a", ("p", PHONE_LAN_IP), ("np", PHONE_GATEWAY))?;
-    ns.veth("b", ("np", PHONE_IP), ("r", RELAY_PHONE_SIDE))?;
-    ns.veth("c", ("nd", DESKTOP_IP), ("r", RELAY_DESKTOP_SIDE))?;
-    ns.veth("d", ("d", DESKTOP_LAN_IP), ("nd", DESKTOP_GATEWAY))?;
-    for (n, via) in [
-        ("p", PHONE_GATEWAY),
-        ("d", DESKTOP_GATEWAY),
-        ("np", RELAY_PHONE_SIDE),
-        ("nd", RELAY_DESKTOP_SIDE),
-    ] {
-        ip(&["-n", &ns.get(n), "route", "add", "default", "via", via])?;
-    }
-    for (n, wan) in [("np", "b0"), ("nd", "c0")] {
-        let wan = format!("{}{wan}", ns.tag);
-        ns.forwarding(n, true)?;
-        ns.exec(n, &["nft", "add", "table", "ip", "nat"])?;
-        ns.exec(
-            n,
-            &[
-                "nft",
-                "add",
-                "chain",
-                "ip",
-                "nat",
-                "post",
-                "{ type nat hook postrouting priority 100; }",
-            ],
-        )?;
-        ns.exec(
-            n,
-            &[
-                "nft",
-                "add",
-                "rule",
-                "ip",
-                "nat",
-                "post",
-                "oifname",
-                &wan,
-                "masquerade",
-            ],
-        )?;
-        ns.exec(n, &["nft", "add", "table", "inet", "fw"])?;
-        ns.exec(
-            n,
-            &[
-                "nft",
-                "add",
-                "chain",
-                "inet",
-                "fw",
-                "in",
-                "{ type filter hook input priority 0; }",
-            ],
-        )?;
-        ns.exec(
-            n,
-            &[
-                "nft", "add", "rule", "inet", "fw", "in", "iifname", &wan, "ct", "state", "new",
-                "drop",
-            ],
-        )?;
-    }
-    ns.forwarding("r", true)?;
-    Ok(ns)
-}
-
-#[test]
-fn behind_two_nats_the_peers_hole_punch_and_sync_goes_on_without_the_relay() -> Result<()> {
-    if !is_root() {
-        println!("skipped: needs root (network namespaces)");
-        return Ok(());
-    }
-    if !have_nft() {
-        println!("skipped: needs nft (Debian package nftables) for the NATs");
-        return Ok(());
-    }
-    let net = behind_two_nats()?;
-    let root = tempdir()?;
-    let logs = root.path();
-    let relay_args = relay_args();
-    let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
-    let relay = Relay::start(
-        Some(&net.get("r")),
-        &root.path().join("relay"),
-        &relay_args,
-        2,
-        logs,
-    )?;
-    let desktop = Dev::desktop(root.path(), "desk", Some(&net.get("d")));
-    let phone = Dev::phone(root.path(), "phone", Some(&net.get("p")));
-    let phone_listen = format!("/ip4/{PHONE_LAN_IP}/tcp/0");
-    let desktop_relay = relay.addr_with(RELAY_DESKTOP_SIDE)?;
-    let desktop_daemon = desktop.daemon(
-        &format!("/ip4/{DESKTOP_LAN_IP}/tcp/0"),
-        &["--relay", &desktop_relay],
-        logs,
-    )?;
-    reserved(&desktop, SHORT)?;
-    pair(&phone, &ticket(&desktop)?, &phone_listen, &[])?;
-    let phone_daemon = phone.daemon(&phone_listen, &[], logs)?;
-
-    // DCUtR upgrades the relayed connection, and the relayed one is closed.
-    let (did, pid) = (desktop.peer_id()?, phone.peer_id()?);
-    let direct = |d: &Dev, peer: &str| {
-        d.link(peer).is_some_and(|l| {
-            l["connected"] == true && l["path"] == "direct" && l["in_sync"] == true
-        })
-    };
-    let mut last = (None, None);
-    wait_for("a direct connection through both NATs", LONG, || {
-        last = (desktop.link(&pid), phone.link(&did));
-        (direct(&desktop, &pid) && direct(&phone, &did)).then_some(())
-    })
-    .with_context(|| format!("last links {last:?}"))?;
-    let punched = |d: &Proc| d.log_text().contains("hole punch succeeded");
-    ensure!(
-        punched(&desktop_daemon) || punched(&phone_daemon),
-        "direct, but not by a hole punch"
-    );
-
-    // Proof by path: the relay's namespace now drops everything for the relay's port.
-    let port = RELAY_PORT.to_string();
-    net.exec("r", &["nft", "add", "table", "inet", "cut"])?;
-    net.exec(
-        "r",
-        &[
-            "nft",
-            "add",
-            "chain",
-            "inet",
-            "cut",
-            "in",
-            "{ type filter hook input priority 0; }",
-        ],
-    )?;
-    net.exec(
-        "r",
-        &[
-            "nft", "add", "rule", "inet", "cut", "in", "tcp", "dport", &port, "drop",
-        ],
-    )?;
-    let circuits = relay.log_lines(&["circuit opened"]).len();
-    let to_desktop = phone.send(": sent after the relay was cut off")?;
-    let to_phone = desktop.send(": answered after the relay was cut off")?;
-    arrives(&desktop, &to_desktop, SHORT)?;
-    arrives(&phone, &to_phone, SHORT)?;
-    ensure!(
-        direct(&desktop, &pid) && direct(&phone, &did),
-        "the peers left the direct path"
-    );
-    ensure!(
-        relay.log_lines(&["circuit opened"]).len() == circuits,
-        "a circuit was opened after the relay was cut off"
-    );
-    Ok(())
-}
-
 // ---- 3. limits ---------------------------------------------------------------------------
 
 #[test]
@@ -1021,7 +852,6 @@ fn a_client_past_the_reservation_cap_is_refused_while_the_paired_session_goes_on
     let other = Dev::desktop(root.path(), "other", None);
     let _o = other.daemon(LOOPBACK, &relay_flags, logs)?;
     let other_id = other.peer_id()?;
-    let started = Instant::now();
     wait_for("the relay to refuse the second desktop", SHORT, || {
         (!relay
             .log_lines(&["reservation denied", &other_id])
@@ -1055,13 +885,23 @@ fn a_client_past_the_reservation_cap_is_refused_while_the_paired_session_goes_on
         "the relay counts {} reservations",
         stats.reservations
     );
-    // A refused client backs off rather than asking every second (1, 2, 4, … s).
-    let denials = relay.log_lines(&["reservation denied", &other_id]).len();
-    let secs = started.elapsed().as_secs();
-    ensure!(
-        denials as u64 <= 3 + secs / 4,
-        "the second desktop was refused {denials} times in {secs} s: no backoff"
-    );
+    // A refused client backs off: the pause between refusals grows (1, 2, 4, … s, capped at
+    // 30 s) instead of staying at one relay tick, which from one IP would drain the relay's
+    // per-IP budget for every other client.
+    let mut seen = (0, Instant::now());
+    let mut gaps = Vec::new();
+    wait_for("the refused desktop to back off", SHORT, || {
+        let n = relay.log_lines(&["reservation denied", &other_id]).len();
+        if n > seen.0 {
+            if seen.0 > 0 {
+                gaps.push(seen.1.elapsed());
+            }
+            seen = (n, Instant::now());
+        }
+        gaps.last().filter(|g| g.as_secs_f64() >= 3.5).map(|_| ())
+    })
+    .with_context(|| format!("pauses between refusals: {gaps:?}"))?;
+    println!("pauses between refused reservations: {gaps:?}");
     ensure!(phone.link(&did).is_some_and(|l| l["connected"] == true));
     ensure!(desktop.link(&pid).is_some_and(|l| l["connected"] == true));
     Ok(())
@@ -1619,5 +1459,185 @@ fn after_200_clients_come_and_go_the_relay_is_back_to_zero_with_bounded_memory_a
             || target == relay.proc.log;
         ensure!(allowed, "the relay holds {t} open");
     }
+    Ok(())
+}
+
+// ---- 5. NAT on both sides: the hole punch ---------------------------------------------------
+
+/// Each side's LAN behind its NAT, and the NATs' public (WAN) addresses.
+const PHONE_LAN_IP: &str = "10.77.11.2";
+const PHONE_GATEWAY: &str = "10.77.11.1";
+const DESKTOP_LAN_IP: &str = "10.77.12.2";
+const DESKTOP_GATEWAY: &str = "10.77.12.1";
+
+/// True when `nft` (Debian package nftables) can be run.
+fn have_nft() -> bool {
+    Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// phone ─ phone NAT ─ relay/"internet" ─ desktop NAT ─ desktop, five namespaces. The relay's
+/// namespace routes between the two NATs' public addresses, as the internet would; each NAT
+/// masquerades its LAN and, like a home router, silently drops unsolicited connections to
+/// itself (answering them with a reset would abort every hole punch).
+fn behind_two_nats() -> Result<Namespaces> {
+    let ns = Namespaces::create('n', &["p", "np", "r", "nd", "d"])?;
+    ns.veth("a", ("p", PHONE_LAN_IP), ("np", PHONE_GATEWAY))?;
+    ns.veth("b", ("np", PHONE_IP), ("r", RELAY_PHONE_SIDE))?;
+    ns.veth("c", ("nd", DESKTOP_IP), ("r", RELAY_DESKTOP_SIDE))?;
+    ns.veth("d", ("d", DESKTOP_LAN_IP), ("nd", DESKTOP_GATEWAY))?;
+    for (n, via) in [
+        ("p", PHONE_GATEWAY),
+        ("d", DESKTOP_GATEWAY),
+        ("np", RELAY_PHONE_SIDE),
+        ("nd", RELAY_DESKTOP_SIDE),
+    ] {
+        ip(&["-n", &ns.get(n), "route", "add", "default", "via", via])?;
+    }
+    for (n, wan) in [("np", "b0"), ("nd", "c0")] {
+        let wan = format!("{}{wan}", ns.tag);
+        ns.forwarding(n, true)?;
+        ns.exec(n, &["nft", "add", "table", "ip", "nat"])?;
+        ns.exec(
+            n,
+            &[
+                "nft",
+                "add",
+                "chain",
+                "ip",
+                "nat",
+                "post",
+                "{ type nat hook postrouting priority 100; }",
+            ],
+        )?;
+        ns.exec(
+            n,
+            &[
+                "nft",
+                "add",
+                "rule",
+                "ip",
+                "nat",
+                "post",
+                "oifname",
+                &wan,
+                "masquerade",
+            ],
+        )?;
+        ns.exec(n, &["nft", "add", "table", "inet", "fw"])?;
+        ns.exec(
+            n,
+            &[
+                "nft",
+                "add",
+                "chain",
+                "inet",
+                "fw",
+                "in",
+                "{ type filter hook input priority 0; }",
+            ],
+        )?;
+        ns.exec(
+            n,
+            &[
+                "nft", "add", "rule", "inet", "fw", "in", "iifname", &wan, "ct", "state", "new",
+                "drop",
+            ],
+        )?;
+    }
+    ns.forwarding("r", true)?;
+    Ok(ns)
+}
+
+#[test]
+fn behind_two_nats_the_peers_hole_punch_and_sync_goes_on_without_the_relay() -> Result<()> {
+    if !is_root() {
+        println!("skipped: needs root (network namespaces)");
+        return Ok(());
+    }
+    if !have_nft() {
+        println!("skipped: needs nft (Debian package nftables) for the NATs");
+        return Ok(());
+    }
+    let net = behind_two_nats()?;
+    let root = tempdir()?;
+    let logs = root.path();
+    let relay_args = relay_args();
+    let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
+    let relay = Relay::start(
+        Some(&net.get("r")),
+        &root.path().join("relay"),
+        &relay_args,
+        2,
+        logs,
+    )?;
+    let desktop = Dev::desktop(root.path(), "desk", Some(&net.get("d")));
+    let phone = Dev::phone(root.path(), "phone", Some(&net.get("p")));
+    let phone_listen = format!("/ip4/{PHONE_LAN_IP}/tcp/0");
+    let desktop_relay = relay.addr_with(RELAY_DESKTOP_SIDE)?;
+    let desktop_daemon = desktop.daemon(
+        &format!("/ip4/{DESKTOP_LAN_IP}/tcp/0"),
+        &["--relay", &desktop_relay],
+        logs,
+    )?;
+    reserved(&desktop, SHORT)?;
+    pair(&phone, &ticket(&desktop)?, &phone_listen, &[])?;
+    let phone_daemon = phone.daemon(&phone_listen, &[], logs)?;
+
+    // DCUtR upgrades the relayed connection, and the relayed one is closed.
+    let (did, pid) = (desktop.peer_id()?, phone.peer_id()?);
+    let direct = |d: &Dev, peer: &str| {
+        d.link(peer).is_some_and(|l| {
+            l["connected"] == true && l["path"] == "direct" && l["in_sync"] == true
+        })
+    };
+    let mut last = (None, None);
+    wait_for("a direct connection through both NATs", LONG, || {
+        last = (desktop.link(&pid), phone.link(&did));
+        (direct(&desktop, &pid) && direct(&phone, &did)).then_some(())
+    })
+    .with_context(|| format!("last links {last:?}"))?;
+    let punched = |d: &Proc| d.log_text().contains("hole punch succeeded");
+    ensure!(
+        punched(&desktop_daemon) || punched(&phone_daemon),
+        "direct, but not by a hole punch"
+    );
+
+    // Proof by path: the relay's namespace now drops everything for the relay's port.
+    let port = RELAY_PORT.to_string();
+    net.exec("r", &["nft", "add", "table", "inet", "cut"])?;
+    net.exec(
+        "r",
+        &[
+            "nft",
+            "add",
+            "chain",
+            "inet",
+            "cut",
+            "in",
+            "{ type filter hook input priority 0; }",
+        ],
+    )?;
+    net.exec(
+        "r",
+        &[
+            "nft", "add", "rule", "inet", "cut", "in", "tcp", "dport", &port, "drop",
+        ],
+    )?;
+    let circuits = relay.log_lines(&["circuit opened"]).len();
+    let to_desktop = phone.send(": sent after the relay was cut off")?;
+    let to_phone = desktop.send(": answered after the relay was cut off")?;
+    arrives(&desktop, &to_desktop, SHORT)?;
+    arrives(&phone, &to_phone, SHORT)?;
+    ensure!(
+        direct(&desktop, &pid) && direct(&phone, &did),
+        "the peers left the direct path"
+    );
+    ensure!(
+        relay.log_lines(&["circuit opened"]).len() == circuits,
+        "a circuit was opened after the relay was cut off"
+    );
     Ok(())
 }

@@ -133,7 +133,7 @@ fn desktop_and_phone(
 
 /// A command that succeeds or fails, so folded statuses differ from task to task.
 fn command(side: &str, i: usize) -> String {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         format!("echo {side} {i}")
     } else {
         format!("echo {side} {i} failing; exit 3")
@@ -144,8 +144,17 @@ fn command(side: &str, i: usize) -> String {
 fn settled(home: &Home, want: usize) -> Option<BTreeMap<String, String>> {
     let t = home.thread().ok()?;
     let tasks = t["tasks"].as_array()?;
-    let ended = |s: &str| matches!(s, "done" | "failed" | "cancelled" | "denied" | "interrupted");
-    if tasks.len() != want || !tasks.iter().all(|t| ended(t["status"].as_str().unwrap_or(""))) {
+    let ended = |s: &str| {
+        matches!(
+            s,
+            "done" | "failed" | "cancelled" | "denied" | "interrupted"
+        )
+    };
+    if tasks.len() != want
+        || !tasks
+            .iter()
+            .all(|t| ended(t["status"].as_str().unwrap_or("")))
+    {
         return None;
     }
     Some(
@@ -153,7 +162,10 @@ fn settled(home: &Home, want: usize) -> Option<BTreeMap<String, String>> {
             .iter()
             .map(|t| {
                 let id = t["id"].as_str().unwrap_or_default().to_owned();
-                (id, format!("{} {} {}", t["status"], t["attempt"], t["requests"]))
+                (
+                    id,
+                    format!("{} {} {}", t["status"], t["attempt"], t["requests"]),
+                )
             })
             .collect(),
     )
@@ -269,12 +281,18 @@ fn offline_queue_converges_after_reconnect_and_sends_only_the_delta() -> Result<
     // Phase 2: the phone goes away; the desktop gets 500 more tasks (stopped meanwhile, so
     // the fixture can open its home) and comes back on the same address.
     ensure!(p.stop()?.success(), "the phone daemon did not exit cleanly");
-    ensure!(d.stop()?.success(), "the desktop daemon did not exit cleanly");
+    ensure!(
+        d.stop()?.success(),
+        "the desktop daemon did not exit cleanly"
+    );
     let queued: BTreeSet<String> = fill_tasks(&desktop.dir, DeviceKind::Desktop, MORE, "queued")?
         .into_iter()
         .collect();
     let (_d, addr2) = desktop.start_at(&addr, SYNC_ONLY)?;
-    ensure!(addr2 == addr, "the desktop came back on {addr2}, not {addr}");
+    ensure!(
+        addr2 == addr,
+        "the desktop came back on {addr2}, not {addr}"
+    );
 
     // Phase 3: the phone restarts; nobody is told to sync.
     let started = Instant::now();
@@ -319,7 +337,10 @@ fn an_untrusted_peer_connects_but_gets_no_thread_and_changes_nothing() -> Result
     let desktop_before = desktop.thread()?;
     let phone_before = phone.thread()?;
     ensure!(desktop_before["tasks"].as_array().map(Vec::len) == Some(4));
-    ensure!(desktop_before == phone_before, "the trusted pair is not in sync");
+    ensure!(
+        desktop_before == phone_before,
+        "the trusted pair is not in sync"
+    );
 
     // A third home trusts the desktop, but the desktop does not trust it.
     let stranger = Home::phone(root.path(), "stranger");
@@ -342,14 +363,23 @@ fn an_untrusted_peer_connects_but_gets_no_thread_and_changes_nothing() -> Result
             .then_some(())
     })?;
     let status = stranger.json(&["status", "--json"])?;
-    ensure!(status["thread_id"].is_null(), "the stranger got a thread: {status}");
+    ensure!(
+        status["thread_id"].is_null(),
+        "the stranger got a thread: {status}"
+    );
     ensure!(!stranger.run(&["thread", "--json"])?.status.success());
 
     // Nothing changed on the trusted side, and the stranger is not a device there.
-    ensure!(desktop.thread()? == desktop_before, "the desktop's thread changed");
+    ensure!(
+        desktop.thread()? == desktop_before,
+        "the desktop's thread changed"
+    );
     let out = phone_sync(&phone, "60s")?;
     ensure!(out.status.success(), "trusted phone sync: {out:?}");
-    ensure!(phone.thread()? == phone_before, "the phone's thread changed");
+    ensure!(
+        phone.thread()? == phone_before,
+        "the phone's thread changed"
+    );
     let devices = desktop.json(&["devices", "--json"])?;
     ensure!(
         !devices.to_string().contains(&sid),
@@ -521,7 +551,12 @@ fn bad_sync_input_gets_a_clean_close_and_the_desktop_serves_others() -> Result<(
     let cat = |parts: &[&[u8]]| parts.concat();
     // (what, bytes, half-close after writing, what the desktop's log must say)
     let cases: Vec<(&str, Vec<u8>, bool, &str)> = vec![
-        ("random bytes", random_bytes(4096), false, "sync session closed"),
+        (
+            "random bytes",
+            random_bytes(4096),
+            false,
+            "sync session closed",
+        ),
         ("a 4 GiB length prefix", vec![0xff; 4], false, "over the"),
         (
             "a truncated frame, then close",
@@ -531,22 +566,25 @@ fn bad_sync_input_gets_a_clean_close_and_the_desktop_serves_others() -> Result<(
         ),
         (
             "a hello, then a frame of an unknown kind",
-            cat(&[
-                &good_hello(),
-                &unknown_kind,
-            ]),
+            cat(&[&good_hello(), &unknown_kind]),
             false,
             "malformed frame",
         ),
         (
             "a hello, then a sync frame that is not an Automerge message",
-            cat(&[&good_hello(), &framed(&Frame::sync(doc.clone(), random_bytes(256)))]),
+            cat(&[
+                &good_hello(),
+                &framed(&Frame::sync(doc.clone(), random_bytes(256))),
+            ]),
             false,
             "not a sync message",
         ),
         (
             "a hello, then an Automerge message carrying garbage changes",
-            cat(&[&good_hello(), &framed(&Frame::sync(doc.clone(), garbage_changes))]),
+            cat(&[
+                &good_hello(),
+                &framed(&Frame::sync(doc.clone(), garbage_changes)),
+            ]),
             false,
             "sync session closed",
         ),
@@ -576,15 +614,20 @@ fn bad_sync_input_gets_a_clean_close_and_the_desktop_serves_others() -> Result<(
         client
             .feed(&bytes, close)
             .with_context(|| format!("after {what}"))?;
-        wait_for(&format!("the desktop to log why it closed ({what})"), SHORT, || {
-            let err = d.stderr();
-            let ours: Vec<&str> = err
-                .lines()
-                .filter(|l| l.contains("sync session closed") && l.contains(&raw_id))
-                .collect();
-            (ours.len() > closes_before && ours[closes_before..].iter().any(|l| l.contains(log)))
+        wait_for(
+            &format!("the desktop to log why it closed ({what})"),
+            SHORT,
+            || {
+                let err = d.stderr();
+                let ours: Vec<&str> = err
+                    .lines()
+                    .filter(|l| l.contains("sync session closed") && l.contains(&raw_id))
+                    .collect();
+                (ours.len() > closes_before
+                    && ours[closes_before..].iter().any(|l| l.contains(log)))
                 .then_some(())
-        })?;
+            },
+        )?;
         ensure!(d.is_running(), "the desktop died after {what}");
         // The desktop still serves its trusted phone.
         let task = send(&desktop, &format!("after {what}"))?;
@@ -751,7 +794,10 @@ async fn shutdown_joins_every_task_within_a_bound() -> Result<()> {
     .await
     .context("the peers did not sync")?;
     let live = metrics.num_alive_tasks();
-    ensure!(live > baseline, "no tasks while running? {live} vs {baseline}");
+    ensure!(
+        live > baseline,
+        "no tasks while running? {live} vs {baseline}"
+    );
 
     // Both at once, each with its peer still connected. `shutdown` gives each stage
     // SHUTDOWN_TIMEOUT and then aborts what is left: finishing sooner means every task
