@@ -125,9 +125,18 @@ fn split_chunks(mut bytes: &[u8]) -> Result<Vec<&[u8]>, ReplicaError> {
 fn check_chunk(chunk: &[u8]) -> Result<(), ReplicaError> {
     const DOCUMENT: u8 = 0;
     if chunk.get(8) != Some(&DOCUMENT) {
-        return automerge::Change::try_from(chunk)
-            .map(|_| ())
-            .map_err(|e| ReplicaError::BadChanges(e.to_string()));
+        let change = std::panic::catch_unwind(|| automerge::Change::try_from(chunk))
+            .map_err(|_| ReplicaError::BadChanges("automerge panicked while parsing them".into()))?
+            .map_err(|e| ReplicaError::BadChanges(e.to_string()))?;
+        // Parsing does not check the chunk's checksum (the first four bytes of the change's
+        // hash, also for a compressed chunk); loading does, and drops a mismatch silently.
+        if chunk.get(4..8) != change.hash().0.get(..4) {
+            return Err(ReplicaError::BadChanges(format!(
+                "change {} has a wrong checksum",
+                change.hash()
+            )));
+        }
+        return Ok(());
     }
     let loaded = std::panic::catch_unwind(|| {
         automerge::Automerge::load_with_options(
@@ -639,5 +648,36 @@ mod tests {
             check_changes(&garbage.encode()),
             Err(ReplicaError::BadChanges(_))
         ));
+    }
+
+    #[test]
+    fn a_change_with_a_wrong_checksum_is_refused() {
+        let mut doc = AutoCommit::new();
+        doc.put(ROOT, "long", "x".repeat(4096)).unwrap();
+        doc.commit();
+        let mut change = doc.get_last_local_change().unwrap().clone();
+        let plain = change.raw_bytes().to_vec();
+        let compressed = change.bytes().to_vec();
+        assert_eq!(compressed[8], 2, "a compressed change chunk");
+        for chunk in [plain, compressed] {
+            let message = |chunk: Vec<u8>| {
+                sync::Message {
+                    heads: Vec::new(),
+                    need: Vec::new(),
+                    have: Vec::new(),
+                    changes: vec![chunk].into(),
+                    flags: None,
+                    version: sync::MessageVersion::V1,
+                }
+                .encode()
+            };
+            check_changes(&message(chunk.clone())).unwrap();
+            let mut bad = chunk;
+            bad[5] ^= 0xff;
+            assert!(matches!(
+                check_changes(&message(bad)),
+                Err(ReplicaError::BadChanges(_))
+            ));
+        }
     }
 }

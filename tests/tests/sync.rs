@@ -512,6 +512,7 @@ fn good_hello() -> Vec<u8> {
     })
 }
 
+/// `n` random bytes.
 fn random_bytes(n: usize) -> Vec<u8> {
     (0..n).map(|_| rand::random::<u8>()).collect()
 }

@@ -69,6 +69,15 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Follow the task live and show its output as it arrives; the exit code reflects
+        /// the final status (4 for failed, cancelled, denied or interrupted).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this long (exit 3).
+        #[arg(long, default_value = "10m", value_parser = cli::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        net: NetArgs,
     },
     /// Show this phone's id, thread and desktop.
     Status {
@@ -81,6 +90,12 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Keep running and print each task as it changes (one JSON object per line with
+        /// --json).
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        net: NetArgs,
     },
     /// Show one task.
     Task {
@@ -197,6 +212,47 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             cli::init_logging("warn");
             sync(&home, &net, timeout).await
         }
+        Command::Send {
+            text,
+            executor,
+            json,
+            wait: true,
+            timeout,
+            net,
+        } => {
+            cli::init_logging("warn");
+            let opened = open_online(&home, &net).await?;
+            let out = async {
+                let v = cli::execute(
+                    &opened,
+                    Request::Send {
+                        text,
+                        executor,
+                        not_after: None,
+                    },
+                )
+                .await?;
+                let id = v["task_id"].as_str().unwrap_or_default().to_owned();
+                if !json {
+                    println!("{id}");
+                }
+                follow_task(&opened, &id, timeout, json).await
+            }
+            .await;
+            close(opened).await;
+            out
+        }
+        Command::Thread {
+            json,
+            follow: true,
+            net,
+        } => {
+            cli::init_logging("warn");
+            let opened = open_online(&home, &net).await?;
+            let out = follow_thread(&opened, json).await;
+            close(opened).await;
+            out
+        }
         Command::Pair {
             ticket,
             name,
@@ -243,6 +299,120 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             }
             out
         }
+    }
+}
+
+/// Opens the home with the network running here, or finds the daemon that holds it.
+async fn open_online(home: &std::path::Path, net: &NetArgs) -> Result<Opened, ApiError> {
+    match cli::open(home.to_owned(), DeviceKind::Phone)? {
+        opened @ Opened::Daemon(_) => Ok(opened),
+        Opened::Local(peer) => {
+            drop(peer);
+            let peer = open_peer(home, net, None)?;
+            peer.start()
+                .await
+                .map_err(|e| ApiError::new(e.to_string()))?;
+            Ok(Opened::Local(peer))
+        }
+    }
+}
+
+async fn close(opened: Opened) {
+    if let Opened::Local(peer) = opened {
+        peer.shutdown().await;
+    }
+}
+
+/// How often `--wait` and `--follow` look for news. Local reads are cheap; a quarter second
+/// keeps output feeling live.
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
+
+/// Follows one task until it ends: prints output as it arrives, exits by its final status.
+async fn follow_task(
+    opened: &Opened,
+    id: &str,
+    timeout: Duration,
+    json: bool,
+) -> Result<(), ApiError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut printed = 0usize;
+    let mut last_status = String::new();
+    loop {
+        let t = cli::execute(opened, Request::Task { id: id.to_owned() }).await?;
+        let status = t["status"].as_str().unwrap_or_default().to_owned();
+        let attempt = t["attempt"].as_u64().unwrap_or(1);
+        let outputs: Vec<&str> = t["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["kind"] == "output" && e["attempt"].as_u64() == Some(attempt))
+            .filter_map(|e| e["text"].as_str())
+            .collect();
+        if !json {
+            if status != last_status {
+                eprintln!("[{status}]");
+            }
+            for o in outputs.iter().skip(printed) {
+                print!("{o}");
+            }
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        }
+        printed = outputs.len();
+        last_status = status.clone();
+        let terminal = matches!(
+            status.as_str(),
+            "done" | "failed" | "cancelled" | "denied" | "interrupted"
+        );
+        if terminal {
+            if json {
+                cli::print_json(&t);
+            }
+            return if status == "done" {
+                Ok(())
+            } else {
+                Err(ApiError::with_code(
+                    exit::TASK_FAILED,
+                    format!("task {id} ended {status}"),
+                ))
+            };
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::with_code(
+                exit::UNREACHABLE,
+                format!("timed out after {timeout:?}; task {id} is {status}"),
+            ));
+        }
+        tokio::time::sleep(FOLLOW_POLL).await;
+    }
+}
+
+/// Prints tasks as they change until interrupted.
+async fn follow_thread(opened: &Opened, json: bool) -> Result<(), ApiError> {
+    let mut seen: std::collections::HashMap<String, serde_json::Value> = Default::default();
+    let follow = async {
+        loop {
+            let v = cli::execute(opened, Request::Thread).await?;
+            for t in v["tasks"].as_array().into_iter().flatten() {
+                let id = t["id"].as_str().unwrap_or_default().to_owned();
+                if seen.get(&id) != Some(t) {
+                    if json {
+                        use std::io::Write;
+                        let _ = writeln!(std::io::stdout().lock(), "{t}");
+                    } else {
+                        cli::print_task(t);
+                    }
+                    seen.insert(id, t.clone());
+                }
+            }
+            tokio::time::sleep(FOLLOW_POLL).await;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), ApiError>(())
+    };
+    tokio::select! {
+        r = follow => r,
+        _ = cli::shutdown_signal() => Ok(()),
     }
 }
 
@@ -358,6 +528,7 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
             text,
             executor,
             json,
+            ..
         } => {
             let v = cli::execute(
                 opened,
@@ -387,7 +558,7 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
             }
             Ok(())
         }
-        Command::Thread { json } => {
+        Command::Thread { json, .. } => {
             let v = cli::execute(opened, Request::Thread).await?;
             if json {
                 cli::print_json(&v)
