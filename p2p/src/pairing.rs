@@ -379,7 +379,10 @@ impl TicketBook for Book {
 }
 
 /// Serves `/errand/pair/1` on a started desktop until the network stops.
-pub fn serve(peer: &Peer) -> Result<tokio::task::JoinHandle<()>, PeerError> {
+pub fn serve(
+    peer: &Peer,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, PeerError> {
     let node = peer.node().ok_or(PeerError::NotStarted)?;
     let mut incoming = node
         .control()
@@ -389,7 +392,14 @@ pub fn serve(peer: &Peer) -> Result<tokio::task::JoinHandle<()>, PeerError> {
     refresh_window(peer);
     let peer = peer.clone();
     Ok(tokio::spawn(async move {
-        while let Some((phone, mut stream)) = incoming.next().await {
+        loop {
+            let (phone, mut stream) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                next = incoming.next() => match next {
+                    Some(n) => n,
+                    None => return,
+                },
+            };
             let peer = peer.clone();
             tokio::spawn(async move {
                 let desktop = peer.peer_id();

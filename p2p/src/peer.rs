@@ -726,7 +726,7 @@ impl Peer {
         let sup_task = tokio::spawn(sup.run(node_events, session_rx, internal_rx));
         let mut tasks = vec![accept, sup_task, node_task];
         if self.kind() == DeviceKind::Desktop {
-            tasks.push(crate::pairing::serve(self)?);
+            tasks.push(crate::pairing::serve(self, cancel.clone())?);
         }
         *net = Some(Net {
             node,

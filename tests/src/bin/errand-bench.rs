@@ -1189,7 +1189,7 @@ async fn build_fixture(dir: &Path, tasks: usize) -> Result<Fixture> {
             })
             .await?;
         next = end;
-        if (next / FIXTURE_BATCH) % 10 == 0 {
+        if (next / FIXTURE_BATCH).is_multiple_of(10) {
             progress!("fixture {next}/{tasks} tasks");
         }
     }

@@ -784,6 +784,7 @@ struct StockRelayBehaviour {
 /// reservations and 16 circuits, which the bench would hit).
 const STOCK_MAX: usize = 100_000;
 
+#[allow(clippy::single_match)]
 async fn run_stock_relay(listen: Multiaddr) -> Result<()> {
     let mut swarm = SwarmBuilder::with_new_identity()
         .with_tokio()
@@ -793,11 +794,16 @@ async fn run_stock_relay(listen: Multiaddr) -> Result<()> {
             yamux::Config::default,
         )?
         .with_behaviour(|key| {
-            let mut config = relay::Config::default();
-            config.max_reservations = STOCK_MAX;
-            config.max_circuits = STOCK_MAX;
-            config.max_circuits_per_peer = STOCK_MAX;
-            config.reservation_rate_limiters = Vec::new();
+            #[allow(clippy::field_reassign_with_default)]
+            let config = {
+                let mut config = relay::Config::default();
+                config.max_reservations = STOCK_MAX;
+                config.max_circuits = STOCK_MAX;
+                config.max_circuits_per_peer = STOCK_MAX;
+                config.reservation_rate_limiters = Vec::new();
+                config
+            };
+            let mut config = config;
             config.circuit_src_rate_limiters = Vec::new();
             StockRelayBehaviour {
                 relay: relay::Behaviour::new(key.public().to_peer_id(), config),
