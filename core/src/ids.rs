@@ -26,8 +26,10 @@ macro_rules! ulid_id {
 
         impl $name {
             /// A new id for the given creation time (UTC milliseconds) with random bits.
+            /// Ids made by one process never go backwards, even within one millisecond, so
+            /// "oldest first" is creation order.
             pub fn new_at(ms: i64) -> Self {
-                Self(Ulid::from_parts(ms.max(0) as u64, rand::random()))
+                Self(monotonic(Ulid::from_parts(ms.max(0) as u64, rand::random())))
             }
             /// The creation time encoded in the id, in UTC milliseconds.
             pub fn timestamp_ms(&self) -> i64 {
@@ -65,6 +67,22 @@ macro_rules! ulid_id {
             }
         }
     };
+}
+
+/// The last id this process made; the next one is greater.
+static LAST_ULID: std::sync::Mutex<u128> = std::sync::Mutex::new(0);
+
+fn monotonic(candidate: Ulid) -> Ulid {
+    let Ok(mut last) = LAST_ULID.lock() else {
+        return candidate;
+    };
+    let next = if u128::from(candidate) > *last || *last == u128::MAX {
+        u128::from(candidate)
+    } else {
+        *last + 1
+    };
+    *last = next;
+    Ulid::from(next)
 }
 
 ulid_id!(
@@ -198,7 +216,12 @@ pub(crate) mod tests {
         assert_eq!(a.to_string().parse::<TaskId>().unwrap(), a);
         assert_eq!(a.timestamp_ms(), 1_000);
         assert!("not-a-ulid".parse::<TaskId>().is_err());
-        assert!("8ZZZZZZZZZZZZZZZZZZZZZZZZZ".parse::<TaskId>().is_err());
+        assert!("0123456789ABCDEFGHJKMNPQRU".parse::<TaskId>().is_err());
+        let ids: Vec<TaskId> = (0..100).map(|_| TaskId::new_at(5_000)).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "ids in one millisecond keep creation order"
+        );
         let json = serde_json::to_string(&a).unwrap();
         assert_eq!(serde_json::from_str::<TaskId>(&json).unwrap(), a);
     }
