@@ -722,6 +722,7 @@ impl Peer {
             sessions: HashMap::new(),
             generation: 0,
             backoff: HashMap::new(),
+            tasks: tokio::task::JoinSet::new(),
         };
         let sup_task = tokio::spawn(sup.run(node_events, session_rx, internal_rx));
         let mut tasks = vec![accept, sup_task, node_task];
@@ -829,6 +830,8 @@ struct Supervisor {
     sessions: HashMap<PeerId, (u64, CancellationToken)>,
     generation: u64,
     backoff: HashMap<PeerId, Backoff>,
+    /// Session and stream-opening tasks, joined on shutdown.
+    tasks: tokio::task::JoinSet<()>,
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -855,11 +858,23 @@ impl Supervisor {
                     Some(ev) => self.on_node(ev).await,
                     None => break,
                 },
-                _ = tick.tick() => self.redial().await,
+                _ = tick.tick() => {
+                    while self.tasks.try_join_next().is_some() {}
+                    self.redial().await
+                }
             }
         }
         for (_, (_, c)) in self.sessions.drain() {
             c.cancel();
+        }
+        // Let sessions see the cancel and finish their last write, then join them.
+        let join = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_TIMEOUT / 2, join)
+            .await
+            .is_err()
+        {
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
         }
     }
 
@@ -884,7 +899,7 @@ impl Supervisor {
             may_adopt: self.peer.kind() == DeviceKind::Phone,
         };
         let internal = self.internal_tx.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let span = tracing::info_span!("sync", %peer);
             let _e = span.enter();
             drop(_e);
@@ -903,8 +918,13 @@ impl Supervisor {
             .insert(peer, (generation, self.cancel.child_token()));
         let mut control = self.node.control();
         let internal = self.internal_tx.clone();
-        tokio::spawn(async move {
-            match control.open_stream(peer, SYNC_PROTOCOL).await {
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            let opened = tokio::select! {
+                _ = cancel.cancelled() => return,
+                opened = control.open_stream(peer, SYNC_PROTOCOL) => opened,
+            };
+            match opened {
                 Ok(stream) => {
                     let _ = internal
                         .send(Internal::Opened(peer, generation, stream))
