@@ -131,6 +131,8 @@ stop-net | start-net [PEER ADDR] | status | cpu | ticket | pair TICKET | quit";
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Logs go to stderr (the bench keeps them per process); RUST_LOG filters them.
+    errand_p2p::cli::init_logging("warn");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
