@@ -14,7 +14,7 @@
 //! from that same actor.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -84,9 +84,34 @@ pub struct ThreadGenesis {
 }
 
 impl ThreadGenesis {
-    /// The document id of this thread.
+    /// The id of this thread's meta document (the whole thread before segments existed).
     pub fn doc_id(&self) -> DocId {
         DocId::thread(&self.thread_id)
+    }
+
+    /// The id of segment `n` (>= 1): derived from the thread id and `n`, so two peers that
+    /// roll over while apart create the same document.
+    pub fn segment_doc_id(&self, n: u32) -> DocId {
+        DocId(format!("{}.{n}", self.thread_id))
+    }
+
+    /// Which part of this thread a document id names: 0 for the meta document, n >= 1 for
+    /// segment n, `None` for anything else.
+    pub fn part_of(&self, id: &DocId) -> Option<u32> {
+        let thread = self.thread_id.to_string();
+        let rest = id.as_str().strip_prefix(thread.as_str())?;
+        if rest.is_empty() {
+            return Some(0);
+        }
+        let digits = rest.strip_prefix('.')?;
+        if digits.is_empty()
+            || digits.len() > 9
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+            || digits.starts_with('0')
+        {
+            return None;
+        }
+        digits.parse().ok()
     }
 }
 
@@ -122,6 +147,9 @@ pub enum WriteError {
     /// The task does not exist (or has not synced here yet).
     #[error("no task {0} in this thread")]
     UnknownTask(TaskId),
+    /// The segment the write belongs in is not held in memory.
+    #[error("segment {0} of the thread is not loaded")]
+    NotLoaded(u32),
     /// Automerge refused the write.
     #[error("document error: {0}")]
     Automerge(Box<automerge::AutomergeError>),
@@ -133,20 +161,263 @@ impl From<automerge::AutomergeError> for WriteError {
     }
 }
 
-/// The thread document.
-pub struct ThreadDoc {
+/// A segment is closed to new tasks once it holds this many changes. Automerge's sync
+/// protocol and its loading walk the whole change history of a document, so their cost grows
+/// with it (DESIGN.md 3.1: one new task costs 0.26 ms at about 1,250 changes and 15 ms at
+/// 100,000). 10,000 changes (about 2,000 tasks of five changes each) keeps every document in
+/// the range where a sync round stays around a couple of milliseconds and a load well under
+/// 100 ms, while a busy thread still rolls over only every few weeks.
+pub const SEGMENT_MAX_CHANGES: usize = 10_000;
+
+/// How far past the newest segment a peer may name a document: a rollover during a session
+/// creates the next one, and a peer back from a long absence lists its own in the hello.
+pub const SEGMENT_AHEAD: u32 = 4;
+
+/// Op counters of a segment's genesis change: `put schema, thread_id, segment`, then
+/// `messages`, `tasks`.
+const SEG_MESSAGES_CTR: u64 = 4;
+const SEG_TASKS_CTR: u64 = 5;
+
+/// One Automerge document of a thread: the meta document (number 0, which also holds the
+/// tasks and messages of a thread written before segments existed) or segment n >= 1.
+pub struct Part {
+    n: u32,
+    id: DocId,
     doc: AutoCommit,
+    tasks: ObjId,
+    messages: ObjId,
+    /// Changes in the document (counted at load, then kept up to date; may run a little high
+    /// after a merge that repeated changes, which only makes a rollover come sooner).
+    changes: usize,
+}
+
+impl fmt::Debug for Part {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Part")
+            .field("id", &self.id)
+            .field("changes", &self.changes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Part {
+    /// The thread's meta document with its genesis, `actor` writing from then on.
+    fn meta(genesis: &ThreadGenesis, actor: ActorId) -> Self {
+        let mut doc = AutoCommit::new().with_actor(genesis_actor());
+        // These writes cannot fail on a fresh document.
+        let _ = doc.put(ROOT, "schema", SCHEMA_VERSION);
+        let _ = doc.put(ROOT, "thread_id", genesis.thread_id.to_string());
+        let _ = doc.put(ROOT, "owner", genesis.owner.as_str());
+        let _ = doc.put(ROOT, "owner_actor", genesis.owner_actor.as_str());
+        let _ = doc.put_object(ROOT, "devices", ObjType::Map);
+        let _ = doc.put_object(ROOT, "messages", ObjType::List);
+        let _ = doc.put_object(ROOT, "tasks", ObjType::Map);
+        doc.commit_with(CommitOptions::default().with_time(0));
+        doc.set_actor(actor);
+        // "Nothing pending": every peer derives the genesis, so it is never stored or sent.
+        let _ = doc.save_incremental();
+        Self {
+            n: 0,
+            id: genesis.doc_id(),
+            doc,
+            tasks: genesis_obj(TASKS_CTR),
+            messages: genesis_obj(MESSAGES_CTR),
+            changes: 1,
+        }
+    }
+
+    /// Segment `n` (>= 1) with its deterministic genesis.
+    fn segment(genesis: &ThreadGenesis, n: u32, actor: ActorId) -> Self {
+        let mut doc = AutoCommit::new().with_actor(genesis_actor());
+        let _ = doc.put(ROOT, "schema", SCHEMA_VERSION);
+        let _ = doc.put(ROOT, "thread_id", genesis.thread_id.to_string());
+        let _ = doc.put(ROOT, "segment", u64::from(n));
+        let _ = doc.put_object(ROOT, "messages", ObjType::List);
+        let _ = doc.put_object(ROOT, "tasks", ObjType::Map);
+        doc.commit_with(CommitOptions::default().with_time(0));
+        doc.set_actor(actor);
+        let _ = doc.save_incremental();
+        Self {
+            n,
+            id: genesis.segment_doc_id(n),
+            doc,
+            tasks: genesis_obj(SEG_TASKS_CTR),
+            messages: genesis_obj(SEG_MESSAGES_CTR),
+            changes: 1,
+        }
+    }
+
+    /// Applies stored bytes (a snapshot, then chunks) on top of the genesis.
+    fn load<'a>(
+        mut self,
+        parts: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Self, automerge::AutomergeError> {
+        let mut any = false;
+        for part in parts {
+            self.doc.load_incremental(part)?;
+            any = true;
+        }
+        let _ = self.doc.save_incremental();
+        if any {
+            self.changes = self.doc.get_changes(&[]).len();
+        }
+        Ok(self)
+    }
+
+    /// Which part of the thread: 0 for the meta document, n for segment n.
+    pub fn number(&self) -> u32 {
+        self.n
+    }
+
+    /// The document id.
+    pub fn id(&self) -> &DocId {
+        &self.id
+    }
+
+    /// Changes in the document.
+    pub fn changes(&self) -> usize {
+        self.changes
+    }
+
+    /// Notes `n` changes merged from a peer.
+    pub fn add_changes(&mut self, n: usize) {
+        self.changes += n;
+    }
+
+    /// Updates the change count after merging sync message `msg`: one per change chunk, or
+    /// a recount when the message carried a whole document (a first sync).
+    pub fn note_merged(&mut self, msg: &[u8]) {
+        let Ok(m) = automerge::sync::Message::decode(msg) else {
+            return;
+        };
+        const DOCUMENT_CHUNK: u8 = 0;
+        if m.changes.iter().any(|c| c.get(8) == Some(&DOCUMENT_CHUNK)) {
+            self.changes = self.doc.get_changes(&[]).len();
+        } else {
+            self.changes += m.changes.len();
+        }
+    }
+
+    /// The Automerge document, for the sync session and the push path.
+    pub fn automerge(&mut self) -> &mut AutoCommit {
+        &mut self.doc
+    }
+
+    /// Current heads (sorted).
+    pub fn heads(&mut self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// Changes since the last `save_incremental`/`save`, for appending to the store.
+    pub fn save_incremental(&mut self) -> Vec<u8> {
+        self.doc.save_incremental()
+    }
+
+    /// The whole document, compacted, for a store snapshot.
+    pub fn save(&mut self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    fn reader<'a>(&'a self, skipped: &'a AtomicU64) -> Reader<'a> {
+        Reader {
+            doc: &self.doc,
+            tasks: &self.tasks,
+            skipped,
+        }
+    }
+
+    fn commit(&mut self, now: Millis, what: &str) {
+        self.doc
+            .commit_with(CommitOptions::default().with_time(now).with_message(what));
+        self.changes += 1;
+    }
+
+    /// Commits on success, rolls back on error, so a failed write leaves nothing behind.
+    fn finish(
+        &mut self,
+        result: Result<(), automerge::AutomergeError>,
+        now: Millis,
+        what: &str,
+    ) -> Result<(), WriteError> {
+        match result {
+            Ok(()) => {
+                self.commit(now, what);
+                Ok(())
+            }
+            Err(e) => {
+                self.doc.rollback();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Tasks that gained content (the task itself or any of its events) between `before` and
+    /// the current heads. Uses Automerge's diff over the tasks object, not a scan of all tasks.
+    fn tasks_changed_since(&mut self, before: &[ChangeHash]) -> BTreeSet<TaskId> {
+        let after = self.doc.get_heads();
+        if before == after.as_slice() {
+            return BTreeSet::new();
+        }
+        let tasks = self.tasks.clone();
+        let Ok(patches) = self.doc.diff_obj(&tasks, before, &after, true) else {
+            return BTreeSet::new();
+        };
+        let mut out = BTreeSet::new();
+        for p in patches {
+            let key = if p.obj == tasks {
+                match &p.action {
+                    PatchAction::PutMap { key, .. } => Some(key.clone()),
+                    _ => None,
+                }
+            } else {
+                p.path.iter().find_map(|(obj, prop)| match prop {
+                    Prop::Map(k) if *obj == tasks => Some(k.clone()),
+                    _ => None,
+                })
+            };
+            if let Some(id) = key.and_then(|k| k.parse::<TaskId>().ok()) {
+                out.insert(id);
+            }
+        }
+        out
+    }
+
+    fn has_task_key(&self, id: &TaskId) -> bool {
+        self.doc
+            .get_all(&self.tasks, id.to_string())
+            .is_ok_and(|v| !v.is_empty())
+    }
+}
+
+/// The thread: its meta document and the segments held in memory.
+///
+/// Writes go to the right document by themselves (devices to the meta document, new tasks
+/// and messages to the newest segment, a task's events to the task's own segment); reads
+/// cover the documents held in memory. Which segments are held is the caller's choice (the
+/// replica keeps the newest one and those with unfinished tasks, and loads others on demand).
+pub struct ThreadDoc {
     /// Known from creation, the store, the hello or the pairing handshake; never read back
     /// from the document, where a peer could supersede the root keys.
     genesis: ThreadGenesis,
     owner_actor: Option<ActorId>,
+    actor: ActorId,
+    meta: Part,
+    segments: BTreeMap<u32, Part>,
+    /// The highest segment number known to exist (0: none yet).
+    newest: u32,
+    /// Parts written locally since the last [`Self::take_dirty`].
+    dirty: BTreeSet<u32>,
+    /// [`SEGMENT_MAX_CHANGES`], or less in tests that exercise rollovers.
+    segment_max: usize,
     skipped: AtomicU64,
 }
 
 impl fmt::Debug for ThreadDoc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ThreadDoc")
-            .field("actor", &self.doc.get_actor().to_hex_string())
+            .field("actor", &self.actor.to_hex_string())
+            .field("segments", &self.segments.keys().collect::<Vec<_>>())
+            .field("newest", &self.newest)
             .finish_non_exhaustive()
     }
 }
@@ -175,78 +446,127 @@ fn op_key(id: &ObjId) -> (u64, Vec<u8>) {
     }
 }
 
+type Authors = HashMap<ActorId, (DeviceId, Option<Millis>)>;
+
 impl ThreadDoc {
-    /// A new thread document: the genesis change, then `actor` for all later writes.
+    /// A new thread: the meta document's genesis, then `actor` for all later writes.
     pub fn create(genesis: &ThreadGenesis, actor: ActorId) -> Self {
-        let mut doc = AutoCommit::new().with_actor(genesis_actor());
-        // These writes cannot fail on a fresh document.
-        let _ = doc.put(ROOT, "schema", SCHEMA_VERSION);
-        let _ = doc.put(ROOT, "thread_id", genesis.thread_id.to_string());
-        let _ = doc.put(ROOT, "owner", genesis.owner.as_str());
-        let _ = doc.put(ROOT, "owner_actor", genesis.owner_actor.as_str());
-        let _ = doc.put_object(ROOT, "devices", ObjType::Map);
-        let _ = doc.put_object(ROOT, "messages", ObjType::List);
-        let _ = doc.put_object(ROOT, "tasks", ObjType::Map);
-        doc.commit_with(CommitOptions::default().with_time(0));
-        doc.set_actor(actor);
-        Self::wrap(doc, genesis.clone())
+        Self {
+            meta: Part::meta(genesis, actor.clone()),
+            owner_actor: ActorId::try_from(genesis.owner_actor.as_str()).ok(),
+            genesis: genesis.clone(),
+            actor,
+            segments: BTreeMap::new(),
+            newest: 0,
+            dirty: BTreeSet::new(),
+            segment_max: SEGMENT_MAX_CHANGES,
+            skipped: AtomicU64::new(0),
+        }
     }
 
-    /// Loads a document from a snapshot followed by incremental chunks. The genesis applied
-    /// on top is a no-op when the stored document already holds it.
+    /// Rolls over to a new segment after `changes` changes instead of
+    /// [`SEGMENT_MAX_CHANGES`] (tests and benchmarks that exercise rollovers).
+    pub fn set_segment_limit(&mut self, changes: usize) {
+        self.segment_max = changes.max(2);
+    }
+
+    /// Loads the meta document from a snapshot followed by incremental chunks. Segments are
+    /// attached separately ([`Self::attach_segment`]).
     pub fn load<'a>(
         parts: impl IntoIterator<Item = &'a [u8]>,
         genesis: &ThreadGenesis,
         actor: ActorId,
     ) -> Result<Self, automerge::AutomergeError> {
         let mut doc = Self::create(genesis, actor);
-        for part in parts {
-            doc.doc.load_incremental(part)?;
-        }
-        let _ = doc.doc.save_incremental();
+        let meta = std::mem::replace(&mut doc.meta, Part::meta(genesis, doc.actor.clone()));
+        doc.meta = meta.load(parts)?;
         Ok(doc)
     }
 
-    fn wrap(mut doc: AutoCommit, genesis: ThreadGenesis) -> Self {
-        // Start from "nothing pending": what was loaded or created is persisted by the caller,
-        // who stores `save()` of a new document (see [`Self::save`]).
-        let _ = doc.save_incremental();
-        Self {
-            doc,
-            owner_actor: ActorId::try_from(genesis.owner_actor.as_str()).ok(),
-            genesis,
-            skipped: AtomicU64::new(0),
+    /// Loads segment `n` from stored bytes (none: a fresh segment) and holds it in memory.
+    pub fn attach_segment<'a>(
+        &mut self,
+        n: u32,
+        parts: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(), automerge::AutomergeError> {
+        if n == 0 || self.segments.contains_key(&n) {
+            return Ok(());
+        }
+        let part = Part::segment(&self.genesis, n, self.actor.clone()).load(parts)?;
+        self.segments.insert(n, part);
+        self.newest = self.newest.max(n);
+        Ok(())
+    }
+
+    /// Releases segment `n` from memory (never the meta document). Its unsaved local
+    /// changes must have been stored first.
+    pub fn detach_segment(&mut self, n: u32) -> bool {
+        self.segments.remove(&n).is_some()
+    }
+
+    /// Records that segment `n` exists (a stored or a peer's segment) without loading it.
+    pub fn note_segment(&mut self, n: u32) {
+        self.newest = self.newest.max(n);
+    }
+
+    /// The highest segment number known (0: none yet).
+    pub fn newest_segment(&self) -> u32 {
+        self.newest
+    }
+
+    /// Part numbers held in memory: 0 (the meta document) and the loaded segments.
+    pub fn loaded(&self) -> Vec<u32> {
+        std::iter::once(0)
+            .chain(self.segments.keys().copied())
+            .collect()
+    }
+
+    /// True if part `n` is held in memory.
+    pub fn is_loaded(&self, n: u32) -> bool {
+        n == 0 || self.segments.contains_key(&n)
+    }
+
+    /// Part `n`, if held in memory.
+    pub fn part(&self, n: u32) -> Option<&Part> {
+        if n == 0 {
+            Some(&self.meta)
+        } else {
+            self.segments.get(&n)
         }
     }
 
-    /// The Automerge document, for the sync session.
-    pub(crate) fn automerge(&mut self) -> &mut AutoCommit {
-        &mut self.doc
+    /// Part `n`, if held in memory.
+    pub fn part_mut(&mut self, n: u32) -> Option<&mut Part> {
+        if n == 0 {
+            Some(&mut self.meta)
+        } else {
+            self.segments.get_mut(&n)
+        }
+    }
+
+    /// Which part of this thread a document id names: 0 for the meta document, n for
+    /// segment n. `None` for anything else.
+    pub fn part_of(&self, id: &DocId) -> Option<u32> {
+        self.genesis.part_of(id)
+    }
+
+    /// Parts written locally since the last call, for the caller to store.
+    pub fn take_dirty(&mut self) -> BTreeSet<u32> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// The heads of every part in memory, tagged by part (for comparing replicas).
+    pub fn heads(&mut self) -> Vec<(u32, Vec<ChangeHash>)> {
+        let mut out = vec![(0, self.meta.heads())];
+        for (n, p) in &mut self.segments {
+            out.push((*n, p.heads()));
+        }
+        out
     }
 
     /// This replica's actor id.
     pub fn actor(&self) -> &ActorId {
-        self.doc.get_actor()
-    }
-
-    /// Current heads.
-    pub fn heads(&mut self) -> Vec<ChangeHash> {
-        self.doc.get_heads()
-    }
-
-    /// Changes since the last `save_incremental`/`save`, for appending to the store.
-    pub fn save_incremental(&mut self) -> Vec<u8> {
-        self.doc.save_incremental()
-    }
-
-    /// The whole document, compacted, for a store snapshot.
-    pub fn save(&mut self) -> Vec<u8> {
-        self.doc.save()
-    }
-
-    /// Everything not reachable from `heads`.
-    pub fn save_after(&mut self, heads: &[ChangeHash]) -> Vec<u8> {
-        self.doc.save_after(heads)
+        &self.actor
     }
 
     /// How many records reads have skipped as malformed or unauthorised, since creation.
@@ -254,77 +574,69 @@ impl ThreadDoc {
         self.skipped.load(Ordering::Relaxed)
     }
 
-    fn skip(&self, what: &str, why: &str) {
-        self.skipped.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(what, why, "skipped a record that does not fit the schema");
-    }
-
-    // ---- genesis ----------------------------------------------------------------------
-
     /// The genesis parameters of this thread.
     pub fn genesis(&self) -> &ThreadGenesis {
         &self.genesis
     }
 
-    /// The document id of this thread.
+    /// The meta document's id.
     pub fn doc_id(&self) -> DocId {
         self.genesis.doc_id()
     }
 
     // ---- writes ------------------------------------------------------------------------
 
-    fn commit(&mut self, now: Millis, what: &str) {
-        self.doc
-            .commit_with(CommitOptions::default().with_time(now).with_message(what));
+    /// The segment new tasks and messages go to: the newest, or a new one when the newest is
+    /// full (or none exists yet). The newest segment must be held in memory.
+    fn newest_part(&mut self) -> Result<&mut Part, WriteError> {
+        let full = match self.segments.get(&self.newest) {
+            Some(p) => p.changes >= self.segment_max,
+            None if self.newest == 0 => true,
+            None => return Err(WriteError::NotLoaded(self.newest)),
+        };
+        if full {
+            let n = self.newest + 1;
+            tracing::info!(segment = n, "starting a new segment of the thread");
+            self.segments
+                .insert(n, Part::segment(&self.genesis, n, self.actor.clone()));
+            self.newest = n;
+        }
+        let n = self.newest;
+        self.dirty.insert(n);
+        self.segments.get_mut(&n).ok_or(WriteError::NotLoaded(n))
     }
 
     /// Records (or updates) a device. Only the owner's records count when read.
     pub fn add_device(&mut self, device: &Device) -> Result<(), WriteError> {
         check_len("device name", &device.name, limits::MAX_SHORT_TEXT_BYTES)?;
         let devices = genesis_obj(DEVICES_CTR);
+        let p = &mut self.meta;
         let result = (|| {
-            let obj = self
+            let obj = p
                 .doc
                 .put_object(&devices, device.id.as_str(), ObjType::Map)?;
-            self.doc.put(&obj, "name", device.name.as_str())?;
-            self.doc.put(&obj, "kind", device.kind.as_str())?;
-            let actors = self.doc.put_object(&obj, "actors", ObjType::List)?;
+            p.doc.put(&obj, "name", device.name.as_str())?;
+            p.doc.put(&obj, "kind", device.kind.as_str())?;
+            let actors = p.doc.put_object(&obj, "actors", ObjType::List)?;
             for (i, a) in device.actors.iter().enumerate() {
-                self.doc.insert(&actors, i, a.as_str())?;
+                p.doc.insert(&actors, i, a.as_str())?;
             }
-            let execs = self.doc.put_object(&obj, "executors", ObjType::List)?;
+            let execs = p.doc.put_object(&obj, "executors", ObjType::List)?;
             for (i, e) in device.executors.iter().enumerate() {
-                self.doc.insert(&execs, i, e.as_str())?;
+                p.doc.insert(&execs, i, e.as_str())?;
             }
-            self.doc.put(&obj, "added_at", device.added_at)?;
+            p.doc.put(&obj, "added_at", device.added_at)?;
             if let Some(at) = device.revoked_at {
-                self.doc.put(&obj, "revoked_at", at)?;
+                p.doc.put(&obj, "revoked_at", at)?;
             }
             Ok::<_, automerge::AutomergeError>(())
         })();
-        self.finish(result, device.added_at, "device")
+        p.finish(result, device.added_at, "device")?;
+        self.dirty.insert(0);
+        Ok(())
     }
 
-    /// Commits on success, rolls back on error, so a failed write leaves nothing behind.
-    fn finish(
-        &mut self,
-        result: Result<(), automerge::AutomergeError>,
-        now: Millis,
-        what: &str,
-    ) -> Result<(), WriteError> {
-        match result {
-            Ok(()) => {
-                self.commit(now, what);
-                Ok(())
-            }
-            Err(e) => {
-                self.doc.rollback();
-                Err(e.into())
-            }
-        }
-    }
-
-    /// Posts a chat message.
+    /// Posts a chat message (to the newest segment).
     pub fn post_message(
         &mut self,
         kind: MessageKind,
@@ -334,24 +646,25 @@ impl ThreadDoc {
     ) -> Result<MessageId, WriteError> {
         check_len("message", text, limits::MAX_MESSAGE_BYTES)?;
         let id = MessageId::new_at(now);
-        let messages = genesis_obj(MESSAGES_CTR);
+        let p = self.newest_part()?;
+        let messages = p.messages.clone();
         let result = (|| {
-            let at = self.doc.length(&messages);
-            let obj = self.doc.insert_object(&messages, at, ObjType::Map)?;
-            self.doc.put(&obj, "id", id.to_string())?;
-            self.doc.put(&obj, "kind", kind.as_str())?;
-            self.doc.put(&obj, "text", text)?;
-            self.doc.put(&obj, "at", now)?;
+            let at = p.doc.length(&messages);
+            let obj = p.doc.insert_object(&messages, at, ObjType::Map)?;
+            p.doc.put(&obj, "id", id.to_string())?;
+            p.doc.put(&obj, "kind", kind.as_str())?;
+            p.doc.put(&obj, "text", text)?;
+            p.doc.put(&obj, "at", now)?;
             if let Some(task) = task {
-                self.doc.put(&obj, "task", task.to_string())?;
+                p.doc.put(&obj, "task", task.to_string())?;
             }
             Ok(())
         })();
-        self.finish(result, now, "message")?;
+        p.finish(result, now, "message")?;
         Ok(id)
     }
 
-    /// Enqueues a task. One change; durable once the caller stores `save_incremental()`.
+    /// Enqueues a task in the newest segment. One change; durable once the caller stores it.
     pub fn enqueue_task(&mut self, task: &NewTask, now: Millis) -> Result<TaskId, WriteError> {
         if task.instruction.trim().is_empty() {
             return Err(WriteError::EmptyInstruction);
@@ -367,27 +680,27 @@ impl ThreadDoc {
             limits::MAX_SHORT_TEXT_BYTES,
         )?;
         let id = TaskId::new_at(now);
-        let tasks = genesis_obj(TASKS_CTR);
+        let p = self.newest_part()?;
+        let tasks = p.tasks.clone();
         let result = (|| {
-            let obj = self.doc.put_object(&tasks, id.to_string(), ObjType::Map)?;
-            self.doc.put(&obj, "id", id.to_string())?;
-            self.doc
-                .put(&obj, "instruction", task.instruction.as_str())?;
-            self.doc.put(&obj, "executor", task.executor.as_str())?;
-            self.doc.put(&obj, "target", task.target.as_str())?;
-            self.doc.put(&obj, "created_at", now)?;
+            let obj = p.doc.put_object(&tasks, id.to_string(), ObjType::Map)?;
+            p.doc.put(&obj, "id", id.to_string())?;
+            p.doc.put(&obj, "instruction", task.instruction.as_str())?;
+            p.doc.put(&obj, "executor", task.executor.as_str())?;
+            p.doc.put(&obj, "target", task.target.as_str())?;
+            p.doc.put(&obj, "created_at", now)?;
             if let Some(t) = task.not_after {
-                self.doc.put(&obj, "not_after", t)?;
+                p.doc.put(&obj, "not_after", t)?;
             }
-            self.doc.put_object(&obj, "events", ObjType::List)?;
+            p.doc.put_object(&obj, "events", ObjType::List)?;
             Ok(())
         })();
-        self.finish(result, now, "task")?;
+        p.finish(result, now, "task")?;
         Ok(id)
     }
 
-    /// Appends an event to a task's history. Whether it counts is decided when folding:
-    /// facts count only from the target, requests only from others.
+    /// Appends an event to a task's history, in the task's own segment. Whether it counts is
+    /// decided when folding: facts count only from the target, requests only from others.
     pub fn append_task_event(
         &mut self,
         task: TaskId,
@@ -404,30 +717,230 @@ impl ThreadDoc {
             }
             _ => {}
         }
-        let (obj, creator) = self.task_obj(&task).ok_or(WriteError::UnknownTask(task))?;
-        let events = self
+        let authors = self.authors();
+        let n = self
+            .task_segment(&task)
+            .ok_or(WriteError::UnknownTask(task))?;
+        let skipped = &self.skipped;
+        let p = if n == 0 {
+            &mut self.meta
+        } else {
+            self.segments
+                .get_mut(&n)
+                .ok_or(WriteError::UnknownTask(task))?
+        };
+        let r = p.reader(skipped);
+        let (obj, creator) = r
+            .task_obj(&authors, &task)
+            .ok_or(WriteError::UnknownTask(task))?;
+        let events = r
             .obj_by(&obj, "events", &creator, ObjType::List)
             .ok_or(WriteError::UnknownTask(task))?;
         let result = (|| {
-            let at = self.doc.length(&events);
-            let ev = self.doc.insert_object(&events, at, ObjType::Map)?;
-            self.doc.put(&ev, "at", now)?;
-            self.doc.put(&ev, "kind", kind.name())?;
-            self.doc.put(&ev, "attempt", attempt as u64)?;
+            let at = p.doc.length(&events);
+            let ev = p.doc.insert_object(&events, at, ObjType::Map)?;
+            p.doc.put(&ev, "at", now)?;
+            p.doc.put(&ev, "kind", kind.name())?;
+            p.doc.put(&ev, "attempt", attempt as u64)?;
             match kind {
-                EventKind::Output { text } => self.doc.put(&ev, "text", text.as_str())?,
-                EventKind::Finished { exit_code } => self.doc.put(&ev, "exit_code", *exit_code)?,
+                EventKind::Output { text } => p.doc.put(&ev, "text", text.as_str())?,
+                EventKind::Finished { exit_code } => p.doc.put(&ev, "exit_code", *exit_code)?,
                 EventKind::Failed { reason } | EventKind::Cancelled { reason } => {
-                    self.doc.put(&ev, "reason", reason.as_str())?
+                    p.doc.put(&ev, "reason", reason.as_str())?
                 }
                 _ => {}
             }
             Ok(())
         })();
-        self.finish(result, now, "event")
+        p.finish(result, now, "event")?;
+        self.dirty.insert(n);
+        Ok(())
     }
 
     // ---- reads -------------------------------------------------------------------------
+
+    /// Devices the owner has recorded, with the owner itself always present.
+    pub fn devices(&self) -> Vec<Device> {
+        let g = &self.genesis;
+        let Some(owner_actor) = self.owner_actor.clone() else {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            return Vec::new();
+        };
+        let r = self.meta.reader(&self.skipped);
+        let devices = genesis_obj(DEVICES_CTR);
+        let mut out = Vec::new();
+        let mut owner_seen = false;
+        for key in self.meta.doc.keys(&devices) {
+            let Ok(id) = key.parse::<DeviceId>() else {
+                r.skip("device", "key is not a device id");
+                continue;
+            };
+            let Some(obj) = r.obj_by(&devices, &key, &owner_actor, ObjType::Map) else {
+                r.skip("device", "not written by the thread's owner");
+                continue;
+            };
+            match r.read_device(id, &obj, &owner_actor) {
+                Some(mut d) => {
+                    if d.id == g.owner {
+                        owner_seen = true;
+                        if !d.actors.contains(&g.owner_actor) {
+                            d.actors.push(g.owner_actor.clone());
+                        }
+                        d.revoked_at = None; // the owner cannot be revoked
+                    }
+                    out.push(d)
+                }
+                None => r.skip("device", "malformed record"),
+            }
+        }
+        if !owner_seen {
+            out.push(Device {
+                id: g.owner.clone(),
+                name: String::new(),
+                kind: DeviceKind::Desktop,
+                actors: vec![g.owner_actor.clone()],
+                executors: Vec::new(),
+                added_at: 0,
+                revoked_at: None,
+            });
+        }
+        out
+    }
+
+    /// Maps every known actor to its device, with the device's revocation time.
+    fn authors(&self) -> Authors {
+        let mut map = HashMap::new();
+        for d in self.devices() {
+            for a in &d.actors {
+                if let Ok(actor) = ActorId::try_from(a.as_str()) {
+                    map.insert(actor, (d.id.clone(), d.revoked_at));
+                }
+            }
+        }
+        map
+    }
+
+    fn parts(&self) -> impl Iterator<Item = &Part> {
+        std::iter::once(&self.meta).chain(self.segments.values())
+    }
+
+    /// All well-formed tasks in the parts held in memory, oldest first. A task id found in
+    /// two segments counts once, from the lower one.
+    pub fn tasks(&self) -> Vec<Task> {
+        let authors = self.authors();
+        let mut out: BTreeMap<TaskId, Task> = BTreeMap::new();
+        for p in self.parts() {
+            let r = p.reader(&self.skipped);
+            for key in p.doc.keys(&p.tasks) {
+                if let Some(t) = r.read_task_key(&authors, &key) {
+                    out.entry(t.id).or_insert(t);
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+
+    /// The well-formed tasks of part `n`, oldest first (empty if it is not held).
+    pub fn tasks_in(&self, n: u32) -> Vec<Task> {
+        let Some(p) = self.part(n) else {
+            return Vec::new();
+        };
+        let authors = self.authors();
+        let r = p.reader(&self.skipped);
+        let mut out: Vec<Task> = p
+            .doc
+            .keys(&p.tasks)
+            .filter_map(|key| r.read_task_key(&authors, &key))
+            .collect();
+        out.sort_by_key(|t| t.id);
+        out
+    }
+
+    /// The part (among those held) that holds task `id`: the lowest, if several claim it.
+    pub fn task_segment(&self, id: &TaskId) -> Option<u32> {
+        self.parts().find(|p| p.has_task_key(id)).map(|p| p.n)
+    }
+
+    /// One task, if it is held in memory and well formed.
+    pub fn task(&self, id: &TaskId) -> Option<Task> {
+        let authors = self.authors();
+        let key = id.to_string();
+        self.parts()
+            .filter(|p| p.has_task_key(id))
+            .find_map(|p| p.reader(&self.skipped).read_task_key(&authors, &key))
+    }
+
+    /// The tasks with these ids that are held and well formed, oldest first.
+    pub fn tasks_by_id(&self, ids: &BTreeSet<TaskId>) -> Vec<Task> {
+        let authors = self.authors();
+        ids.iter()
+            .filter_map(|id| {
+                let key = id.to_string();
+                self.parts()
+                    .filter(|p| p.has_task_key(id))
+                    .find_map(|p| p.reader(&self.skipped).read_task_key(&authors, &key))
+            })
+            .collect()
+    }
+
+    /// All well-formed messages of the parts held in memory, in part then list order.
+    pub fn messages(&self) -> Vec<Message> {
+        let authors = self.authors();
+        let mut out = Vec::new();
+        for p in self.parts() {
+            let r = p.reader(&self.skipped);
+            let len = p.doc.length(&p.messages);
+            for i in 0..len {
+                let Some((Value::Object(ObjType::Map), obj)) =
+                    p.doc.get(&p.messages, i).ok().flatten()
+                else {
+                    r.skip("message", "not a map");
+                    continue;
+                };
+                match r.read_message(&authors, &obj) {
+                    Some(m) => out.push(m),
+                    None => r.skip("message", "malformed or from an unknown device"),
+                }
+            }
+        }
+        out
+    }
+
+    /// Tasks of part `n` that gained content (the task itself or any of its events) between
+    /// `before` and its current heads. Uses Automerge's diff over the tasks object.
+    pub fn tasks_changed_since(&mut self, n: u32, before: &[ChangeHash]) -> BTreeSet<TaskId> {
+        self.part_mut(n)
+            .map(|p| p.tasks_changed_since(before))
+            .unwrap_or_default()
+    }
+}
+
+/// Validating reads over one document.
+struct Reader<'a> {
+    doc: &'a AutoCommit,
+    tasks: &'a ObjId,
+    skipped: &'a AtomicU64,
+}
+
+impl Reader<'_> {
+    fn skip(&self, what: &str, why: &str) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(what, why, "skipped a record that does not fit the schema");
+    }
+
+    /// The task object and its creator's actor, choosing deterministically among conflicts.
+    fn task_obj(&self, authors: &Authors, id: &TaskId) -> Option<(ObjId, ActorId)> {
+        let all = self.doc.get_all(self.tasks, id.to_string()).ok()?;
+        all.into_iter()
+            .filter_map(|(v, obj)| match v {
+                Value::Object(ObjType::Map) => {
+                    let actor = actor_of(&obj)?.clone();
+                    authors.contains_key(&actor).then_some((obj, actor))
+                }
+                _ => None,
+            })
+            .min_by_key(|(obj, _)| op_key(obj))
+    }
 
     /// The value of `obj[key]` written by `author`, among concurrent values.
     fn value_by(&self, obj: &ObjId, key: &str, author: &ActorId) -> Option<(Value<'_>, ObjId)> {
@@ -436,21 +949,18 @@ impl ThreadDoc {
             .filter(|(_, id)| actor_of(id) == Some(author))
             .max_by_key(|(_, id)| op_key(id))
     }
-
     fn scalar_by(&self, obj: &ObjId, key: &str, author: &ActorId) -> Option<ScalarValue> {
         match self.value_by(obj, key, author)? {
             (Value::Scalar(s), _) => Some(s.into_owned()),
             _ => None,
         }
     }
-
     fn obj_by(&self, obj: &ObjId, key: &str, author: &ActorId, ty: ObjType) -> Option<ObjId> {
         match self.value_by(obj, key, author)? {
             (Value::Object(t), id) if t == ty => Some(id),
             _ => None,
         }
     }
-
     /// A string field written by `author`, at most `max` bytes.
     fn str_by(&self, obj: &ObjId, key: &str, author: &ActorId, max: usize) -> Option<String> {
         let all = self.doc.get_all(obj, key).ok()?;
@@ -466,7 +976,6 @@ impl ThreadDoc {
             Value::Object(_) => None,
         }
     }
-
     fn int_by(&self, obj: &ObjId, key: &str, author: &ActorId) -> Option<i64> {
         match self.scalar_by(obj, key, author)? {
             ScalarValue::Int(i) | ScalarValue::Timestamp(i) => Some(i),
@@ -474,7 +983,6 @@ impl ThreadDoc {
             _ => None,
         }
     }
-
     fn str_list_by(
         &self,
         obj: &ObjId,
@@ -501,54 +1009,6 @@ impl ThreadDoc {
         }
         Some(out)
     }
-
-    /// Devices the owner has recorded, with the owner itself always present.
-    pub fn devices(&self) -> Vec<Device> {
-        let g = &self.genesis;
-        let Some(owner_actor) = self.owner_actor.clone() else {
-            self.skip("genesis", "owner actor is not hex");
-            return Vec::new();
-        };
-        let devices = genesis_obj(DEVICES_CTR);
-        let mut out = Vec::new();
-        let mut owner_seen = false;
-        for key in self.doc.keys(&devices) {
-            let Ok(id) = key.parse::<DeviceId>() else {
-                self.skip("device", "key is not a device id");
-                continue;
-            };
-            let Some(obj) = self.obj_by(&devices, &key, &owner_actor, ObjType::Map) else {
-                self.skip("device", "not written by the thread's owner");
-                continue;
-            };
-            match self.read_device(id, &obj, &owner_actor) {
-                Some(mut d) => {
-                    if d.id == g.owner {
-                        owner_seen = true;
-                        if !d.actors.contains(&g.owner_actor) {
-                            d.actors.push(g.owner_actor.clone());
-                        }
-                        d.revoked_at = None; // the owner cannot be revoked
-                    }
-                    out.push(d)
-                }
-                None => self.skip("device", "malformed record"),
-            }
-        }
-        if !owner_seen {
-            out.push(Device {
-                id: g.owner.clone(),
-                name: String::new(),
-                kind: DeviceKind::Desktop,
-                actors: vec![g.owner_actor.clone()],
-                executors: Vec::new(),
-                added_at: 0,
-                revoked_at: None,
-            });
-        }
-        out
-    }
-
     fn read_device(&self, id: DeviceId, obj: &ObjId, by: &ActorId) -> Option<Device> {
         Some(Device {
             id,
@@ -562,65 +1022,6 @@ impl ThreadDoc {
             revoked_at: self.int_by(obj, "revoked_at", by),
         })
     }
-
-    /// Maps every known actor to its device, with the device's revocation time.
-    fn authors(&self) -> HashMap<ActorId, (DeviceId, Option<Millis>)> {
-        let mut map = HashMap::new();
-        for d in self.devices() {
-            for a in &d.actors {
-                if let Ok(actor) = ActorId::try_from(a.as_str()) {
-                    map.insert(actor, (d.id.clone(), d.revoked_at));
-                }
-            }
-        }
-        map
-    }
-
-    /// All well-formed tasks, oldest first.
-    pub fn tasks(&self) -> Vec<Task> {
-        let authors = self.authors();
-        let tasks = genesis_obj(TASKS_CTR);
-        let mut out = Vec::new();
-        for key in self.doc.keys(&tasks) {
-            if let Some(t) = self.read_task_key(&authors, &key) {
-                out.push(t);
-            }
-        }
-        out.sort_by_key(|t| t.id);
-        out
-    }
-
-    /// One task, if it exists and is well formed.
-    pub fn task(&self, id: &TaskId) -> Option<Task> {
-        self.read_task_key(&self.authors(), &id.to_string())
-    }
-
-    /// The tasks with these ids that exist and are well formed, oldest first.
-    pub fn tasks_by_id(&self, ids: &BTreeSet<TaskId>) -> Vec<Task> {
-        let authors = self.authors();
-        ids.iter()
-            .filter_map(|id| self.read_task_key(&authors, &id.to_string()))
-            .collect()
-    }
-
-    /// The task object and its creator's actor, choosing deterministically among conflicts.
-    fn task_obj(&self, id: &TaskId) -> Option<(ObjId, ActorId)> {
-        let authors = self.authors();
-        let all = self
-            .doc
-            .get_all(genesis_obj(TASKS_CTR), id.to_string())
-            .ok()?;
-        all.into_iter()
-            .filter_map(|(v, obj)| match v {
-                Value::Object(ObjType::Map) => {
-                    let actor = actor_of(&obj)?.clone();
-                    authors.contains_key(&actor).then_some((obj, actor))
-                }
-                _ => None,
-            })
-            .min_by_key(|(obj, _)| op_key(obj))
-    }
-
     fn read_task_key(
         &self,
         authors: &HashMap<ActorId, (DeviceId, Option<Millis>)>,
@@ -630,7 +1031,7 @@ impl ThreadDoc {
             self.skip("task", "key is not a task id");
             return None;
         };
-        let Ok(all) = self.doc.get_all(genesis_obj(TASKS_CTR), key) else {
+        let Ok(all) = self.doc.get_all(self.tasks, key) else {
             return None;
         };
         let mut candidates: Vec<_> = all
@@ -646,7 +1047,6 @@ impl ThreadDoc {
         }
         None
     }
-
     fn read_task(
         &self,
         authors: &HashMap<ActorId, (DeviceId, Option<Millis>)>,
@@ -714,7 +1114,6 @@ impl ThreadDoc {
             events,
         })
     }
-
     fn read_event(
         &self,
         authors: &HashMap<ActorId, (DeviceId, Option<Millis>)>,
@@ -760,27 +1159,6 @@ impl ThreadDoc {
             revoked_at.is_some(),
         ))
     }
-
-    /// All well-formed messages, in list order.
-    pub fn messages(&self) -> Vec<Message> {
-        let authors = self.authors();
-        let list = genesis_obj(MESSAGES_CTR);
-        let len = self.doc.length(&list);
-        let mut out = Vec::new();
-        for i in 0..len {
-            let Some((Value::Object(ObjType::Map), obj)) = self.doc.get(&list, i).ok().flatten()
-            else {
-                self.skip("message", "not a map");
-                continue;
-            };
-            match self.read_message(&authors, &obj) {
-                Some(m) => out.push(m),
-                None => self.skip("message", "malformed or from an unknown device"),
-            }
-        }
-        out
-    }
-
     fn read_message(
         &self,
         authors: &HashMap<ActorId, (DeviceId, Option<Millis>)>,
@@ -803,37 +1181,6 @@ impl ThreadDoc {
                 None => None,
             },
         })
-    }
-
-    /// Tasks that gained content (the task itself or any of its events) between `before` and
-    /// the current heads. Uses Automerge's diff over the tasks object, not a scan of all tasks.
-    pub fn tasks_changed_since(&mut self, before: &[ChangeHash]) -> BTreeSet<TaskId> {
-        let after = self.doc.get_heads();
-        if before == after.as_slice() {
-            return BTreeSet::new();
-        }
-        let tasks = genesis_obj(TASKS_CTR);
-        let Ok(patches) = self.doc.diff_obj(&tasks, before, &after, true) else {
-            return BTreeSet::new();
-        };
-        let mut out = BTreeSet::new();
-        for p in patches {
-            let key = if p.obj == tasks {
-                match &p.action {
-                    PatchAction::PutMap { key, .. } => Some(key.clone()),
-                    _ => None,
-                }
-            } else {
-                p.path.iter().find_map(|(obj, prop)| match prop {
-                    Prop::Map(k) if *obj == tasks => Some(k.clone()),
-                    _ => None,
-                })
-            };
-            if let Some(id) = key.and_then(|k| k.parse::<TaskId>().ok()) {
-                out.insert(id);
-            }
-        }
-        out
     }
 }
 

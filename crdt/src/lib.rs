@@ -12,9 +12,11 @@ pub mod doc;
 pub mod store;
 pub mod sync;
 
-pub use doc::{DocId, NewTask, ThreadDoc, ThreadGenesis, WriteError};
+pub use doc::{
+    DocId, NewTask, Part, SEGMENT_AHEAD, SEGMENT_MAX_CHANGES, ThreadDoc, ThreadGenesis, WriteError,
+};
 pub use store::{LoadedDoc, Store, StoreError, StoreTxn, TrustedPeer};
-pub use sync::{SyncError, SyncSession};
+pub use sync::{SyncError, SyncSession, ThreadSync};
 
 /// Re-exported so callers can name heads and actors without depending on automerge directly.
 pub use automerge::{ActorId, ChangeHash};

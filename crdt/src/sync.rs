@@ -11,7 +11,7 @@ use automerge::{
     sync::{self, SyncDoc},
 };
 
-use crate::{DocId, ThreadDoc};
+use crate::{DocId, Part};
 
 /// Why a received message was refused. After any of these the session should be reset
 /// (and, after [`SyncError::Panicked`], the document reloaded from the store).
@@ -26,6 +26,9 @@ pub enum SyncError {
     /// Automerge panicked while applying. The in-memory document may be half-applied.
     #[error("automerge panicked while applying the peer's message; the document must be reloaded")]
     Panicked,
+    /// The message names a document that is not part of this thread.
+    #[error("the message names a document that is not part of this thread")]
+    UnknownDocument,
     /// A persisted state did not decode.
     #[error("stored sync state is corrupt: {0}")]
     State(#[from] automerge::sync::DecodeStateError),
@@ -44,6 +47,9 @@ pub struct Received {
 pub struct SyncSession {
     doc_id: DocId,
     state: sync::State,
+    /// We pushed changes and the peer has not acknowledged them yet: `their_heads` is what
+    /// we expect, not what the peer said.
+    unconfirmed: bool,
 }
 
 impl std::fmt::Debug for SyncSession {
@@ -64,6 +70,7 @@ impl SyncSession {
         Self {
             doc_id,
             state: sync::State::new(),
+            unconfirmed: false,
         }
     }
 
@@ -73,6 +80,7 @@ impl SyncSession {
         Ok(Self {
             doc_id,
             state: sync::State::decode(bytes)?,
+            unconfirmed: false,
         })
     }
 
@@ -87,14 +95,14 @@ impl SyncSession {
     }
 
     /// The next message to send, if there is anything to say.
-    pub fn next_message(&mut self, doc: &mut ThreadDoc) -> Option<Vec<u8>> {
+    pub fn next_message(&mut self, doc: &mut Part) -> Option<Vec<u8>> {
         let am = doc.automerge();
         let msg = am.sync().generate_sync_message(&mut self.state);
         msg.map(|m| m.encode())
     }
 
     /// Applies a message from the peer. Panics inside Automerge are caught and reported.
-    pub fn receive(&mut self, doc: &mut ThreadDoc, bytes: &[u8]) -> Result<Received, SyncError> {
+    pub fn receive(&mut self, doc: &mut Part, bytes: &[u8]) -> Result<Received, SyncError> {
         let msg = sync::Message::decode(bytes)?;
         let am = doc.automerge();
         let heads_before = am.get_heads();
@@ -102,6 +110,7 @@ impl SyncSession {
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             am.sync().receive_sync_message(state, msg)
         }));
+        self.unconfirmed = false;
         match result {
             Ok(Ok(())) => {
                 let changed = am.get_heads() != heads_before;
@@ -116,18 +125,92 @@ impl SyncSession {
     }
 
     /// True when the peer's last known heads equal ours: nothing left to exchange.
-    pub fn in_sync(&self, doc: &mut ThreadDoc) -> bool {
-        let ours = doc.heads();
-        match &self.state.their_heads {
-            Some(theirs) => {
-                let mut a = theirs.clone();
-                let mut b = ours;
-                a.sort();
-                b.sort();
-                a == b
-            }
-            None => false,
+    pub fn in_sync(&self, doc: &mut Part) -> bool {
+        self.in_sync_at(&doc.heads())
+    }
+
+    /// True when the peer's last known heads equal `ours` (and it has confirmed them).
+    pub fn in_sync_at(&self, ours: &[ChangeHash]) -> bool {
+        !self.unconfirmed
+            && self
+                .state
+                .their_heads
+                .as_ref()
+                .is_some_and(|theirs| same(theirs, ours))
+    }
+
+    /// True when there is nothing to say at `ours`: the peer has exactly these heads and we
+    /// have told it so. The session can skip generating a message (which walks the history).
+    pub fn settled_at(&self, ours: &[ChangeHash]) -> bool {
+        self.in_sync_at(ours) && same(&self.state.last_sent_heads, ours)
+    }
+
+    /// Takes the peer to be at `heads`, which are ours too (their digest matched ours in the
+    /// hello): the session starts in sync without a round trip.
+    pub fn assume_in_sync(&mut self, heads: &[ChangeHash]) {
+        let heads = sorted(heads);
+        self.state.shared_heads.clone_from(&heads);
+        self.at_heads(heads);
+        self.state.have_responded = true;
+    }
+
+    /// We sent the peer changes that take it from our previous heads (which it had) to
+    /// `heads` (the push path). Its state is moved there as if a sync round had confirmed it,
+    /// except `shared_heads` (the persisted part), which moves only on evidence from the peer.
+    /// The pushed hashes are deliberately not recorded as sent: if the peer cannot apply them
+    /// it asks for them through the sync protocol, and they must not be filtered out then.
+    pub fn pushed(&mut self, heads: &[ChangeHash]) {
+        self.at_heads(sorted(heads));
+        self.state.have_responded = true;
+        self.unconfirmed = true;
+    }
+
+    /// The peer acknowledged a push: it durably holds `heads`. Acts only on the latest push
+    /// (an older acknowledgement is superseded by the one that follows it).
+    pub fn acked(&mut self, heads: &[ChangeHash]) {
+        if same(&self.state.last_sent_heads, heads) {
+            self.state.shared_heads = sorted(heads);
+            self.unconfirmed = false;
         }
+    }
+
+    /// We applied changes the peer pushed, which took it to `theirs`; `ours` are our heads
+    /// now. When they are equal both sides are in sync at them, durably on our side.
+    pub fn applied_push(&mut self, theirs: &[ChangeHash], ours: &[ChangeHash]) {
+        self.unconfirmed = false;
+        let theirs = sorted(theirs);
+        if same(&theirs, ours) {
+            self.state.shared_heads.clone_from(&theirs);
+            self.at_heads(theirs);
+            self.state.have_responded = true;
+        } else {
+            // We hold changes the peer lacks: the next message sends them.
+            self.state.their_heads = Some(theirs.clone());
+            self.state.their_have = Some(vec![sync::Have {
+                last_sync: theirs,
+                bloom: Default::default(),
+            }]);
+            self.state.their_need = Some(Vec::new());
+            self.state.in_flight = false;
+        }
+    }
+
+    /// The peer pushed changes we cannot apply (their dependencies are missing here): fall
+    /// back to the sync protocol, which asks for what is missing.
+    pub fn push_refused(&mut self, theirs: &[ChangeHash]) {
+        self.state.their_heads = Some(sorted(theirs));
+        self.state.in_flight = false;
+    }
+
+    fn at_heads(&mut self, heads: Vec<ChangeHash>) {
+        self.state.last_sent_heads.clone_from(&heads);
+        self.state.their_have = Some(vec![sync::Have {
+            last_sync: heads.clone(),
+            bloom: Default::default(),
+        }]);
+        self.state.their_heads = Some(heads);
+        self.state.their_need = Some(Vec::new());
+        self.state.in_flight = false;
     }
 
     /// The heads the peer last told us about.
@@ -138,5 +221,101 @@ impl SyncSession {
     /// Forgets everything about the peer, as after a bad message.
     pub fn reset(&mut self) {
         self.state = sync::State::new();
+    }
+}
+
+fn sorted(heads: &[ChangeHash]) -> Vec<ChangeHash> {
+    let mut v = heads.to_vec();
+    v.sort();
+    v
+}
+
+fn same(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
+    a.len() == b.len() && sorted(a) == sorted(b)
+}
+
+/// Sync sessions with one peer over every document of a thread (the meta document and its
+/// segments), sans-IO. A document the peer names that this replica does not hold yet is
+/// created from its deterministic genesis, so a segment that one side rolled over into
+/// reaches the other with no extra step. Every segment must be held in memory (the replica
+/// in errand-p2p does its own loading; this is for tests and tools).
+#[derive(Debug, Default)]
+pub struct ThreadSync {
+    sessions: std::collections::BTreeMap<DocId, SyncSession>,
+}
+
+impl ThreadSync {
+    /// Fresh sessions.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sessions restored from [`Self::encode_states`].
+    pub fn restore(states: &std::collections::BTreeMap<DocId, Vec<u8>>) -> Result<Self, SyncError> {
+        let mut out = Self::new();
+        for (id, bytes) in states {
+            out.sessions
+                .insert(id.clone(), SyncSession::restore(id.clone(), bytes)?);
+        }
+        Ok(out)
+    }
+
+    /// The states to persist, per document.
+    pub fn encode_states(&self) -> std::collections::BTreeMap<DocId, Vec<u8>> {
+        self.sessions
+            .iter()
+            .map(|(id, s)| (id.clone(), s.encode_state()))
+            .collect()
+    }
+
+    /// The next message for the first document (in part order) that has something to say.
+    pub fn next_message(&mut self, doc: &mut crate::ThreadDoc) -> Option<(DocId, Vec<u8>)> {
+        for n in doc.loaded() {
+            let part = doc.part_mut(n)?;
+            let id = part.id().clone();
+            let session = self
+                .sessions
+                .entry(id.clone())
+                .or_insert_with(|| SyncSession::new(id.clone()));
+            if let Some(m) = session.next_message(part) {
+                return Some((id, m));
+            }
+        }
+        None
+    }
+
+    /// True when the peer is in sync on every document held in memory.
+    pub fn in_sync(&self, doc: &mut crate::ThreadDoc) -> bool {
+        doc.loaded().into_iter().all(|n| {
+            doc.part_mut(n).is_some_and(|part| {
+                self.sessions
+                    .get(part.id())
+                    .is_some_and(|s| s.in_sync(part))
+            })
+        })
+    }
+
+    /// Applies a message for document `id`, creating the segment if it is new here.
+    pub fn receive(
+        &mut self,
+        doc: &mut crate::ThreadDoc,
+        id: &DocId,
+        bytes: &[u8],
+    ) -> Result<Received, SyncError> {
+        let n = doc.part_of(id).ok_or(SyncError::UnknownDocument)?;
+        if n > doc.newest_segment() + crate::SEGMENT_AHEAD {
+            return Err(SyncError::UnknownDocument);
+        }
+        doc.attach_segment(n, std::iter::empty())?;
+        let part = doc.part_mut(n).ok_or(SyncError::UnknownDocument)?;
+        let session = self
+            .sessions
+            .entry(id.clone())
+            .or_insert_with(|| SyncSession::new(id.clone()));
+        let r = session.receive(part, bytes)?;
+        if r.changed {
+            part.note_merged(bytes);
+        }
+        Ok(r)
     }
 }

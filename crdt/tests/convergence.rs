@@ -7,8 +7,9 @@ use std::collections::HashMap;
 
 use common::{sync_pair, world};
 use errand_core::{EventKind, MessageKind, fold};
-use errand_crdt::{NewTask, SyncSession, ThreadDoc};
+use errand_crdt::{DocId, NewTask, ThreadDoc, ThreadSync};
 use proptest::prelude::*;
+use std::collections::BTreeMap;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -54,20 +55,19 @@ fn kind(k: u8) -> EventKind {
 struct Net {
     docs: Vec<ThreadDoc>,
     /// Live sessions, by (owner, peer).
-    sessions: HashMap<(usize, usize), SyncSession>,
+    sessions: HashMap<(usize, usize), ThreadSync>,
     /// What each session last persisted, as the store would hold it.
-    persisted: HashMap<(usize, usize), Vec<u8>>,
+    persisted: HashMap<(usize, usize), BTreeMap<DocId, Vec<u8>>>,
 }
 
 impl Net {
-    fn session(&mut self, a: usize, b: usize) -> SyncSession {
-        self.sessions.remove(&(a, b)).unwrap_or_else(|| {
-            let doc_id = self.docs[a].doc_id();
-            match self.persisted.get(&(a, b)) {
-                Some(bytes) => SyncSession::restore(doc_id, bytes).unwrap(),
-                None => SyncSession::new(doc_id),
-            }
-        })
+    fn session(&mut self, a: usize, b: usize) -> ThreadSync {
+        self.sessions
+            .remove(&(a, b))
+            .unwrap_or_else(|| match self.persisted.get(&(a, b)) {
+                Some(states) => ThreadSync::restore(states).unwrap(),
+                None => ThreadSync::new(),
+            })
     }
 
     fn exchange(&mut self, a: usize, b: usize, rounds: u8, drop_at: Option<u8>) {
@@ -84,7 +84,7 @@ impl Net {
                 } else {
                     (&mut sb, &mut sa)
                 };
-                let Some(m) = sf.next_message(&mut self.docs[from]) else {
+                let Some((id, m)) = sf.next_message(&mut self.docs[from]) else {
                     continue;
                 };
                 if Some(sent) == drop_at {
@@ -94,8 +94,8 @@ impl Net {
                     return;
                 }
                 sent += 1;
-                st.receive(&mut self.docs[to], &m).unwrap();
-                self.persisted.insert((to, from), st.encode_state());
+                st.receive(&mut self.docs[to], &id, &m).unwrap();
+                self.persisted.insert((to, from), st.encode_states());
                 if sent > 40 {
                     break 'outer;
                 }
@@ -155,7 +155,7 @@ proptest! {
                 net.sessions.insert((b, a), sb);
             }
         }
-        let mut heads: Vec<_> = net.docs.iter_mut().map(|d| { let mut h = d.heads(); h.sort(); h }).collect();
+        let mut heads: Vec<_> = net.docs.iter_mut().map(|d| d.heads()).collect();
         let tasks: Vec<_> = net.docs.iter().map(|d| d.tasks()).collect();
         let folds: Vec<Vec<_>> = tasks.iter().map(|ts| ts.iter().map(fold).collect()).collect();
         prop_assert_eq!(&heads[0], &heads[1]);
@@ -182,8 +182,7 @@ fn two_peers_that_start_from_genesis_each_keep_their_task_after_sync() {
     };
     let a = desktop.enqueue_task(&t("desktop"), 10).unwrap();
     let b = phone.enqueue_task(&t("phone"), 11).unwrap();
-    let doc_id = w.genesis.doc_id();
-    let (mut sa, mut sb) = (SyncSession::new(doc_id.clone()), SyncSession::new(doc_id));
+    let (mut sa, mut sb) = (ThreadSync::new(), ThreadSync::new());
     sync_pair(&mut desktop, &mut sa, &mut phone, &mut sb);
     for doc in [&desktop, &phone] {
         let ids: Vec<_> = doc.tasks().iter().map(|t| t.id).collect();
@@ -208,29 +207,34 @@ fn tasks_changed_since_reports_new_tasks_and_new_events() {
         target: w.ids[0].clone(),
         not_after: None,
     };
-    let before = desktop.heads();
     let a = desktop.enqueue_task(&task, 10).unwrap();
     assert_eq!(
+        desktop.task_segment(&a),
+        Some(1),
+        "tasks start in segment 1"
+    );
+    assert_eq!(
         desktop
-            .tasks_changed_since(&before)
+            .tasks_changed_since(1, &[])
             .into_iter()
             .collect::<Vec<_>>(),
         vec![a]
     );
+    let before = desktop.part_mut(1).unwrap().heads();
     let b = desktop.enqueue_task(&task, 11).unwrap();
-    let mid = desktop.heads();
+    let mid = desktop.part_mut(1).unwrap().heads();
     desktop
         .append_task_event(a, 1, &EventKind::Delivered, 12)
         .unwrap();
     assert_eq!(
         desktop
-            .tasks_changed_since(&mid)
+            .tasks_changed_since(1, &mid)
             .into_iter()
             .collect::<Vec<_>>(),
         vec![a]
     );
-    assert_eq!(desktop.tasks_changed_since(&before).len(), 2);
-    let now = desktop.heads();
-    assert!(desktop.tasks_changed_since(&now).is_empty());
+    assert_eq!(desktop.tasks_changed_since(1, &before).len(), 2);
+    let now = desktop.part_mut(1).unwrap().heads();
+    assert!(desktop.tasks_changed_since(1, &now).is_empty());
     let _ = b;
 }

@@ -21,12 +21,13 @@ fn a_second_open_of_a_home_names_the_home() {
 fn reopen_after_compaction_equals_reopen_before() {
     let dir = tempfile::tempdir().unwrap();
     let w = common::world(1);
-    let doc_id = w.genesis.doc_id();
+    let meta_id = w.genesis.doc_id();
+    let seg_id = w.genesis.segment_doc_id(1);
     {
         let store = Store::open(dir.path()).unwrap();
         let mut doc = w.desktop();
-        let first = doc.save();
-        store.write(|t| t.append_chunk(&doc_id, &first)).unwrap();
+        let first = doc.part_mut(0).unwrap().save();
+        store.write(|t| t.append_chunk(&meta_id, &first)).unwrap();
         for i in 0..1000 {
             let task = NewTask {
                 instruction: format!("task {i} {}", "x".repeat(200)),
@@ -35,27 +36,34 @@ fn reopen_after_compaction_equals_reopen_before() {
                 not_after: None,
             };
             doc.enqueue_task(&task, 1_000 + i).unwrap();
-            let chunk = doc.save_incremental();
-            store.write(|t| t.append_chunk(&doc_id, &chunk)).unwrap();
+            let chunk = doc.part_mut(1).unwrap().save_incremental();
+            store.write(|t| t.append_chunk(&seg_id, &chunk)).unwrap();
         }
-        assert!(store.needs_compaction(&doc_id).unwrap());
+        assert!(store.needs_compaction(&seg_id).unwrap());
     }
+    let open = |store: &Store| {
+        let meta = store.load_doc(&meta_id).unwrap();
+        let seg = store.load_doc(&seg_id).unwrap();
+        let mut doc = ThreadDoc::load(meta.parts(), &w.genesis, w.actors[0].clone()).unwrap();
+        doc.attach_segment(1, seg.parts()).unwrap();
+        doc
+    };
     let store = Store::open(dir.path()).unwrap();
-    let loaded = store.load_doc(&doc_id).unwrap();
-    let mut before = ThreadDoc::load(loaded.parts(), &w.genesis, w.actors[0].clone()).unwrap();
-    let snapshot = before.save();
+    let mut before = open(&store);
+    let snapshot = before.part_mut(1).unwrap().save();
     store
-        .write(|t| t.replace_snapshot(&doc_id, &snapshot))
+        .write(|t| t.replace_snapshot(&seg_id, &snapshot))
         .unwrap();
     drop(store);
     let store = Store::open(dir.path()).unwrap();
-    let loaded = store.load_doc(&doc_id).unwrap();
+    let loaded = store.load_doc(&seg_id).unwrap();
     assert!(loaded.chunks.is_empty() && loaded.snapshot.is_some());
-    assert!(!store.needs_compaction(&doc_id).unwrap());
-    let mut after = ThreadDoc::load(loaded.parts(), &w.genesis, w.actors[0].clone()).unwrap();
+    assert!(!store.needs_compaction(&seg_id).unwrap());
+    let mut after = open(&store);
     assert_eq!(before.heads(), after.heads());
     assert_eq!(before.tasks(), after.tasks());
     assert_eq!(after.tasks().len(), 1000);
+    assert_eq!(after.part(1).unwrap().changes(), 1001);
 }
 
 #[test]

@@ -6,18 +6,14 @@ mod common;
 use automerge::{AutoCommit, ObjType, ROOT, ReadDoc, transaction::Transactable};
 use common::{sync_pair, world};
 use errand_core::{EventKind, TaskStatus, fold};
-use errand_crdt::{NewTask, SyncSession, ThreadDoc};
+use errand_crdt::{NewTask, ThreadSync};
 
 #[test]
 fn garbage_from_a_peer_is_skipped_and_real_tasks_stay_visible() {
     let w = world(1);
     let mut desktop = w.desktop();
     let mut phone = w.replica(1);
-    let doc_id = w.genesis.doc_id();
-    let (mut sd, mut sp) = (
-        SyncSession::new(doc_id.clone()),
-        SyncSession::new(doc_id.clone()),
-    );
+    let (mut sd, mut sp) = (ThreadSync::new(), ThreadSync::new());
     sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
 
     let task = |s: &str| NewTask {
@@ -34,10 +30,10 @@ fn garbage_from_a_peer_is_skipped_and_real_tasks_stay_visible() {
         .unwrap();
     sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
 
-    // The phone's replica turns hostile: raw Automerge writes with the phone's own actor.
-    let mut raw = AutoCommit::load(&phone.save())
-        .unwrap()
-        .with_actor(w.actors[1].clone());
+    // The phone's replica turns hostile: raw Automerge writes with the phone's own actor, in
+    // the segment that holds the tasks and in the meta document.
+    assert_eq!(phone.task_segment(&real), Some(1));
+    let raw: &mut AutoCommit = phone.part_mut(1).unwrap().automerge();
     let tasks = match raw.get(ROOT, "tasks").unwrap() {
         Some((_, id)) => id,
         None => panic!("tasks root missing"),
@@ -85,18 +81,22 @@ fn garbage_from_a_peer_is_skipped_and_real_tasks_stay_visible() {
     raw.put(&forged, "at", 2).unwrap();
     raw.put(&forged, "attempt", 1).unwrap();
     raw.put(&forged, "author", w.ids[0].as_str()).unwrap(); // a field that claims authorship
-    // A list where the devices map belongs, a forged device record, and a new map over
-    // ROOT.tasks that would hide every task if reads went through the root key.
-    raw.put_object(ROOT, "devices", ObjType::List).unwrap();
+    // A new map over ROOT.tasks that would hide every task if reads went through the root
+    // key, in the segment and in the meta document; a list where the devices map belongs.
     raw.put_object(ROOT, "tasks", ObjType::Map).unwrap();
     raw.put_object(ROOT, "messages", ObjType::Text).unwrap();
-    raw.put(ROOT, "thread_id", 7).unwrap();
+    raw.put(ROOT, "segment", "zero").unwrap();
     raw.commit();
+    let meta: &mut AutoCommit = phone.part_mut(0).unwrap().automerge();
+    meta.put_object(ROOT, "devices", ObjType::List).unwrap();
+    meta.put_object(ROOT, "tasks", ObjType::Map).unwrap();
+    meta.put_object(ROOT, "messages", ObjType::Text).unwrap();
+    meta.put(ROOT, "thread_id", 7).unwrap();
+    meta.commit();
 
-    let mut hostile =
-        ThreadDoc::load([raw.save().as_slice()], &w.genesis, w.actors[1].clone()).unwrap();
-    let mut sh = SyncSession::new(doc_id.clone());
-    let mut sd2 = SyncSession::new(doc_id);
+    let mut hostile = phone;
+    let mut sh = ThreadSync::new();
+    let mut sd2 = ThreadSync::new();
     sync_pair(&mut desktop, &mut sd2, &mut hostile, &mut sh);
 
     let tasks = desktop.tasks();
@@ -134,9 +134,15 @@ fn garbage_from_a_peer_is_skipped_and_real_tasks_stay_visible() {
 fn a_garbage_sync_message_is_an_error_not_a_panic() {
     let w = world(1);
     let mut desktop = w.desktop();
-    let mut s = SyncSession::new(w.genesis.doc_id());
+    let mut s = ThreadSync::new();
+    let id = w.genesis.doc_id();
     for bytes in [&b""[..], b"\x42", b"\x42\x00\x00\x00garbage", &[0xff; 64]] {
-        assert!(s.receive(&mut desktop, bytes).is_err());
+        assert!(s.receive(&mut desktop, &id, bytes).is_err());
     }
+    // A document that is not part of this thread, or a segment far ahead.
+    let other = errand_crdt::DocId::parse("someone-else").unwrap();
+    assert!(s.receive(&mut desktop, &other, b"\x42").is_err());
+    let far = w.genesis.segment_doc_id(1000);
+    assert!(s.receive(&mut desktop, &far, b"\x42").is_err());
     assert_eq!(desktop.devices().len(), 2);
 }

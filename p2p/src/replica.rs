@@ -6,15 +6,21 @@
 //! updated sync state.
 
 use std::{
-    collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex, MutexGuard},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use errand_core::{DeviceKind, TaskId};
 use errand_crdt::{
-    ActorId, DocId, Store, StoreError, SyncError, SyncSession, ThreadDoc, ThreadGenesis, WriteError,
+    ActorId, ChangeHash, DocId, SEGMENT_AHEAD, Store, StoreError, SyncError, SyncSession,
+    ThreadDoc, ThreadGenesis, WriteError,
 };
 use libp2p::PeerId;
+use redb::{ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
 /// Store key of the thread's genesis (JSON).
@@ -56,6 +62,12 @@ pub enum ReplicaError {
     /// The peer's sync message carries changes that do not parse.
     #[error("the peer's changes do not parse: {0}")]
     BadChanges(String),
+    /// A document id that is not part of this thread.
+    #[error("the peer named a document that is not part of this thread")]
+    NotOurDocument,
+    /// A segment far past the newest one known.
+    #[error("the peer named segment {0}, far past the newest segment of the thread")]
+    UnknownDocument(u32),
     /// A blocking task panicked or was cancelled.
     #[error("internal task failed: {0}")]
     Join(String),
@@ -80,6 +92,26 @@ fn check_changes(bytes: &[u8]) -> Result<(), ReplicaError> {
         }
     }
     Ok(())
+}
+
+/// Parses pushed changes: concatenated change chunks, each checked like [`check_changes`].
+fn parse_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, ReplicaError> {
+    let mut out = Vec::new();
+    for chunk in split_chunks(bytes)? {
+        if chunk.get(8) == Some(&0) {
+            return Err(ReplicaError::BadChanges(
+                "a whole document where changes belong".into(),
+            ));
+        }
+        check_chunk(chunk)?;
+        let change = automerge::Change::try_from(chunk)
+            .map_err(|e| ReplicaError::BadChanges(e.to_string()))?;
+        out.push(change);
+    }
+    if out.is_empty() {
+        return Err(ReplicaError::BadChanges("no changes".into()));
+    }
+    Ok(out)
 }
 
 /// Automerge's chunk magic bytes.
@@ -153,24 +185,108 @@ fn check_chunk(chunk: &[u8]) -> Result<(), ReplicaError> {
     }
 }
 
-/// What a received sync message did.
+/// What a received sync message or push did.
 #[derive(Debug, Clone, Default)]
 pub struct Merged {
     /// Tasks with new content.
     pub tasks: BTreeSet<TaskId>,
     /// True if the message moved our heads.
     pub changed: bool,
-    /// True if the peer now has exactly our heads.
+    /// True if the peer now has exactly our heads (for this document).
     pub in_sync: bool,
+    /// After applying a push: our heads, durable, to acknowledge to the pusher.
+    pub ack: Option<Vec<ChangeHash>>,
+}
+
+/// What to send a peer for one document.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// An Automerge sync message.
+    Sync(Vec<u8>),
+    /// The push path: our new changes, which take the peer from the heads it had (ours,
+    /// before a local commit) to `heads`.
+    Changes {
+        /// Our heads after these changes.
+        heads: Vec<ChangeHash>,
+        /// The changes, as concatenated Automerge change chunks.
+        changes: Vec<u8>,
+    },
+}
+
+/// How often each sync path ran, since the replica opened.
+#[derive(Debug, Default)]
+struct PathStats {
+    sync_sent: AtomicU64,
+    sync_received: AtomicU64,
+    pushes_sent: AtomicU64,
+    pushes_applied: AtomicU64,
+    pushes_refused: AtomicU64,
+}
+
+/// A snapshot of [`PathStats`], for `status --json` and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PathCounts {
+    /// Automerge sync messages sent.
+    pub sync_sent: u64,
+    /// Automerge sync messages received.
+    pub sync_received: u64,
+    /// Push frames sent (changes sent directly to a peer in sync).
+    pub pushes_sent: u64,
+    /// Push frames applied directly.
+    pub pushes_applied: u64,
+    /// Push frames whose dependencies were missing here (fell back to the sync protocol).
+    pub pushes_refused: u64,
+}
+
+/// One local commit, kept briefly so peers in sync can be sent the change itself.
+#[derive(Debug)]
+struct Pushed {
+    before: Vec<ChangeHash>,
+    after: Vec<ChangeHash>,
+    change: Vec<u8>,
+}
+
+/// Local commits remembered per document for the push path. A peer further behind than this
+/// gets the sync protocol.
+const PUSH_LOG: usize = 64;
+
+/// A segment that is neither the newest nor holds unfinished tasks is released from memory
+/// once it has not been touched for this long (it was loaded for a sync or a full read).
+const RELEASE_IDLE: Duration = Duration::from_secs(10);
+
+/// Most documents a peer may list in its hello.
+pub const MAX_HELLO_DOCS: usize = 100_000;
+
+/// Store key of the home's format: absent before segments, [`FORMAT`] since.
+pub const META_FORMAT: &str = "format";
+/// The current home format: a meta document plus segments, with the indexes below.
+const FORMAT: &[u8] = b"2";
+
+/// Heads of every stored document of the thread (meta and segments, loaded or not).
+const DOC_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_heads");
+/// Which segment holds each task.
+const TASK_SEGMENT: TableDefinition<&str, u32> = TableDefinition::new("task_segment");
+/// Tasks that are not finished, with their segment: such segments stay in memory.
+const OPEN_TASKS: TableDefinition<&str, u32> = TableDefinition::new("open_tasks");
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Sizes {
+    chunk_bytes: u64,
+    snapshot_bytes: u64,
 }
 
 struct State {
     store: Store,
     actor: ActorId,
     doc: Option<ThreadDoc>,
-    sessions: HashMap<PeerId, SyncSession>,
-    chunk_bytes: u64,
-    snapshot_bytes: u64,
+    sessions: HashMap<(PeerId, DocId), SyncSession>,
+    sizes: HashMap<u32, Sizes>,
+    /// Heads of every document of the thread, loaded or not (mirrors [`DOC_HEADS`]).
+    heads: BTreeMap<u32, Vec<ChangeHash>>,
+    /// Unfinished tasks per segment (mirrors [`OPEN_TASKS`]).
+    open: BTreeMap<u32, BTreeSet<TaskId>>,
+    pushlog: HashMap<u32, VecDeque<Pushed>>,
+    touched: HashMap<u32, Instant>,
 }
 
 /// Shared handle to the replica.
@@ -178,6 +294,7 @@ struct State {
 pub struct Replica {
     state: Arc<Mutex<State>>,
     changed: watch::Sender<u64>,
+    stats: Arc<PathStats>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -186,64 +303,388 @@ impl std::fmt::Debug for Replica {
     }
 }
 
+fn heads_bytes(heads: &[ChangeHash]) -> Vec<u8> {
+    heads.iter().flat_map(|h| h.0).collect()
+}
+
+fn heads_from(bytes: &[u8]) -> Vec<ChangeHash> {
+    bytes
+        .chunks_exact(32)
+        .filter_map(|c| ChangeHash::try_from(c).ok())
+        .collect()
+}
+
+/// A short digest of a document's heads, for the hello.
+pub fn heads_digest(heads: &[ChangeHash]) -> String {
+    use sha2::Digest;
+    let mut sorted = heads.to_vec();
+    sorted.sort();
+    let mut h = sha2::Sha256::new();
+    for head in &sorted {
+        h.update(head.0);
+    }
+    h.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn is_open(task: &errand_core::Task) -> bool {
+    !errand_core::fold(task).status.is_terminal()
+}
+
 impl State {
+    fn doc_id(&self, n: u32) -> Option<DocId> {
+        let g = self.doc.as_ref()?.genesis();
+        Some(if n == 0 {
+            g.doc_id()
+        } else {
+            g.segment_doc_id(n)
+        })
+    }
+
+    /// Stores a new thread's meta document, in the current format.
     fn persist_new_doc(&mut self, doc: &mut ThreadDoc) -> Result<(), StoreError> {
         let genesis = doc.genesis().clone();
-        let snapshot = doc.save();
+        let meta = doc.part_mut(0).map(|p| (p.save(), p.heads()));
+        let Some((snapshot, heads)) = meta else {
+            return Ok(());
+        };
         self.store.write(|t| {
             t.put_meta_json(META_GENESIS, &genesis)?;
-            t.replace_snapshot(&genesis.doc_id(), &snapshot)
+            t.put_meta(META_FORMAT, FORMAT)?;
+            t.replace_snapshot(&genesis.doc_id(), &snapshot)?;
+            t.table(DOC_HEADS)?
+                .insert(genesis.doc_id().as_str(), heads_bytes(&heads).as_slice())?;
+            Ok::<_, StoreError>(())
         })?;
-        self.snapshot_bytes = snapshot.len() as u64;
-        self.chunk_bytes = 0;
+        self.sizes.clear();
+        self.sizes.insert(
+            0,
+            Sizes {
+                chunk_bytes: 0,
+                snapshot_bytes: snapshot.len() as u64,
+            },
+        );
+        self.heads.clear();
+        self.heads.insert(0, heads);
+        self.open.clear();
+        self.pushlog.clear();
         Ok(())
     }
 
     fn reload(&mut self) -> Result<(), ReplicaError> {
+        self.pushlog.clear();
+        self.touched.clear();
         let Some(genesis) = self.store.meta_json::<ThreadGenesis>(META_GENESIS)? else {
             self.doc = None;
             return Ok(());
         };
         let loaded = self.store.load_doc(&genesis.doc_id())?;
-        self.snapshot_bytes = loaded.snapshot.as_ref().map_or(0, |s| s.len() as u64);
-        self.chunk_bytes = loaded.chunks.iter().map(|c| c.len() as u64).sum();
-        let doc = ThreadDoc::load(loaded.parts(), &genesis, self.actor.clone())
+        self.sizes.clear();
+        self.sizes.insert(0, sizes_of(&loaded));
+        let mut doc = ThreadDoc::load(loaded.parts(), &genesis, self.actor.clone())
             .map_err(|e| ReplicaError::Load(Box::new(e)))?;
+        if self.store.meta(META_FORMAT)?.is_none() {
+            migrate(&self.store, &mut doc)?;
+        }
+        // Which documents exist, and which tasks are unfinished where.
+        self.heads = self
+            .store
+            .read_table(DOC_HEADS, |t| {
+                let mut out = BTreeMap::new();
+                for row in t.iter()? {
+                    let (k, v) = row?;
+                    if let Some(n) = DocId::parse(k.value()).and_then(|id| genesis.part_of(&id)) {
+                        out.insert(n, heads_from(v.value()));
+                    }
+                }
+                Ok(out)
+            })?
+            .unwrap_or_default();
+        self.open = self
+            .store
+            .read_table(OPEN_TASKS, |t| {
+                let mut out: BTreeMap<u32, BTreeSet<TaskId>> = BTreeMap::new();
+                for row in t.iter()? {
+                    let (k, v) = row?;
+                    if let Ok(id) = k.value().parse::<TaskId>() {
+                        out.entry(v.value()).or_default().insert(id);
+                    }
+                }
+                Ok(out)
+            })?
+            .unwrap_or_default();
+        let newest = self.heads.keys().copied().max().unwrap_or(0);
+        doc.note_segment(newest);
+        let mut wanted: BTreeSet<u32> = self
+            .open
+            .iter()
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(n, _)| *n)
+            .collect();
+        wanted.insert(newest);
         self.doc = Some(doc);
+        for n in wanted.into_iter().filter(|n| *n > 0) {
+            self.attach(n)?;
+        }
         Ok(())
     }
 
-    fn maybe_compact(&mut self) -> Result<(), StoreError> {
-        if self.chunk_bytes <= COMPACT_MIN_CHUNK_BYTES.max(self.snapshot_bytes) {
+    /// Loads segment `n` from the store (a fresh one if nothing is stored) into memory.
+    fn attach(&mut self, n: u32) -> Result<(), ReplicaError> {
+        self.touched.insert(n, Instant::now());
+        let Some(doc_id) = self.doc_id(n) else {
+            return Err(ReplicaError::NoThread);
+        };
+        if self.doc.as_ref().is_some_and(|d| d.is_loaded(n)) {
             return Ok(());
         }
+        let loaded = self.store.load_doc(&doc_id)?;
+        let doc = self.doc.as_mut().ok_or(ReplicaError::NoThread)?;
+        doc.attach_segment(n, loaded.parts())
+            .map_err(|e| ReplicaError::Load(Box::new(e)))?;
+        self.sizes.insert(n, sizes_of(&loaded));
+        tracing::debug!(segment = n, bytes = loaded.bytes(), "loaded a segment");
+        Ok(())
+    }
+
+    /// Releases segments that are not needed in memory: not the newest, no unfinished
+    /// tasks, not touched for [`RELEASE_IDLE`] (or at all, with `now`).
+    fn release_idle(&mut self, now: bool) {
         let Some(doc) = self.doc.as_mut() else {
+            return;
+        };
+        let newest = doc.newest_segment();
+        for n in doc.loaded() {
+            let idle = now
+                || self
+                    .touched
+                    .get(&n)
+                    .is_none_or(|t| t.elapsed() >= RELEASE_IDLE);
+            let open = self.open.get(&n).is_some_and(|t| !t.is_empty());
+            if n > 0 && n != newest && !open && idle && doc.detach_segment(n) {
+                self.pushlog.remove(&n);
+                tracing::debug!(segment = n, "released a segment from memory");
+            }
+        }
+    }
+
+    fn maybe_compact(&mut self, n: u32) -> Result<(), StoreError> {
+        let size = self.sizes.get(&n).copied().unwrap_or_default();
+        if size.chunk_bytes <= COMPACT_MIN_CHUNK_BYTES.max(size.snapshot_bytes) {
+            return Ok(());
+        }
+        let Some(doc_id) = self.doc_id(n) else {
             return Ok(());
         };
-        let snapshot = doc.save();
-        let doc_id = doc.doc_id();
+        let Some(part) = self.doc.as_mut().and_then(|d| d.part_mut(n)) else {
+            return Ok(());
+        };
+        let snapshot = part.save();
         self.store
             .write(|t| t.replace_snapshot(&doc_id, &snapshot))?;
-        tracing::debug!(bytes = snapshot.len(), "compacted the thread");
-        self.snapshot_bytes = snapshot.len() as u64;
-        self.chunk_bytes = 0;
+        tracing::debug!(%doc_id, bytes = snapshot.len(), "compacted a document");
+        self.sizes.insert(
+            n,
+            Sizes {
+                chunk_bytes: 0,
+                snapshot_bytes: snapshot.len() as u64,
+            },
+        );
         Ok(())
     }
 
     fn session(&mut self, peer: &PeerId, doc_id: &DocId) -> &mut SyncSession {
         let store = &self.store;
-        self.sessions.entry(*peer).or_insert_with(|| {
-            match store.sync_state(doc_id, &peer.to_base58()) {
+        self.sessions
+            .entry((*peer, doc_id.clone()))
+            .or_insert_with(|| match store.sync_state(doc_id, &peer.to_base58()) {
                 Ok(Some(bytes)) => SyncSession::restore(doc_id.clone(), &bytes)
                     .unwrap_or_else(|_| SyncSession::new(doc_id.clone())),
                 _ => SyncSession::new(doc_id.clone()),
+            })
+    }
+
+    /// The statuses of `tasks` in part `n`, for the unfinished-task index.
+    fn open_changes(&self, n: u32, tasks: &BTreeSet<TaskId>) -> Vec<(TaskId, bool)> {
+        let Some(doc) = self.doc.as_ref() else {
+            return Vec::new();
+        };
+        doc.tasks_by_id(tasks)
+            .iter()
+            .filter(|t| doc.task_segment(&t.id) == Some(n))
+            .map(|t| (t.id, is_open(t)))
+            .collect()
+    }
+
+    /// Writes `chunk` of part `n` with its heads and index rows (and, for a merge, the peer's
+    /// sync state) in one transaction, then updates the in-memory mirrors.
+    fn store_part(
+        &mut self,
+        n: u32,
+        chunk: &[u8],
+        heads: &[ChangeHash],
+        tasks: &BTreeSet<TaskId>,
+        sync_state: Option<(&PeerId, &[u8])>,
+    ) -> Result<(), StoreError> {
+        let Some(doc_id) = self.doc_id(n) else {
+            return Ok(());
+        };
+        let open = self.open_changes(n, tasks);
+        self.store.write(|t| {
+            t.append_chunk(&doc_id, chunk)?;
+            t.table(DOC_HEADS)?
+                .insert(doc_id.as_str(), heads_bytes(heads).as_slice())?;
+            {
+                let mut index = t.table(TASK_SEGMENT)?;
+                for id in tasks {
+                    index.insert(id.to_string().as_str(), n)?;
+                }
             }
+            {
+                let mut opened = t.table(OPEN_TASKS)?;
+                for (id, is_open) in &open {
+                    if *is_open {
+                        opened.insert(id.to_string().as_str(), n)?;
+                    } else {
+                        opened.remove(id.to_string().as_str())?;
+                    }
+                }
+            }
+            if let Some((peer, state)) = sync_state {
+                t.put_sync_state(&doc_id, &peer.to_base58(), state)?;
+            }
+            Ok::<_, StoreError>(())
+        })?;
+        self.heads.insert(n, heads.to_vec());
+        let set = self.open.entry(n).or_default();
+        for (id, is_open) in open {
+            if is_open {
+                set.insert(id);
+            } else {
+                set.remove(&id);
+            }
+        }
+        let size = self.sizes.entry(n).or_default();
+        size.chunk_bytes += chunk.len() as u64;
+        self.touched.insert(n, Instant::now());
+        Ok(())
+    }
+
+    /// Forgets a peer's session for a document, in memory and in the store.
+    fn drop_session(&mut self, peer: &PeerId, doc_id: &DocId) {
+        self.sessions.remove(&(*peer, doc_id.clone()));
+        let _ = self
+            .store
+            .write(|t| t.delete_sync_state(doc_id, &peer.to_base58()));
+    }
+
+    /// Part `n` of the thread, loading it if it is stored or creating it fresh if it is a
+    /// plausible new segment.
+    fn part_for_peer(&mut self, n: u32, their_newest: u32) -> Result<(), ReplicaError> {
+        let doc = self.doc.as_ref().ok_or(ReplicaError::NoThread)?;
+        if doc.is_loaded(n) {
+            self.touched.insert(n, Instant::now());
+            return Ok(());
+        }
+        let limit = doc.newest_segment().max(their_newest) + SEGMENT_AHEAD;
+        if !self.heads.contains_key(&n) && n > limit {
+            return Err(ReplicaError::UnknownDocument(n));
+        }
+        self.attach(n)
+    }
+
+    /// Is the peer in sync with us on every document of the thread?
+    fn in_sync_all(&mut self, peer: &PeerId) -> bool {
+        let Some(doc) = self.doc.as_mut() else {
+            return false;
+        };
+        let g = doc.genesis().clone();
+        let mut docs: BTreeMap<u32, Vec<ChangeHash>> = self.heads.clone();
+        for n in doc.loaded() {
+            if let Some(p) = doc.part_mut(n) {
+                docs.insert(n, p.heads());
+            }
+        }
+        docs.iter().all(|(n, heads)| {
+            let id = if *n == 0 {
+                g.doc_id()
+            } else {
+                g.segment_doc_id(*n)
+            };
+            self.sessions
+                .get(&(*peer, id))
+                .is_some_and(|s| s.in_sync_at(heads))
         })
     }
 }
 
+fn sizes_of(loaded: &errand_crdt::LoadedDoc) -> Sizes {
+    Sizes {
+        snapshot_bytes: loaded.snapshot.as_ref().map_or(0, |s| s.len() as u64),
+        chunk_bytes: loaded.chunks.iter().map(|c| c.len() as u64).sum(),
+    }
+}
+
+/// Brings a home written before segments to the current format. The single document it held
+/// becomes the meta document, read as part 0 (its tasks and messages stay where they are:
+/// authorship is the actor of each op, so history cannot be copied into new documents without
+/// losing it); new tasks go to segments from now on. Nothing is rewritten, so an interrupted
+/// migration simply runs again.
+fn migrate(store: &Store, doc: &mut ThreadDoc) -> Result<(), ReplicaError> {
+    let tasks = doc.tasks_in(0);
+    let open: Vec<TaskId> = tasks.iter().filter(|t| is_open(t)).map(|t| t.id).collect();
+    let heads = doc.part_mut(0).map(|p| p.heads()).unwrap_or_default();
+    let meta_id = doc.doc_id();
+    store.write(|t| {
+        {
+            let mut index = t.table(OPEN_TASKS)?;
+            for id in &open {
+                index.insert(id.to_string().as_str(), 0)?;
+            }
+        }
+        t.table(DOC_HEADS)?
+            .insert(meta_id.as_str(), heads_bytes(&heads).as_slice())?;
+        t.put_meta(META_FORMAT, FORMAT)?;
+        Ok::<_, StoreError>(())
+    })?;
+    tracing::info!(
+        tasks = tasks.len(),
+        unfinished = open.len(),
+        "migrated the home to the segmented format: existing tasks stay in the meta document, new ones go to segments"
+    );
+    Ok(())
+}
+
+/// The pushable chain of local commits from `theirs` (the heads the peer has) to `ours`.
+fn push_chain(
+    log: &VecDeque<Pushed>,
+    theirs: &[ChangeHash],
+    ours: &[ChangeHash],
+) -> Option<Vec<u8>> {
+    let same = |a: &[ChangeHash], b: &[ChangeHash]| {
+        let (mut a, mut b) = (a.to_vec(), b.to_vec());
+        a.sort();
+        b.sort();
+        a == b
+    };
+    let start = log.iter().position(|p| same(&p.before, theirs))?;
+    let mut out = Vec::new();
+    let mut at: &[ChangeHash] = theirs;
+    for p in log.iter().skip(start) {
+        if !same(&p.before, at) {
+            return None;
+        }
+        out.extend_from_slice(&p.change);
+        at = &p.after;
+    }
+    same(at, ours).then_some(out)
+}
+
 impl Replica {
-    /// Opens the replica over an opened store, loading the thread if the home has one.
+    /// Opens the replica over an opened store, loading the thread if the home has one (and
+    /// migrating a home written before segments).
     pub fn open(store: Store) -> Result<Self, ReplicaError> {
         let actor = match store.meta(META_ACTOR)? {
             Some(bytes) => ActorId::from(bytes.as_slice()),
@@ -258,13 +699,17 @@ impl Replica {
             actor,
             doc: None,
             sessions: HashMap::new(),
-            chunk_bytes: 0,
-            snapshot_bytes: 0,
+            sizes: HashMap::new(),
+            heads: BTreeMap::new(),
+            open: BTreeMap::new(),
+            pushlog: HashMap::new(),
+            touched: HashMap::new(),
         };
         state.reload()?;
         Ok(Self {
             state: Arc::new(Mutex::new(state)),
             changed: watch::channel(0).0,
+            stats: Arc::default(),
         })
     }
 
@@ -316,6 +761,35 @@ impl Replica {
         self.lock().doc.as_ref().map(|d| d.genesis().clone())
     }
 
+    /// How often each sync path ran since the replica opened.
+    pub fn path_counts(&self) -> PathCounts {
+        let s = &self.stats;
+        PathCounts {
+            sync_sent: s.sync_sent.load(Ordering::Relaxed),
+            sync_received: s.sync_received.load(Ordering::Relaxed),
+            pushes_sent: s.pushes_sent.load(Ordering::Relaxed),
+            pushes_applied: s.pushes_applied.load(Ordering::Relaxed),
+            pushes_refused: s.pushes_refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The thread's documents: (part number, loaded?, changes if loaded), oldest first.
+    pub fn documents(&self) -> Vec<(u32, bool, Option<usize>)> {
+        let s = self.lock();
+        let Some(doc) = s.doc.as_ref() else {
+            return Vec::new();
+        };
+        let mut parts: BTreeSet<u32> = s.heads.keys().copied().collect();
+        parts.extend(doc.loaded());
+        parts
+            .into_iter()
+            .map(|n| {
+                let p = doc.part(n);
+                (n, p.is_some(), p.map(|p| p.changes()))
+            })
+            .collect()
+    }
+
     /// Wakes sessions when local or merged changes arrive.
     pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -338,7 +812,7 @@ impl Replica {
     }
 
     /// Switches this home to `genesis` (a phone pairing with a desktop). The previous thread,
-    /// if any, stays in the store under its own document id but is no longer shown.
+    /// if any, stays in the store under its own document ids but is no longer shown.
     pub fn replace_thread(&self, genesis: ThreadGenesis) -> Result<(), ReplicaError> {
         let mut s = self.lock();
         if s.doc.as_ref().is_some_and(|d| d.genesis() == &genesis) {
@@ -350,6 +824,8 @@ impl Replica {
         s.persist_new_doc(&mut doc)?;
         s.doc = Some(doc);
         s.sessions.clear();
+        // Segments of that thread already stored here (a phone pairing again).
+        s.reload()?;
         Ok(())
     }
 
@@ -375,13 +851,31 @@ impl Replica {
         .await?
     }
 
-    /// Reads the document.
+    /// Reads the thread (the documents held in memory: the meta document, the newest
+    /// segment and those with unfinished tasks).
     pub async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&ThreadDoc) -> T + Send + 'static,
     ) -> Result<T, ReplicaError> {
         self.blocking(move |s| s.doc.as_ref().map(f).ok_or(ReplicaError::NoThread))
             .await?
+    }
+
+    /// Reads the whole thread: every segment is loaded for the read and released after.
+    pub async fn read_all<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ThreadDoc) -> T + Send + 'static,
+    ) -> Result<T, ReplicaError> {
+        self.blocking(move |s| {
+            let stored: Vec<u32> = s.heads.keys().copied().filter(|n| *n > 0).collect();
+            for n in stored {
+                s.attach(n)?;
+            }
+            let out = s.doc.as_ref().map(f).ok_or(ReplicaError::NoThread);
+            s.release_idle(true);
+            out
+        })
+        .await?
     }
 
     /// Reads the document on the calling thread (for callers already off the async workers).
@@ -393,6 +887,27 @@ impl Replica {
             .ok_or(ReplicaError::NoThread)
     }
 
+    /// Makes sure the segment holding `task` is in memory (a request on an old task).
+    pub async fn ensure_task_loaded(&self, task: TaskId) -> Result<(), ReplicaError> {
+        self.blocking(move |s| {
+            let doc = s.doc.as_ref().ok_or(ReplicaError::NoThread)?;
+            if doc.task_segment(&task).is_some() {
+                return Ok(());
+            }
+            let n = s
+                .store
+                .read_table(TASK_SEGMENT, |t| {
+                    Ok(t.get(task.to_string().as_str())?.map(|g| g.value()))
+                })?
+                .flatten();
+            match n {
+                Some(n) => s.attach(n),
+                None => Ok(()),
+            }
+        })
+        .await?
+    }
+
     /// Makes a local change durable, then wakes every session.
     pub async fn commit<T: Send + 'static>(
         &self,
@@ -401,95 +916,241 @@ impl Replica {
         let out = self
             .blocking(move |s| {
                 let doc = s.doc.as_mut().ok_or(ReplicaError::NoThread)?;
-                let before = doc.heads();
-                let value = f(doc)?;
-                let chunk = doc.save_incremental();
-                let tasks = doc.tasks_changed_since(&before);
-                let doc_id = doc.doc_id();
-                if let Err(e) = s.store.write(|t| t.append_chunk(&doc_id, &chunk)) {
-                    // Not durable, so not acknowledged: drop it from memory as well.
-                    let _ = s.reload();
-                    return Err(ReplicaError::from(e));
+                let mut before = HashMap::new();
+                for n in doc.loaded() {
+                    if let Some(p) = doc.part_mut(n) {
+                        before.insert(n, p.heads());
+                    }
                 }
-                s.chunk_bytes += chunk.len() as u64;
-                s.maybe_compact()?;
-                Ok((value, tasks))
+                let value = match f(doc) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        doc.take_dirty();
+                        return Err(e.into());
+                    }
+                };
+                let mut all_tasks = BTreeSet::new();
+                for n in doc.take_dirty() {
+                    let doc = s.doc.as_mut().ok_or(ReplicaError::NoThread)?;
+                    let Some(part) = doc.part_mut(n) else {
+                        continue;
+                    };
+                    let chunk = part.save_incremental();
+                    let heads = part.heads();
+                    let change = part
+                        .automerge()
+                        .get_last_local_change()
+                        .map(|mut c| c.bytes().to_vec());
+                    let was = before.get(&n).cloned();
+                    let tasks = doc.tasks_changed_since(n, was.as_deref().unwrap_or(&[]));
+                    if let Err(e) = s.store_part(n, &chunk, &heads, &tasks, None) {
+                        // Not durable, so not acknowledged: drop it from memory as well.
+                        let _ = s.reload();
+                        return Err(ReplicaError::from(e));
+                    }
+                    if let (Some(before), Some(change)) = (was, change) {
+                        let log = s.pushlog.entry(n).or_default();
+                        log.push_back(Pushed {
+                            before,
+                            after: heads,
+                            change,
+                        });
+                        while log.len() > PUSH_LOG {
+                            log.pop_front();
+                        }
+                    }
+                    s.maybe_compact(n)?;
+                    all_tasks.extend(tasks);
+                }
+                s.release_idle(false);
+                Ok((value, all_tasks))
             })
             .await??;
         self.bump();
         Ok(out)
     }
 
-    /// The next sync message for `peer`, if any.
-    pub async fn generate(&self, peer: PeerId) -> Result<Option<(DocId, Vec<u8>)>, ReplicaError> {
+    /// Everything to send `peer` now: for each document held in memory (and each in
+    /// `extra`, loaded for the purpose) that is not settled, the pushed changes if the peer
+    /// was in sync before them, or else the next sync message.
+    pub async fn outgoing(
+        &self,
+        peer: PeerId,
+        extra: Vec<DocId>,
+    ) -> Result<Vec<(DocId, Outgoing)>, ReplicaError> {
+        let stats = self.stats.clone();
         self.blocking(move |s| {
-            let doc_id = s.doc.as_ref().map(ThreadDoc::doc_id)?;
-            let mut doc = s.doc.take()?;
-            let msg = s.session(&peer, &doc_id).next_message(&mut doc);
-            s.doc = Some(doc);
-            msg.map(|m| (doc_id, m))
+            let doc = s.doc.as_ref().ok_or(ReplicaError::NoThread)?;
+            let mut parts: BTreeSet<u32> = doc.loaded().into_iter().collect();
+            for id in &extra {
+                if let Some(n) = doc.part_of(id) {
+                    parts.insert(n);
+                }
+            }
+            let mut out = Vec::new();
+            for n in parts {
+                if s.part_for_peer(n, 0).is_err() {
+                    continue;
+                }
+                let Some(doc_id) = s.doc_id(n) else { continue };
+                let mut doc = s.doc.take().ok_or(ReplicaError::NoThread)?;
+                let msg = (|| {
+                    let part = doc.part_mut(n)?;
+                    let heads = part.heads();
+                    let session = s.session(&peer, &doc_id);
+                    if session.settled_at(&heads) {
+                        return None;
+                    }
+                    let theirs = session
+                        .their_heads()
+                        .map(<[_]>::to_vec)
+                        .filter(|t| session.settled_at(t));
+                    let chain = theirs
+                        .and_then(|t| s.pushlog.get(&n).and_then(|l| push_chain(l, &t, &heads)));
+                    let session = s.session(&peer, &doc_id);
+                    if let Some(changes) = chain {
+                        session.pushed(&heads);
+                        stats.pushes_sent.fetch_add(1, Ordering::Relaxed);
+                        return Some(Outgoing::Changes { heads, changes });
+                    }
+                    let m = session.next_message(part)?;
+                    stats.sync_sent.fetch_add(1, Ordering::Relaxed);
+                    Some(Outgoing::Sync(m))
+                })();
+                s.doc = Some(doc);
+                if let Some(m) = msg {
+                    out.push((doc_id, m));
+                }
+            }
+            Ok(out)
         })
-        .await
+        .await?
     }
 
-    /// Applies a sync message from `peer`, durably with the peer's sync state.
-    pub async fn receive(&self, peer: PeerId, bytes: Vec<u8>) -> Result<Merged, ReplicaError> {
+    /// Digests of our documents' heads for the hello: (part number, digest).
+    pub fn digests(&self) -> Vec<(u32, String)> {
+        let mut s = self.lock();
+        let mut all = s.heads.clone();
+        if let Some(doc) = s.doc.as_mut() {
+            for n in doc.loaded() {
+                if let Some(p) = doc.part_mut(n) {
+                    all.insert(n, p.heads());
+                }
+            }
+        }
+        all.into_iter()
+            .map(|(n, h)| (n, heads_digest(&h)))
+            .collect()
+    }
+
+    /// Starts `peer`'s sessions afresh (a new stream) from its hello: documents whose heads
+    /// match ours start in sync, with no message; the others are returned, to be synced.
+    pub async fn start_session(
+        &self,
+        peer: PeerId,
+        theirs: Vec<(u32, String)>,
+    ) -> Result<Vec<DocId>, ReplicaError> {
+        self.blocking(move |s| {
+            s.sessions.retain(|(p, _), _| *p != peer);
+            let doc = s.doc.as_mut().ok_or(ReplicaError::NoThread)?;
+            let g = doc.genesis().clone();
+            let mut ours = s.heads.clone();
+            for n in doc.loaded() {
+                if let Some(p) = doc.part_mut(n) {
+                    ours.insert(n, p.heads());
+                }
+            }
+            let their_newest = theirs.iter().map(|(n, _)| *n).max().unwrap_or(0);
+            let limit = doc.newest_segment().max(their_newest);
+            let theirs: BTreeMap<u32, String> = theirs.into_iter().collect();
+            let mut active = Vec::new();
+            let all: BTreeSet<u32> = ours.keys().chain(theirs.keys()).copied().collect();
+            for n in all.into_iter().filter(|n| *n <= limit) {
+                let id = if n == 0 {
+                    g.doc_id()
+                } else {
+                    g.segment_doc_id(n)
+                };
+                match (ours.get(&n), theirs.get(&n)) {
+                    (Some(h), Some(d)) if heads_digest(h) == *d => {
+                        s.session(&peer, &id).assume_in_sync(h);
+                    }
+                    _ => active.push(id),
+                }
+            }
+            Ok(active)
+        })
+        .await?
+    }
+
+    /// Applies a sync message from `peer` for document `doc_id`, durably with the peer's
+    /// sync state.
+    pub async fn receive(
+        &self,
+        peer: PeerId,
+        doc_id: DocId,
+        bytes: Vec<u8>,
+    ) -> Result<Merged, ReplicaError> {
+        self.stats.sync_received.fetch_add(1, Ordering::Relaxed);
         let merged = self
             .blocking(move |s| {
-                let Some(mut doc) = s.doc.take() else {
-                    return Err(ReplicaError::NoThread);
-                };
-                let doc_id = doc.doc_id();
+                let n = s
+                    .doc
+                    .as_ref()
+                    .ok_or(ReplicaError::NoThread)?
+                    .part_of(&doc_id)
+                    .ok_or(ReplicaError::NotOurDocument)?;
+                s.part_for_peer(n, 0)?;
                 if let Err(e) = check_changes(&bytes) {
-                    s.sessions.remove(&peer);
-                    let _ = s
-                        .store
-                        .write(|t| t.delete_sync_state(&doc_id, &peer.to_base58()));
-                    s.doc = Some(doc);
+                    s.drop_session(&peer, &doc_id);
                     return Err(e);
                 }
-                let result = s.session(&peer, &doc_id).receive(&mut doc, &bytes);
+                let mut doc = s.doc.take().ok_or(ReplicaError::NoThread)?;
+                let Some(part) = doc.part_mut(n) else {
+                    s.doc = Some(doc);
+                    return Err(ReplicaError::NotOurDocument);
+                };
+                let result = s.session(&peer, &doc_id).receive(part, &bytes);
                 let received = match result {
                     Ok(r) => r,
                     Err(e) => {
-                        s.sessions.remove(&peer);
-                        let _ = s
-                            .store
-                            .write(|t| t.delete_sync_state(&doc_id, &peer.to_base58()));
+                        s.doc = Some(doc);
+                        s.drop_session(&peer, &doc_id);
                         if matches!(e, SyncError::Panicked) {
                             // The document may be half-applied: reload what the store holds.
                             let _ = s.reload();
-                        } else {
-                            s.doc = Some(doc);
                         }
                         return Err(e.into());
                     }
                 };
-                let chunk = doc.save_incremental();
+                let chunk = part.save_incremental();
+                let heads = part.heads();
+                if received.changed {
+                    part.note_merged(&bytes);
+                }
                 let session = s.session(&peer, &doc_id);
                 let state = session.encode_state();
-                let in_sync = session.in_sync(&mut doc);
+                let in_sync = session.in_sync_at(&heads);
                 let tasks = if received.changed {
-                    doc.tasks_changed_since(&received.heads_before)
+                    doc.tasks_changed_since(n, &received.heads_before)
                 } else {
                     BTreeSet::new()
                 };
-                let stored = s.store.write(|t| {
-                    t.append_chunk(&doc_id, &chunk)?;
-                    t.put_sync_state(&doc_id, &peer.to_base58(), &state)
-                });
                 s.doc = Some(doc);
-                if let Err(e) = stored {
-                    s.sessions.remove(&peer);
+                if let Err(e) = s.store_part(n, &chunk, &heads, &tasks, Some((&peer, &state))) {
+                    s.sessions.remove(&(peer, doc_id));
                     let _ = s.reload();
                     return Err(ReplicaError::from(e));
                 }
-                s.chunk_bytes += chunk.len() as u64;
-                s.maybe_compact()?;
+                if !chunk.is_empty() {
+                    s.maybe_compact(n)?;
+                }
+                s.release_idle(false);
                 Ok(Merged {
                     tasks,
                     changed: received.changed,
                     in_sync,
+                    ack: None,
                 })
             })
             .await??;
@@ -499,40 +1160,130 @@ impl Replica {
         Ok(merged)
     }
 
-    /// True if `peer`'s last known heads equal ours.
-    pub async fn in_sync(&self, peer: PeerId) -> bool {
-        self.blocking(move |s| {
-            let Some(mut doc) = s.doc.take() else {
-                return false;
-            };
-            let doc_id = doc.doc_id();
-            let r = s.session(&peer, &doc_id).in_sync(&mut doc);
-            s.doc = Some(doc);
-            r
-        })
-        .await
-        .unwrap_or(false)
+    /// Applies changes `peer` pushed for `doc_id` (taking it to `theirs`), directly when we
+    /// hold their dependencies; otherwise falls back to the sync protocol (the next
+    /// [`Self::outgoing`] asks for what is missing).
+    pub async fn receive_changes(
+        &self,
+        peer: PeerId,
+        doc_id: DocId,
+        theirs: Vec<ChangeHash>,
+        bytes: Vec<u8>,
+    ) -> Result<Merged, ReplicaError> {
+        let stats = self.stats.clone();
+        let merged = self
+            .blocking(move |s| {
+                let n = s
+                    .doc
+                    .as_ref()
+                    .ok_or(ReplicaError::NoThread)?
+                    .part_of(&doc_id)
+                    .ok_or(ReplicaError::NotOurDocument)?;
+                s.part_for_peer(n, 0)?;
+                let changes = match parse_changes(&bytes) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        s.drop_session(&peer, &doc_id);
+                        return Err(e);
+                    }
+                };
+                let mut doc = s.doc.take().ok_or(ReplicaError::NoThread)?;
+                let Some(part) = doc.part_mut(n) else {
+                    s.doc = Some(doc);
+                    return Err(ReplicaError::NotOurDocument);
+                };
+                // Dependencies: in the document already, or earlier in the batch.
+                let batch: BTreeSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
+                let outside: Vec<ChangeHash> = changes
+                    .iter()
+                    .flat_map(|c| c.deps().iter().copied())
+                    .filter(|d| !batch.contains(d))
+                    .collect();
+                let am = part.automerge();
+                let missing = !am.get_missing_deps(&outside).is_empty();
+                if missing {
+                    s.session(&peer, &doc_id).push_refused(&theirs);
+                    s.doc = Some(doc);
+                    stats.pushes_refused.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Merged::default());
+                }
+                let heads_before = am.get_heads();
+                let count = changes.len();
+                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    am.apply_changes(changes)
+                }));
+                match applied {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        s.doc = Some(doc);
+                        s.drop_session(&peer, &doc_id);
+                        return Err(ReplicaError::BadChanges(e.to_string()));
+                    }
+                    Err(_) => {
+                        s.drop_session(&peer, &doc_id);
+                        let _ = s.reload();
+                        return Err(ReplicaError::BadChanges(
+                            "automerge panicked while applying them".into(),
+                        ));
+                    }
+                }
+                let heads = part.heads();
+                let changed = heads != heads_before;
+                part.add_changes(count);
+                let chunk = part.save_incremental();
+                let session = s.session(&peer, &doc_id);
+                session.applied_push(&theirs, &heads);
+                let state = session.encode_state();
+                let in_sync = session.in_sync_at(&heads);
+                let tasks = if changed {
+                    doc.tasks_changed_since(n, &heads_before)
+                } else {
+                    BTreeSet::new()
+                };
+                s.doc = Some(doc);
+                if let Err(e) = s.store_part(n, &chunk, &heads, &tasks, Some((&peer, &state))) {
+                    s.sessions.remove(&(peer, doc_id));
+                    let _ = s.reload();
+                    return Err(ReplicaError::from(e));
+                }
+                stats.pushes_applied.fetch_add(1, Ordering::Relaxed);
+                s.maybe_compact(n)?;
+                s.release_idle(false);
+                Ok(Merged {
+                    tasks,
+                    changed,
+                    in_sync,
+                    ack: Some(heads),
+                })
+            })
+            .await??;
+        if merged.changed {
+            self.bump();
+        }
+        Ok(merged)
     }
 
-    /// [`Self::in_sync`] on the calling thread (brief: compares two head lists).
-    pub fn in_sync_now(&self, peer: PeerId) -> bool {
-        let mut s = self.lock();
-        let Some(mut doc) = s.doc.take() else {
-            return false;
-        };
-        let doc_id = doc.doc_id();
-        let r = s.session(&peer, &doc_id).in_sync(&mut doc);
-        s.doc = Some(doc);
-        r
-    }
-
-    /// Starts `peer`'s session afresh from its persisted state (a new stream).
-    pub async fn restart_session(&self, peer: PeerId) {
+    /// `peer` acknowledged our pushes up to `heads` on `doc_id`.
+    pub async fn push_acked(&self, peer: PeerId, doc_id: DocId, heads: Vec<ChangeHash>) {
         let _ = self
             .blocking(move |s| {
-                s.sessions.remove(&peer);
+                if let Some(session) = s.sessions.get_mut(&(peer, doc_id)) {
+                    session.acked(&heads);
+                }
             })
             .await;
+    }
+
+    /// True if `peer`'s last known heads equal ours on every document of the thread.
+    pub async fn in_sync(&self, peer: PeerId) -> bool {
+        self.blocking(move |s| s.in_sync_all(&peer))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// [`Self::in_sync`] on the calling thread (brief: compares head lists).
+    pub fn in_sync_now(&self, peer: PeerId) -> bool {
+        self.lock().in_sync_all(&peer)
     }
 
     /// Records the device behind `peer` in the thread if this home owns the thread and the

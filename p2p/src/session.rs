@@ -11,7 +11,7 @@ use std::sync::{
 };
 
 use errand_core::{DeviceKind, TaskId};
-use errand_crdt::ThreadGenesis;
+use errand_crdt::{DocId, ThreadGenesis};
 use futures::{AsyncReadExt, io::WriteHalf};
 use libp2p::{PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    replica::{Replica, ReplicaError},
+    replica::{MAX_HELLO_DOCS, Merged, Outgoing, Replica, ReplicaError},
     wire::{self, Frame, FrameKind, HELLO_TIMEOUT, Hello, PROTOCOL_VERSION, WireError},
 };
 
@@ -49,6 +49,10 @@ pub struct SyncHello {
     pub hello: Hello,
     /// Who is speaking.
     pub device: Option<DeviceInfo>,
+    /// Each document of the thread we hold: (part number, digest of its heads). Documents
+    /// whose digests match start in sync, with no message.
+    #[serde(default)]
+    pub docs: Vec<(u32, String)>,
 }
 
 /// Why a session ended with an error. The peer is not punished; the session restarts.
@@ -174,6 +178,7 @@ pub async fn run(
             genesis: ours.clone(),
         },
         device: Some(ctx.me.clone()),
+        docs: ctx.replica.digests(),
     };
     let frame = Frame {
         kind: FrameKind::Hello,
@@ -200,6 +205,9 @@ pub async fn run(
         ));
     }
     let theirs: SyncHello = serde_json::from_slice(&theirs.body).map_err(WireError::Hello)?;
+    if theirs.docs.len() > MAX_HELLO_DOCS {
+        return Err(SessionError::Protocol("a hello listing too many documents"));
+    }
     let _ = ctx
         .events
         .send(SessionEvent::Hello {
@@ -230,14 +238,13 @@ pub async fn run(
         }
         _ => {}
     }
-    let doc_id = ctx
-        .replica
-        .genesis()
-        .map(|g| g.doc_id())
-        .ok_or(SessionError::Protocol("no thread after the hello"))?;
+    if ctx.replica.genesis().is_none() {
+        return Err(SessionError::Protocol("no thread after the hello"));
+    }
 
-    // Phase 2: sync. A fresh stream restarts the session from its persisted state.
-    ctx.replica.restart_session(peer).await;
+    // Phase 2: sync. A fresh stream restarts the sessions; documents whose heads match start
+    // in sync, the others are synced.
+    let active = ctx.replica.start_session(peer, theirs.docs).await?;
     let (tx, mut frames) = mpsc::channel(READ_AHEAD);
     let traffic = ctx.traffic.clone();
     let reader = tokio::spawn(async move {
@@ -256,7 +263,7 @@ pub async fn run(
             }
         }
     });
-    let result = sync_loop(&mut wr, &mut frames, peer, &ctx, doc_id, cancel).await;
+    let result = sync_loop(&mut wr, &mut frames, peer, &ctx, active, cancel).await;
     reader.abort();
     result
 }
@@ -266,13 +273,16 @@ async fn sync_loop(
     frames: &mut mpsc::Receiver<Result<Option<Frame>, WireError>>,
     peer: PeerId,
     ctx: &SessionCtx,
-    doc_id: errand_crdt::DocId,
+    active: Vec<DocId>,
     cancel: CancellationToken,
 ) -> Result<(), SessionError> {
     let mut changed: watch::Receiver<u64> = ctx.replica.subscribe_changes();
     changed.mark_changed();
     let mut was_in_sync = false;
+    // Documents to say something about even if they are not held in memory.
+    let mut extra = active;
     loop {
+        let mut ack = None;
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return Ok(()),
@@ -282,23 +292,33 @@ async fn sync_loop(
                     Some(Ok(None)) | None => return Ok(()),
                     Some(Err(e)) => return Err(e.into()),
                 };
-                if frame.kind != FrameKind::Sync {
-                    return Err(SessionError::Protocol("a second hello"));
-                }
-                if frame.doc_id.as_ref() != Some(&doc_id) {
-                    return Err(SessionError::Protocol("a sync frame for an unknown document"));
-                }
-                let merged = ctx.replica.receive(peer, frame.body).await?;
+                let doc = frame
+                    .doc_id
+                    .clone()
+                    .ok_or(SessionError::Protocol("a frame without a document"))?;
+                let merged = match frame.kind {
+                    FrameKind::Sync => ctx.replica.receive(peer, doc.clone(), frame.body).await?,
+                    FrameKind::Changes => {
+                        let (heads, changes) = frame.into_changes()?;
+                        if changes.is_empty() {
+                            ctx.replica.push_acked(peer, doc.clone(), heads).await;
+                            Merged::default()
+                        } else {
+                            ctx.replica.receive_changes(peer, doc.clone(), heads, changes).await?
+                        }
+                    }
+                    FrameKind::Hello | FrameKind::SyncDeflate => {
+                        return Err(SessionError::Protocol("a second hello"));
+                    }
+                };
                 if !merged.tasks.is_empty() {
                     let _ = ctx.events.send(SessionEvent::Merged {
                         peer,
                         tasks: merged.tasks.into_iter().collect(),
                     }).await;
                 }
-                if merged.in_sync && !was_in_sync {
-                    let _ = ctx.events.send(SessionEvent::InSync { peer }).await;
-                }
-                was_in_sync = merged.in_sync;
+                ack = merged.ack.map(|h| (doc.clone(), h));
+                extra.push(doc);
             }
             r = changed.changed() => {
                 if r.is_err() {
@@ -306,13 +326,25 @@ async fn sync_loop(
                 }
             }
         }
+        if let Some((doc, heads)) = ack {
+            send(wr, &Frame::changes(doc, &heads, &[]), &ctx.traffic).await?;
+        }
         // Whatever woke us, say what there is to say.
-        if let Some((doc, msg)) = ctx.replica.generate(peer).await? {
-            send(wr, &pack(doc, msg).await?, &ctx.traffic).await?;
-            was_in_sync = false;
-        } else if !was_in_sync && ctx.replica.in_sync(peer).await {
-            was_in_sync = true;
+        let out = ctx
+            .replica
+            .outgoing(peer, std::mem::take(&mut extra))
+            .await?;
+        for (doc, msg) in out {
+            let frame = match msg {
+                Outgoing::Sync(m) => pack(doc, m).await?,
+                Outgoing::Changes { heads, changes } => Frame::changes(doc, &heads, &changes),
+            };
+            send(wr, &frame, &ctx.traffic).await?;
+        }
+        let in_sync = ctx.replica.in_sync(peer).await;
+        if in_sync && !was_in_sync {
             let _ = ctx.events.send(SessionEvent::InSync { peer }).await;
         }
+        was_in_sync = in_sync;
     }
 }

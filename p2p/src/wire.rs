@@ -3,7 +3,9 @@
 //! Every frame is a 4-byte big-endian length, then the payload:
 //! `kind: u8 | doc_id_len: u8 | doc_id | body`. The length is checked against [`MAX_FRAME`]
 //! before anything is allocated. The first frame each way is a [`Hello`]; then `Sync` frames
-//! carry Automerge sync messages for the named document.
+//! carry Automerge sync messages for the named document (the thread's meta document or one of
+//! its segments), and `Changes` frames carry the push path: changes sent directly to a peer
+//! known to be in sync, `heads_count: u8 | heads (32 bytes each) | change chunks`.
 //!
 //! A large sync message may go as `SyncDeflate` instead: the same message, raw DEFLATE
 //! (RFC 1951). Automerge sends a whole document compressed, but the changes a reconnect is
@@ -13,12 +15,14 @@
 
 use std::{io, time::Duration};
 
-use errand_crdt::{DocId, ThreadGenesis};
+use errand_crdt::{ChangeHash, DocId, ThreadGenesis};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use serde::{Deserialize, Serialize};
 
 /// The sync protocol's version, carried in the hello. Peers on another version are refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2: segmented threads (the hello lists each document's heads digest) and the push
+/// path (`Changes` frames).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame. The first sync of a large thread carries the whole document in one
 /// Automerge message (about 140 KB per 10,000 tasks compressed, several MB uncompressed
@@ -46,6 +50,8 @@ pub enum FrameKind {
     Sync = 1,
     /// An Automerge sync message, deflated.
     SyncDeflate = 2,
+    /// Changes pushed to a peer in sync, with the sender's heads after them.
+    Changes = 3,
 }
 
 /// A decoded frame.
@@ -159,6 +165,40 @@ impl Frame {
         })
     }
 
+    /// A push frame: `changes` take the receiver (which had our previous heads) to `heads`.
+    pub fn changes(doc_id: DocId, heads: &[ChangeHash], changes: &[u8]) -> Self {
+        let heads = &heads[..heads.len().min(u8::MAX as usize)];
+        let mut body = Vec::with_capacity(1 + 32 * heads.len() + changes.len());
+        body.push(heads.len() as u8);
+        for h in heads {
+            body.extend_from_slice(&h.0);
+        }
+        body.extend_from_slice(changes);
+        Self {
+            kind: FrameKind::Changes,
+            doc_id: Some(doc_id),
+            body,
+        }
+    }
+
+    /// Splits a push frame's body into the sender's heads and the change chunks.
+    pub fn into_changes(self) -> Result<(Vec<ChangeHash>, Vec<u8>), WireError> {
+        let n = *self
+            .body
+            .first()
+            .ok_or(WireError::Malformed("an empty changes frame"))? as usize;
+        let end = 1 + 32 * n;
+        let heads = self
+            .body
+            .get(1..end)
+            .ok_or(WireError::Malformed("heads run past the frame"))?
+            .chunks_exact(32)
+            .map(|c| ChangeHash::try_from(c).map_err(|_| WireError::Malformed("a head")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut body = self.body;
+        Ok((heads, body.split_off(end)))
+    }
+
     /// Encodes the payload (without the length prefix).
     pub fn encode(&self) -> Vec<u8> {
         let doc = self.doc_id.as_ref().map_or("", |d| d.as_str());
@@ -179,6 +219,7 @@ impl Frame {
             0 => FrameKind::Hello,
             1 => FrameKind::Sync,
             2 => FrameKind::SyncDeflate,
+            3 => FrameKind::Changes,
             _ => return Err(WireError::Malformed("unknown frame kind")),
         };
         let end = 2 + len as usize;
@@ -269,6 +310,27 @@ mod tests {
             vec![1, 1, b' '],
         ] {
             assert!(Frame::decode(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn changes_frames_round_trip_and_short_ones_are_errors() {
+        let doc = DocId::parse("abc.2").unwrap();
+        let heads = [ChangeHash([7; 32]), ChangeHash([9; 32])];
+        let f = Frame::changes(doc, &heads, b"chunks");
+        let back = Frame::decode(f.encode()).unwrap();
+        assert_eq!(back.kind, FrameKind::Changes);
+        assert_eq!(
+            back.into_changes().unwrap(),
+            (heads.to_vec(), b"chunks".to_vec())
+        );
+        for body in [vec![], vec![1], vec![2; 40]] {
+            let bad = Frame {
+                kind: FrameKind::Changes,
+                doc_id: None,
+                body,
+            };
+            assert!(bad.into_changes().is_err());
         }
     }
 

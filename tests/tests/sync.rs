@@ -504,6 +504,7 @@ fn good_hello() -> Vec<u8> {
             kind: DeviceKind::Phone,
             actor: automerge::ActorId::random().to_hex_string(),
         }),
+        docs: Vec::new(),
     };
     framed(&Frame {
         kind: FrameKind::Hello,
@@ -588,6 +589,46 @@ fn bad_sync_input_gets_a_clean_close_and_the_desktop_serves_others() -> Result<(
             ]),
             false,
             "sync session closed",
+        ),
+        (
+            "a hello, then pushed changes that do not parse",
+            cat(&[
+                &good_hello(),
+                &framed(&Frame::changes(
+                    doc.clone(),
+                    &[automerge::ChangeHash([1; 32])],
+                    &cat(&[
+                        &[0x85, 0x6f, 0x4a, 0x83, 1, 2, 3, 4, 1, 5],
+                        &random_bytes(5),
+                    ]),
+                )),
+            ]),
+            false,
+            "do not parse",
+        ),
+        (
+            "a hello, then a sync frame for another thread's document",
+            cat(&[
+                &good_hello(),
+                &framed(&Frame::sync(
+                    DocId::parse("01ARZ3NDEKTSV4RRFFQ69G5FAV").context("doc id")?,
+                    random_bytes(16),
+                )),
+            ]),
+            false,
+            "not part of this thread",
+        ),
+        (
+            "a hello, then a sync frame for a segment far past the newest",
+            cat(&[
+                &good_hello(),
+                &framed(&Frame::sync(
+                    DocId::parse(&format!("{thread}.100000")).context("doc id")?,
+                    random_bytes(16),
+                )),
+            ]),
+            false,
+            "far past the newest segment",
         ),
         (
             "a hello with the wrong version",

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use errand_core::{Device, DeviceId, DeviceKind, ThreadId};
-use errand_crdt::{ActorId, SyncSession, ThreadDoc, ThreadGenesis};
+use errand_crdt::{ActorId, ThreadDoc, ThreadGenesis, ThreadSync};
 
 /// A syntactically valid Ed25519 PeerId built from a seed byte.
 pub fn device(seed: u8) -> DeviceId {
@@ -67,20 +67,20 @@ impl World {
 }
 
 /// Runs the sync loop between two replicas until neither has anything to say.
-pub fn sync_pair(a: &mut ThreadDoc, sa: &mut SyncSession, b: &mut ThreadDoc, sb: &mut SyncSession) {
-    for _ in 0..64 {
+pub fn sync_pair(a: &mut ThreadDoc, sa: &mut ThreadSync, b: &mut ThreadDoc, sb: &mut ThreadSync) {
+    for _ in 0..256 {
         let mut quiet = true;
-        if let Some(m) = sa.next_message(a) {
-            sb.receive(b, &m).unwrap();
+        if let Some((id, m)) = sa.next_message(a) {
+            sb.receive(b, &id, &m).unwrap();
             quiet = false;
         }
-        if let Some(m) = sb.next_message(b) {
-            sa.receive(a, &m).unwrap();
+        if let Some((id, m)) = sb.next_message(b) {
+            sa.receive(a, &id, &m).unwrap();
             quiet = false;
         }
         if quiet {
             return;
         }
     }
-    panic!("sync did not quiesce in 64 rounds");
+    panic!("sync did not quiesce in 256 rounds");
 }

@@ -153,16 +153,22 @@ fn main() -> Result<()> {
 
 // ---- output ------------------------------------------------------------------------------
 
-/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process on the machine.
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process on the machine. (Through
+/// libc, so the peer also runs under valgrind.)
 fn mono_ns() -> u64 {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC)
 }
 
 /// CPU time of this whole process (all threads, including exited ones), in nanoseconds.
 fn process_cpu_ns() -> u64 {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    clock_ns(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+fn clock_ns(clock: nix::time::ClockId) -> u64 {
+    // These clocks exist on every Linux; 0 would only make one figure wrong, visibly.
+    nix::time::clock_gettime(clock).map_or(0, |ts| {
+        ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+    })
 }
 
 /// Prints one JSON line and flushes, so the bench sees it at once.
@@ -342,9 +348,13 @@ async fn peer_command(peer: &Peer, cmd: &str, rest: &str) -> Result<Value> {
             let ((id, change_bytes), _) = peer
                 .replica()
                 .commit(move |d| {
-                    let before = d.heads();
                     let id = d.enqueue_task(&task, now_ms())?;
-                    Ok((id, d.save_after(&before).len()))
+                    let n = d.task_segment(&id).unwrap_or(0);
+                    let len = d
+                        .part_mut(n)
+                        .and_then(|p| p.automerge().get_last_local_change())
+                        .map_or(0, |c| c.raw_bytes().len());
+                    Ok((id, len))
                 })
                 .await?;
             let t1 = mono_ns();
@@ -486,11 +496,25 @@ enum Note {
     Failed(String),
 }
 
-/// Drives a client swarm forever, reporting what the coordinator waits for.
-async fn drive(mut swarm: Swarm<ClientBehaviour>, notes: mpsc::Sender<Note>) {
+/// Drives a client swarm forever, dialing what it is told to and reporting what the
+/// coordinator waits for.
+async fn drive(
+    mut swarm: Swarm<ClientBehaviour>,
+    notes: mpsc::Sender<Note>,
+    mut dials: mpsc::Receiver<Multiaddr>,
+) {
     let me = *swarm.local_peer_id();
     loop {
-        let note = match swarm.select_next_some().await {
+        let ev = tokio::select! {
+            Some(addr) = dials.recv() => {
+                if let Err(e) = swarm.dial(addr) {
+                    let _ = notes.send(Note::Failed(format!("dial: {e}"))).await;
+                }
+                continue;
+            }
+            ev = swarm.select_next_some() => ev,
+        };
+        let note = match ev {
             SwarmEvent::NewListenAddr { address, .. }
                 if !address.iter().any(|p| matches!(p, Protocol::P2pCircuit)) =>
             {
@@ -513,19 +537,35 @@ async fn drive(mut swarm: Swarm<ClientBehaviour>, notes: mpsc::Sender<Note>) {
     }
 }
 
+/// Spawns a client swarm's driver; returns where its notes arrive and how to make it dial.
+fn spawn_client(swarm: Swarm<ClientBehaviour>) -> (mpsc::Receiver<Note>, mpsc::Sender<Multiaddr>) {
+    let (note_tx, note_rx) = mpsc::channel(16);
+    let (dial_tx, dial_rx) = mpsc::channel(4);
+    tokio::spawn(drive(swarm, note_tx, dial_rx));
+    (note_rx, dial_tx)
+}
+
+/// One reserved client, as the coordinator sees it.
+struct Reserved {
+    peer: PeerId,
+    dial: mpsc::Sender<Multiaddr>,
+}
+
 async fn run_reserve(relay_addr: Multiaddr, count: usize, parallel: usize) -> Result<()> {
-    let relay_peer = relay_peer(&relay_addr)?;
+    let relay_id = relay_peer(&relay_addr)?;
     let started = Instant::now();
     let permits = std::sync::Arc::new(Semaphore::new(parallel.max(1)));
-    let (done_tx, mut done_rx) = mpsc::channel::<Result<PeerId, String>>(NOTE_CAPACITY);
+    let (done_tx, mut done_rx) = mpsc::channel::<Result<Reserved, String>>(NOTE_CAPACITY);
+    // Circuit results, tagged with the client's peer id.
+    let (conn_tx, mut conn_rx) = mpsc::channel::<(PeerId, Result<PeerId, String>)>(NOTE_CAPACITY);
     for _ in 0..count {
         let permit = permits.clone().acquire_owned().await?;
         let mut swarm = client_swarm()?;
+        let me = *swarm.local_peer_id();
         swarm.listen_on(relay_addr.clone().with(Protocol::P2pCircuit))?;
-        let done = done_tx.clone();
+        let (done, conns) = (done_tx.clone(), conn_tx.clone());
         tokio::spawn(async move {
-            let (tx, mut rx) = mpsc::channel(16);
-            tokio::spawn(drive(swarm, tx));
+            let (mut rx, dial) = spawn_client(swarm);
             let r = tokio::time::timeout(CLIENT_STEP_TIMEOUT, async {
                 while let Some(n) = rx.recv().await {
                     match n {
@@ -539,9 +579,16 @@ async fn run_reserve(relay_addr: Multiaddr, count: usize, parallel: usize) -> Re
             .await
             .unwrap_or_else(|_| Err("reservation timed out".into()));
             drop(permit);
-            let _ = done.send(r).await;
-            // Keep draining so the swarm task never blocks on a full channel.
-            while rx.recv().await.is_some() {}
+            let _ = done.send(r.map(|peer| Reserved { peer, dial })).await;
+            // Later connections (circuits) go to the coordinator; keep draining either way.
+            while let Some(n) = rx.recv().await {
+                let r = match n {
+                    Note::Connected(p) if p != relay_id => Ok(p),
+                    Note::Failed(e) => Err(e),
+                    _ => continue,
+                };
+                let _ = conns.send((me, r)).await;
+            }
         });
     }
     drop(done_tx);
@@ -550,7 +597,7 @@ async fn run_reserve(relay_addr: Multiaddr, count: usize, parallel: usize) -> Re
     // Each client task keeps its sender while its swarm lives: count answers, not senders.
     for _ in 0..count {
         match done_rx.recv().await {
-            Some(Ok(p)) => reserved.push(p),
+            Some(Ok(r)) => reserved.push(r),
             Some(Err(e)) => failures.push(e),
             None => break,
         }
@@ -558,10 +605,10 @@ async fn run_reserve(relay_addr: Multiaddr, count: usize, parallel: usize) -> Re
     emit(json!({
         "ev": "reserved", "t": mono_ns(), "n": reserved.len(), "failed": failures.len(),
         "first_error": failures.first(), "ms": started.elapsed().as_secs_f64() * 1e3,
-        "relay": relay_peer.to_base58(),
+        "relay": relay_id.to_base58(),
     }));
     let mut lines = stdin_lines();
-    let mut next_target = 0usize;
+    let mut next = 0usize;
     while let Some(line) = lines.recv().await {
         let line = line.trim();
         let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
@@ -575,11 +622,35 @@ async fn run_reserve(relay_addr: Multiaddr, count: usize, parallel: usize) -> Re
                         continue;
                     }
                 };
-                let targets: Vec<PeerId> =
-                    reserved.iter().skip(next_target).take(m).copied().collect();
-                next_target += targets.len();
-                let (ok, failed, first_error) =
-                    open_circuits(&relay_addr, &targets, parallel).await?;
+                // Reserved client 2k dials reserved client 2k+1 through the relay, over the
+                // connection that holds its own reservation (as a phone does).
+                let mut dialers = HashSet::new();
+                while dialers.len() < m && next + 1 < reserved.len() {
+                    let (a, b) = (&reserved[next], &reserved[next + 1]);
+                    let addr = relay_addr
+                        .clone()
+                        .with(Protocol::P2pCircuit)
+                        .with(Protocol::P2p(b.peer));
+                    if a.dial.send(addr).await.is_ok() {
+                        dialers.insert(a.peer);
+                    }
+                    next += 2;
+                }
+                let (mut ok, mut failed, mut first_error) = (0usize, 0usize, None);
+                let deadline = tokio::time::Instant::now() + CLIENT_STEP_TIMEOUT;
+                while ok + failed < dialers.len() {
+                    match tokio::time::timeout_at(deadline, conn_rx.recv()).await {
+                        Ok(Some((who, r))) if dialers.contains(&who) => match r {
+                            Ok(_) => ok += 1,
+                            Err(e) => {
+                                failed += 1;
+                                first_error.get_or_insert(e);
+                            }
+                        },
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => break,
+                    }
+                }
                 emit(json!({
                     "ev": "circuits", "t": mono_ns(), "n": ok, "failed": failed,
                     "first_error": first_error,
@@ -590,58 +661,6 @@ async fn run_reserve(relay_addr: Multiaddr, count: usize, parallel: usize) -> Re
         }
     }
     Ok(())
-}
-
-/// Opens one idle relayed connection to each target from a fresh client swarm.
-async fn open_circuits(
-    relay_addr: &Multiaddr,
-    targets: &[PeerId],
-    parallel: usize,
-) -> Result<(usize, usize, Option<String>)> {
-    let permits = std::sync::Arc::new(Semaphore::new(parallel.max(1)));
-    let (done_tx, mut done_rx) = mpsc::channel::<Result<(), String>>(NOTE_CAPACITY);
-    for target in targets {
-        let permit = permits.clone().acquire_owned().await?;
-        let mut swarm = client_swarm()?;
-        let addr = relay_addr
-            .clone()
-            .with(Protocol::P2pCircuit)
-            .with(Protocol::P2p(*target));
-        swarm.dial(addr)?;
-        let (done, target) = (done_tx.clone(), *target);
-        tokio::spawn(async move {
-            let (tx, mut rx) = mpsc::channel(16);
-            tokio::spawn(drive(swarm, tx));
-            let r = tokio::time::timeout(CLIENT_STEP_TIMEOUT, async {
-                while let Some(n) = rx.recv().await {
-                    match n {
-                        Note::Connected(p) if p == target => return Ok(()),
-                        Note::Failed(e) => return Err(e),
-                        _ => {}
-                    }
-                }
-                Err("client stopped".to_owned())
-            })
-            .await
-            .unwrap_or_else(|_| Err("circuit timed out".into()));
-            drop(permit);
-            let _ = done.send(r).await;
-            while rx.recv().await.is_some() {}
-        });
-    }
-    drop(done_tx);
-    let (mut ok, mut failed, mut first) = (0, 0, None);
-    for _ in 0..targets.len() {
-        match done_rx.recv().await {
-            Some(Ok(())) => ok += 1,
-            Some(Err(e)) => {
-                failed += 1;
-                first.get_or_insert(e);
-            }
-            None => break,
-        }
-    }
-    Ok((ok, failed, first))
 }
 
 fn relay_peer(addr: &Multiaddr) -> Result<PeerId> {
@@ -688,8 +707,7 @@ async fn run_throughput(relay_addr: Multiaddr, bytes: usize, runs: usize) -> Res
         .new_control()
         .accept(THROUGHPUT_PROTOCOL)
         .map_err(|e| anyhow!("{e}"))?;
-    let (tx, mut server_notes) = mpsc::channel(NOTE_CAPACITY);
-    tokio::spawn(drive(server, tx));
+    let (mut server_notes, _server_dials) = spawn_client(server);
     tokio::spawn(async move {
         while let Some((_, mut stream)) = incoming.next().await {
             tokio::spawn(async move {
@@ -733,8 +751,7 @@ async fn run_throughput(relay_addr: Multiaddr, bytes: usize, runs: usize) -> Res
         let mut client = client_swarm()?;
         let mut control = client.behaviour().stream.new_control();
         client.dial(addr)?;
-        let (tx, mut notes) = mpsc::channel(NOTE_CAPACITY);
-        tokio::spawn(drive(client, tx));
+        let (mut notes, _dials) = spawn_client(client);
         wait_note(&mut notes, label, |n| {
             matches!(n, Note::Connected(p) if *p == server_id).then_some(())
         })
