@@ -498,6 +498,14 @@ impl ThreadDoc {
         Ok(())
     }
 
+    /// The heads of segment `n` holding nothing but its genesis: what a peer that never saw
+    /// the segment has (it creates the same genesis on demand).
+    pub fn segment_genesis_heads(&self, n: u32) -> Vec<ChangeHash> {
+        Part::segment(&self.genesis, n.max(1), self.actor.clone())
+            .doc
+            .get_heads()
+    }
+
     /// Releases segment `n` from memory (never the meta document). Its unsaved local
     /// changes must have been stored first.
     pub fn detach_segment(&mut self, n: u32) -> bool {

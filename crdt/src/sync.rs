@@ -141,8 +141,13 @@ impl SyncSession {
 
     /// True when there is nothing to say at `ours`: the peer has exactly these heads and we
     /// have told it so. The session can skip generating a message (which walks the history).
+    /// (A push not yet acknowledged counts: what was pushed need not be said again.)
     pub fn settled_at(&self, ours: &[ChangeHash]) -> bool {
-        self.in_sync_at(ours) && same(&self.state.last_sent_heads, ours)
+        self.state
+            .their_heads
+            .as_ref()
+            .is_some_and(|theirs| same(theirs, ours))
+            && same(&self.state.last_sent_heads, ours)
     }
 
     /// Takes the peer to be at `heads`, which are ours too (their digest matched ours in the

@@ -97,11 +97,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the thread: every task and message.
+    /// Show the thread: the newest segment's tasks and messages, and every unfinished task.
     Thread {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Read every segment of the thread, back to its first task (slower on a long thread).
+        #[arg(long)]
+        all: bool,
     },
     /// Show one task.
     Task {
@@ -288,8 +291,8 @@ async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiErr
             }
             Ok(())
         }
-        Command::Thread { json } => {
-            let v = cli::execute(opened, Request::Thread).await?;
+        Command::Thread { json, all } => {
+            let v = cli::execute(opened, Request::Thread { all }).await?;
             if json {
                 cli::print_json(&v)
             } else {

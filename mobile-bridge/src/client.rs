@@ -184,10 +184,26 @@ impl PhoneClient {
         })
     }
 
+    /// Pages back through the thread's history: up to `limit` tasks created before the task
+    /// `before` (the newest when `None`), newest first. Older segments are loaded for the
+    /// page and released after, so a long thread costs memory only while it is read.
+    pub fn tasks_before(
+        &self,
+        before: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<TaskView>, ErrandError> {
+        let before = before.map(|b| parse_task_id(&b)).transpose()?;
+        self.run(move |peer| async move {
+            let tasks = peer.replica().tasks_before(before, limit as usize).await?;
+            Ok(tasks.iter().map(TaskView::from).collect())
+        })
+    }
+
     /// One task. `InvalidInput` if the id is malformed or not in this thread (yet).
     pub fn task(&self, id: String) -> Result<TaskView, ErrandError> {
         let id = parse_task_id(&id)?;
         self.run(move |peer| async move {
+            peer.replica().ensure_task_loaded(id).await?;
             peer.replica()
                 .read(move |d| d.task(&id))
                 .await?

@@ -40,8 +40,12 @@ pub mod exit {
 pub enum Request {
     /// `status`.
     Status,
-    /// `thread`.
-    Thread,
+    /// `thread [--all]`.
+    Thread {
+        /// Every segment, not only the newest and those with unfinished tasks.
+        #[serde(default)]
+        all: bool,
+    },
     /// `task ID`.
     Task {
         /// Task id.
@@ -243,12 +247,14 @@ pub async fn handle(peer: &Peer, req: Request) -> Result<serde_json::Value, ApiE
     let json = |v: &dyn erased::Ser| v.to_value();
     match req {
         Request::Status => Ok(json(&peer.status().await.map_err(err)?)),
-        Request::Thread => {
-            let (genesis, tasks, messages) = peer
-                .replica()
-                .read(|d| (d.genesis().clone(), d.tasks(), d.messages()))
-                .await
-                .map_err(|e| ApiError::new(e.to_string()))?;
+        Request::Thread { all } => {
+            let read = |d: &errand_crdt::ThreadDoc| (d.genesis().clone(), d.tasks(), d.messages());
+            let r = if all {
+                peer.replica().read_all(read).await
+            } else {
+                peer.replica().read(read).await
+            };
+            let (genesis, tasks, messages) = r.map_err(|e| ApiError::new(e.to_string()))?;
             Ok(serde_json::json!({
                 "thread_id": genesis.thread_id.to_string(),
                 "tasks": tasks.iter().map(task_json).collect::<Vec<_>>(),
@@ -260,6 +266,11 @@ pub async fn handle(peer: &Peer, req: Request) -> Result<serde_json::Value, ApiE
         }
         Request::Task { id } => {
             let id = parse_task_id(&id)?;
+            // An old task's segment may not be held in memory.
+            peer.replica()
+                .ensure_task_loaded(id)
+                .await
+                .map_err(|e| ApiError::new(e.to_string()))?;
             let task = peer
                 .replica()
                 .read(move |d| d.task(&id))

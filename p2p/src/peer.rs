@@ -176,6 +176,21 @@ pub struct Status {
     pub relay: Option<serde_json::Value>,
     /// True when a daemon answered (the network runs).
     pub running: bool,
+    /// The thread's documents: the meta document (part 0) and its segments.
+    pub documents: Vec<DocumentStatus>,
+    /// How often each sync path ran in this process.
+    pub sync: crate::replica::PathCounts,
+}
+
+/// One document of the thread, in `status --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DocumentStatus {
+    /// 0: the meta document (devices, and tasks from before segments); n: segment n.
+    pub part: u32,
+    /// Held in memory now.
+    pub loaded: bool,
+    /// Changes in it, when loaded.
+    pub changes: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -488,6 +503,8 @@ impl Peer {
         kind: EventKind,
     ) -> Result<(), PeerError> {
         let now = now_ms();
+        // A request on a finished task in a segment that is not held in memory loads it.
+        self.inner.replica.ensure_task_loaded(task).await?;
         let (_, tasks) = self
             .inner
             .replica
@@ -657,6 +674,18 @@ impl Peer {
             peers,
             relay,
             running,
+            documents: self
+                .inner
+                .replica
+                .documents()
+                .into_iter()
+                .map(|(part, loaded, changes)| DocumentStatus {
+                    part,
+                    loaded,
+                    changes,
+                })
+                .collect(),
+            sync: self.inner.replica.path_counts(),
         })
     }
 

@@ -287,6 +287,11 @@ struct State {
     open: BTreeMap<u32, BTreeSet<TaskId>>,
     pushlog: HashMap<u32, VecDeque<Pushed>>,
     touched: HashMap<u32, Instant>,
+    /// The newest segment each peer listed in its hello: frames for segments up to it (and
+    /// a little past, for rollovers during the session) are accepted.
+    peer_newest: HashMap<PeerId, u32>,
+    /// Rollover bound for the thread (see [`ThreadDoc::set_segment_limit`]).
+    segment_limit: Option<usize>,
 }
 
 /// Shared handle to the replica.
@@ -424,6 +429,9 @@ impl State {
             .map(|(n, _)| *n)
             .collect();
         wanted.insert(newest);
+        if let Some(limit) = self.segment_limit {
+            doc.set_segment_limit(limit);
+        }
         self.doc = Some(doc);
         for n in wanted.into_iter().filter(|n| *n > 0) {
             self.attach(n)?;
@@ -582,7 +590,8 @@ impl State {
 
     /// Part `n` of the thread, loading it if it is stored or creating it fresh if it is a
     /// plausible new segment.
-    fn part_for_peer(&mut self, n: u32, their_newest: u32) -> Result<(), ReplicaError> {
+    fn part_for_peer(&mut self, n: u32, peer: &PeerId) -> Result<(), ReplicaError> {
+        let their_newest = self.peer_newest.get(peer).copied().unwrap_or(0);
         let doc = self.doc.as_ref().ok_or(ReplicaError::NoThread)?;
         if doc.is_loaded(n) {
             self.touched.insert(n, Instant::now());
@@ -704,6 +713,8 @@ impl Replica {
             open: BTreeMap::new(),
             pushlog: HashMap::new(),
             touched: HashMap::new(),
+            peer_newest: HashMap::new(),
+            segment_limit: None,
         };
         state.reload()?;
         Ok(Self {
@@ -759,6 +770,23 @@ impl Replica {
     /// The thread's genesis, if this home has a thread.
     pub fn genesis(&self) -> Option<ThreadGenesis> {
         self.lock().doc.as_ref().map(|d| d.genesis().clone())
+    }
+
+    /// Rolls the thread over after `changes` changes instead of
+    /// [`errand_crdt::SEGMENT_MAX_CHANGES`] (tests and benchmarks of long threads).
+    pub fn set_segment_limit(&self, changes: usize) {
+        let mut s = self.lock();
+        s.segment_limit = Some(changes);
+        if let Some(doc) = s.doc.as_mut() {
+            doc.set_segment_limit(changes);
+        }
+    }
+
+    /// Reloads the thread from the store, as a restart would (tests of what stays in memory).
+    pub fn reload(&self) -> Result<(), ReplicaError> {
+        let mut s = self.lock();
+        s.sessions.clear();
+        s.reload()
     }
 
     /// How often each sync path ran since the replica opened.
@@ -878,6 +906,46 @@ impl Replica {
         .await?
     }
 
+    /// A page of the thread's history: up to `limit` tasks older than `before` (all tasks when
+    /// `None`), newest first. Segments are loaded one at a time from the newest down, only
+    /// as far as the page needs, and released after.
+    pub async fn tasks_before(
+        &self,
+        before: Option<TaskId>,
+        limit: usize,
+    ) -> Result<Vec<errand_core::Task>, ReplicaError> {
+        self.blocking(move |s| {
+            let doc = s.doc.as_ref().ok_or(ReplicaError::NoThread)?;
+            let mut parts: BTreeSet<u32> = s.heads.keys().copied().collect();
+            parts.extend(doc.loaded());
+            let mut out = Vec::new();
+            let mut filled = false;
+            for n in parts.into_iter().rev() {
+                s.attach(n)?;
+                let doc = s.doc.as_ref().ok_or(ReplicaError::NoThread)?;
+                out.extend(
+                    doc.tasks_in(n)
+                        .into_iter()
+                        .filter(|t| before.is_none_or(|b| t.id < b)),
+                );
+                // Segments hold tasks in creation order, except for tasks queued offline
+                // somewhere else; one more segment than needed covers the overlap.
+                if out.len() >= limit {
+                    if filled {
+                        break;
+                    }
+                    filled = true;
+                }
+            }
+            s.release_idle(true);
+            out.sort_by_key(|t| std::cmp::Reverse(t.id));
+            out.dedup_by_key(|t| t.id);
+            out.truncate(limit);
+            Ok(out)
+        })
+        .await?
+    }
+
     /// Reads the document on the calling thread (for callers already off the async workers).
     pub fn read_now<T>(&self, f: impl FnOnce(&ThreadDoc) -> T) -> Result<T, ReplicaError> {
         self.lock()
@@ -941,7 +1009,11 @@ impl Replica {
                         .automerge()
                         .get_last_local_change()
                         .map(|mut c| c.bytes().to_vec());
-                    let was = before.get(&n).cloned();
+                    // A segment created by this commit (a rollover) starts from its genesis.
+                    let was = before
+                        .get(&n)
+                        .cloned()
+                        .or_else(|| (n > 0).then(|| doc.segment_genesis_heads(n)));
                     let tasks = doc.tasks_changed_since(n, was.as_deref().unwrap_or(&[]));
                     if let Err(e) = s.store_part(n, &chunk, &heads, &tasks, None) {
                         // Not durable, so not acknowledged: drop it from memory as well.
@@ -989,10 +1061,23 @@ impl Replica {
             }
             let mut out = Vec::new();
             for n in parts {
-                if s.part_for_peer(n, 0).is_err() {
+                if s.part_for_peer(n, &peer).is_err() {
                     continue;
                 }
                 let Some(doc_id) = s.doc_id(n) else { continue };
+                // A segment the peer did not list and never synced with us: it holds no more
+                // than the genesis there, so our first change in it can be pushed.
+                let key = (peer, doc_id.clone());
+                if n > 0
+                    && !s.sessions.contains_key(&key)
+                    && n > s.peer_newest.get(&peer).copied().unwrap_or(0)
+                    && matches!(s.store.sync_state(&doc_id, &peer.to_base58()), Ok(None))
+                    && let Some(doc) = s.doc.as_ref()
+                {
+                    let mut session = SyncSession::new(doc_id.clone());
+                    session.assume_in_sync(&doc.segment_genesis_heads(n));
+                    s.sessions.insert(key, session);
+                }
                 let mut doc = s.doc.take().ok_or(ReplicaError::NoThread)?;
                 let msg = (|| {
                     let part = doc.part_mut(n)?;
@@ -1005,6 +1090,7 @@ impl Replica {
                         .their_heads()
                         .map(<[_]>::to_vec)
                         .filter(|t| session.settled_at(t));
+                    let log_len = s.pushlog.get(&n).map_or(0, VecDeque::len);
                     let chain = theirs
                         .and_then(|t| s.pushlog.get(&n).and_then(|l| push_chain(l, &t, &heads)));
                     let session = s.session(&peer, &doc_id);
@@ -1014,6 +1100,13 @@ impl Replica {
                         return Some(Outgoing::Changes { heads, changes });
                     }
                     let m = session.next_message(part)?;
+                    tracing::debug!(
+                        doc = %doc_id,
+                        ours = ?heads,
+                        theirs = ?session.their_heads(),
+                        pushable = log_len,
+                        "sync message (not the push path)"
+                    );
                     stats.sync_sent.fetch_add(1, Ordering::Relaxed);
                     Some(Outgoing::Sync(m))
                 })();
@@ -1061,6 +1154,7 @@ impl Replica {
                 }
             }
             let their_newest = theirs.iter().map(|(n, _)| *n).max().unwrap_or(0);
+            s.peer_newest.insert(peer, their_newest);
             let limit = doc.newest_segment().max(their_newest);
             let theirs: BTreeMap<u32, String> = theirs.into_iter().collect();
             let mut active = Vec::new();
@@ -1100,7 +1194,7 @@ impl Replica {
                     .ok_or(ReplicaError::NoThread)?
                     .part_of(&doc_id)
                     .ok_or(ReplicaError::NotOurDocument)?;
-                s.part_for_peer(n, 0)?;
+                s.part_for_peer(n, &peer)?;
                 if let Err(e) = check_changes(&bytes) {
                     s.drop_session(&peer, &doc_id);
                     return Err(e);
@@ -1179,7 +1273,7 @@ impl Replica {
                     .ok_or(ReplicaError::NoThread)?
                     .part_of(&doc_id)
                     .ok_or(ReplicaError::NotOurDocument)?;
-                s.part_for_peer(n, 0)?;
+                s.part_for_peer(n, &peer)?;
                 let changes = match parse_changes(&bytes) {
                     Ok(c) => c,
                     Err(e) => {

@@ -53,6 +53,8 @@ const STATUS: &[(&str, Ty)] = &[
     ("peers", Arr),
     ("relay", OptObj),
     ("running", Bool),
+    ("documents", Arr),
+    ("sync", OptObj),
 ];
 /// Each of `status --json`'s `peers`.
 const STATUS_PEER: &[(&str, Ty)] = &[

@@ -85,11 +85,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the thread.
+    /// Show the thread: the newest segment's tasks and messages, and every unfinished task.
     Thread {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Read every segment of the thread, back to its first task (slower on a long thread).
+        #[arg(long)]
+        all: bool,
         /// Keep running and print each task as it changes (one JSON object per line with
         /// --json).
         #[arg(long)]
@@ -246,6 +249,7 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             json,
             follow: true,
             net,
+            ..
         } => {
             cli::init_logging("warn");
             let opened = open_online(&home, &net).await?;
@@ -392,7 +396,7 @@ async fn follow_thread(opened: &Opened, json: bool) -> Result<(), ApiError> {
     let mut seen: std::collections::HashMap<String, serde_json::Value> = Default::default();
     let follow = async {
         loop {
-            let v = cli::execute(opened, Request::Thread).await?;
+            let v = cli::execute(opened, Request::Thread { all: false }).await?;
             for t in v["tasks"].as_array().into_iter().flatten() {
                 let id = t["id"].as_str().unwrap_or_default().to_owned();
                 if seen.get(&id) != Some(t) {
@@ -558,8 +562,8 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
             }
             Ok(())
         }
-        Command::Thread { json, .. } => {
-            let v = cli::execute(opened, Request::Thread).await?;
+        Command::Thread { json, all, .. } => {
+            let v = cli::execute(opened, Request::Thread { all }).await?;
             if json {
                 cli::print_json(&v)
             } else {

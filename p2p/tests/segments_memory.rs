@@ -1,0 +1,115 @@
+//! What a replica holds in memory on a long thread: the meta document, the newest segment and
+//! segments with unfinished tasks; older segments load on demand and are released after.
+
+use errand_core::{EventKind, TaskId, ThreadId};
+use errand_crdt::{NewTask, Store, ThreadGenesis};
+use errand_p2p::replica::Replica;
+
+const LIMIT: usize = 12;
+
+fn loaded(r: &Replica) -> Vec<u32> {
+    r.documents()
+        .into_iter()
+        .filter(|(_, loaded, _)| *loaded)
+        .map(|(n, _, _)| n)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_newest_and_unfinished_segments_stay_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = Replica::open(Store::open(dir.path()).unwrap()).unwrap();
+    let owner: errand_core::DeviceId = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id()
+        .to_base58()
+        .parse()
+        .unwrap();
+    replica
+        .create_thread(ThreadGenesis {
+            thread_id: ThreadId::new_at(1_700_000_000_000),
+            owner: owner.clone(),
+            owner_actor: replica.actor().to_hex_string(),
+        })
+        .unwrap();
+    replica.set_segment_limit(LIMIT);
+    let mut ids: Vec<TaskId> = Vec::new();
+    for i in 0..40 {
+        let target = owner.clone();
+        let (id, _) = replica
+            .commit(move |d| {
+                d.enqueue_task(
+                    &NewTask {
+                        instruction: format!("task {i}"),
+                        executor: "shell".into(),
+                        target,
+                        not_after: None,
+                    },
+                    1_700_000_000_000 + i,
+                )
+            })
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let keep_open = ids[3];
+    let keep_seg = replica
+        .read(move |d| d.task_segment(&keep_open))
+        .await
+        .unwrap()
+        .unwrap();
+    // Finish every task but one.
+    for (k, id) in ids.iter().enumerate() {
+        if *id == keep_open {
+            continue;
+        }
+        replica.ensure_task_loaded(*id).await.unwrap();
+        let id = *id;
+        replica
+            .commit(move |d| {
+                d.append_task_event(
+                    id,
+                    1,
+                    &EventKind::Finished { exit_code: 0 },
+                    1_800_000_000_000 + k as i64,
+                )
+            })
+            .await
+            .unwrap();
+    }
+    let all: Vec<u32> = replica.documents().iter().map(|(n, _, _)| *n).collect();
+    let newest = *all.last().unwrap();
+    assert!(newest >= 4, "40 tasks rolled over several times: {all:?}");
+    assert!(keep_seg < newest);
+
+    // A restart holds the meta document, the newest segment and the unfinished task's.
+    replica.reload().unwrap();
+    assert_eq!(loaded(&replica), vec![0, keep_seg, newest]);
+    let visible = replica.read(|d| d.tasks().len()).await.unwrap();
+    assert!(
+        visible < 40,
+        "old finished segments are not read by default"
+    );
+
+    // A page back through history loads what it needs and releases it.
+    let page = replica.tasks_before(None, 5).await.unwrap();
+    assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), {
+        let mut newest5: Vec<TaskId> = ids.iter().rev().take(5).copied().collect();
+        newest5.sort_by_key(|t| std::cmp::Reverse(*t));
+        newest5
+    });
+    let older = replica.tasks_before(Some(ids[10]), 100).await.unwrap();
+    assert_eq!(older.len(), 10);
+    assert_eq!(loaded(&replica), vec![0, keep_seg, newest]);
+
+    // The whole thread, on demand.
+    let every = replica.read_all(|d| d.tasks().len()).await.unwrap();
+    assert_eq!(every, 40);
+    assert_eq!(loaded(&replica), vec![0, keep_seg, newest]);
+
+    // A request on an old finished task loads its segment.
+    let old = ids[0];
+    replica.ensure_task_loaded(old).await.unwrap();
+    assert!(loaded(&replica).contains(&1), "{:?}", loaded(&replica));
+    assert!(replica.read(move |d| d.task(&old)).await.unwrap().is_some());
+}
