@@ -26,3 +26,8 @@ pub const MAX_ACTORS_PER_DEVICE: usize = 64;
 
 /// Most executors a desktop may advertise.
 pub const MAX_EXECUTORS: usize = 64;
+
+/// How far up from a changed object a merge looks for the task that holds it. Our schema is
+/// four levels deep (tasks map, task, events list, event); a peer's deeper nesting is not a
+/// task's content.
+pub const MAX_DEPTH: usize = 8;

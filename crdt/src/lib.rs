@@ -13,7 +13,8 @@ pub mod store;
 pub mod sync;
 
 pub use doc::{
-    DocId, NewTask, Part, SEGMENT_AHEAD, SEGMENT_MAX_CHANGES, ThreadDoc, ThreadGenesis, WriteError,
+    DocId, NewTask, Part, SEGMENT_AHEAD, SEGMENT_MAX_CHANGES, ThreadDoc, ThreadGenesis, Touched,
+    WriteError,
 };
 pub use store::{LoadedDoc, Store, StoreError, StoreTxn, TrustedPeer};
 pub use sync::{SyncError, SyncSession, ThreadSync};

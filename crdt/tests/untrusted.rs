@@ -6,7 +6,7 @@ mod common;
 use automerge::{AutoCommit, ObjType, ROOT, ReadDoc, transaction::Transactable};
 use common::{sync_pair, world};
 use errand_core::{EventKind, TaskStatus, fold};
-use errand_crdt::{NewTask, ThreadSync};
+use errand_crdt::{NewTask, ThreadSync, Touched};
 
 #[test]
 fn garbage_from_a_peer_is_skipped_and_real_tasks_stay_visible() {
@@ -145,4 +145,49 @@ fn a_garbage_sync_message_is_an_error_not_a_panic() {
     let far = w.genesis.segment_doc_id(1000);
     assert!(s.receive(&mut desktop, &far, b"\x42").is_err());
     assert_eq!(desktop.devices().len(), 2);
+}
+
+#[test]
+fn new_tasks_are_reported_after_a_peer_overwrites_the_root_keys() {
+    let w = world(1);
+    let mut desktop = w.desktop();
+    let mut phone = w.replica(1);
+    let (mut sd, mut sp) = (ThreadSync::new(), ThreadSync::new());
+    let task = |s: &str| NewTask {
+        instruction: s.into(),
+        executor: "shell".into(),
+        target: w.ids[0].clone(),
+        not_after: None,
+    };
+    phone.enqueue_task(&task("first"), 10).unwrap();
+    sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
+    // The phone hides the segment's tasks map and messages list behind new root values.
+    let raw: &mut AutoCommit = phone.part_mut(1).unwrap().automerge();
+    raw.put_object(ROOT, "tasks", ObjType::Map).unwrap();
+    raw.put(ROOT, "messages", "gone").unwrap();
+    raw.commit();
+    sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
+    // The tasks a batch of changes touched are found from their ops and each object's
+    // parents, which do not depend on the hidden root key: a new task, then its events.
+    let part = |d: &mut errand_crdt::ThreadDoc| d.part_mut(1).unwrap().take_local_changes();
+    part(&mut desktop);
+    let id = desktop.enqueue_task(&task("second"), 20).unwrap();
+    let touched = Touched::of(&part(&mut desktop));
+    assert_eq!(
+        desktop.tasks_touched(1, &touched).into_iter().collect::<Vec<_>>(),
+        vec![id]
+    );
+    desktop
+        .append_task_event(id, 1, &EventKind::Delivered, 21)
+        .unwrap();
+    desktop
+        .append_task_event(id, 1, &EventKind::Finished { exit_code: 0 }, 23)
+        .unwrap();
+    let touched = Touched::of(&part(&mut desktop));
+    assert_eq!(
+        desktop.tasks_touched(1, &touched).into_iter().collect::<Vec<_>>(),
+        vec![id]
+    );
+    // The same from the phone's side, on changes it merged.
+    assert_eq!(desktop.tasks().len(), 2);
 }

@@ -17,7 +17,7 @@ use std::{
 use errand_core::{DeviceKind, TaskId};
 use errand_crdt::{
     ActorId, ChangeHash, DocId, SEGMENT_AHEAD, Store, StoreError, SyncError, SyncSession,
-    ThreadDoc, ThreadGenesis, WriteError,
+    ThreadDoc, ThreadGenesis, Touched, WriteError,
 };
 use libp2p::PeerId;
 use redb::{ReadableTable, TableDefinition};
@@ -82,16 +82,29 @@ pub enum ReplicaError {
 /// (`MissingDeps`), which is fine. A whole document (a first sync) is loaded twice, which is
 /// rare and bounded by the frame size. Bytes that are no sync message at all pass: the
 /// session's own decode reports them.
-fn check_changes(bytes: &[u8]) -> Result<(), ReplicaError> {
+fn check_changes(bytes: &[u8]) -> Result<Checked, ReplicaError> {
     let Ok(msg) = automerge::sync::Message::decode(bytes) else {
-        return Ok(());
+        return Ok(Checked::default());
     };
+    let mut out = Checked::default();
     for chunk in msg.changes.iter() {
         for part in split_chunks(chunk)? {
-            check_chunk(part)?;
+            match check_chunk(part)? {
+                Some(change) => out.changes.push(change),
+                None => out.document = true,
+            }
         }
     }
-    Ok(())
+    Ok(out)
+}
+
+/// What [`check_changes`] found in a sync message.
+#[derive(Default)]
+struct Checked {
+    /// Its changes, parsed.
+    changes: Vec<automerge::Change>,
+    /// It carried a whole document (a first sync) as well or instead.
+    document: bool,
 }
 
 /// Parses pushed changes: concatenated change chunks, each checked like [`check_changes`].
@@ -103,10 +116,9 @@ fn parse_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, ReplicaError> {
                 "a whole document where changes belong".into(),
             ));
         }
-        check_chunk(chunk)?;
-        let change = automerge::Change::try_from(chunk)
-            .map_err(|e| ReplicaError::BadChanges(e.to_string()))?;
-        out.push(change);
+        if let Some(change) = check_chunk(chunk)? {
+            out.push(change);
+        }
     }
     if out.is_empty() {
         return Err(ReplicaError::BadChanges("no changes".into()));
@@ -153,8 +165,9 @@ fn split_chunks(mut bytes: &[u8]) -> Result<Vec<&[u8]>, ReplicaError> {
     Ok(out)
 }
 
-/// Parses one chunk: a change (plain or compressed) on its own, a document by loading it.
-fn check_chunk(chunk: &[u8]) -> Result<(), ReplicaError> {
+/// Parses one chunk: a change (plain or compressed) on its own, returned; a document by
+/// loading it (`None`).
+fn check_chunk(chunk: &[u8]) -> Result<Option<automerge::Change>, ReplicaError> {
     const DOCUMENT: u8 = 0;
     if chunk.get(8) != Some(&DOCUMENT) {
         let change = std::panic::catch_unwind(|| automerge::Change::try_from(chunk))
@@ -168,7 +181,7 @@ fn check_chunk(chunk: &[u8]) -> Result<(), ReplicaError> {
                 change.hash()
             )));
         }
-        return Ok(());
+        return Ok(Some(change));
     }
     let loaded = std::panic::catch_unwind(|| {
         automerge::Automerge::load_with_options(
@@ -177,7 +190,7 @@ fn check_chunk(chunk: &[u8]) -> Result<(), ReplicaError> {
         )
     });
     match loaded {
-        Ok(Ok(_)) | Ok(Err(automerge::AutomergeError::MissingDeps)) => Ok(()),
+        Ok(Ok(_)) | Ok(Err(automerge::AutomergeError::MissingDeps)) => Ok(None),
         Ok(Err(e)) => Err(ReplicaError::BadChanges(e.to_string())),
         Err(_) => Err(ReplicaError::BadChanges(
             "automerge panicked while parsing them".into(),
@@ -577,6 +590,43 @@ impl State {
         let size = self.sizes.entry(n).or_default();
         size.chunk_bytes += chunk.len() as u64;
         self.touched.insert(n, Instant::now());
+        Ok(())
+    }
+
+    /// The part of the thread a peer's frame names, held in memory.
+    fn resolve(&mut self, peer: &PeerId, doc_id: &DocId) -> Result<u32, ReplicaError> {
+        let n = self
+            .doc
+            .as_ref()
+            .ok_or(ReplicaError::NoThread)?
+            .part_of(doc_id)
+            .ok_or(ReplicaError::NotOurDocument)?;
+        self.part_for_peer(n, peer)?;
+        Ok(n)
+    }
+
+    /// Stores what a peer's frame merged into part `n`, with the peer's sync state; on
+    /// failure, forgets the session and reloads what the store holds.
+    #[allow(clippy::too_many_arguments)]
+    fn store_merge(
+        &mut self,
+        peer: &PeerId,
+        doc_id: DocId,
+        n: u32,
+        chunk: &[u8],
+        heads: &[ChangeHash],
+        tasks: &BTreeSet<TaskId>,
+        state: &[u8],
+    ) -> Result<(), ReplicaError> {
+        if let Err(e) = self.store_part(n, chunk, heads, tasks, Some((peer, state))) {
+            self.sessions.remove(&(*peer, doc_id));
+            let _ = self.reload();
+            return Err(ReplicaError::from(e));
+        }
+        if !chunk.is_empty() {
+            self.maybe_compact(n)?;
+        }
+        self.release_idle(false);
         Ok(())
     }
 
@@ -1005,16 +1055,20 @@ impl Replica {
                     };
                     let chunk = part.save_incremental();
                     let heads = part.heads();
-                    let change = part
-                        .automerge()
-                        .get_last_local_change()
-                        .map(|mut c| c.bytes().to_vec());
+                    let local = part.take_local_changes();
+                    let touched = Touched::of(&local);
+                    let change: Option<Vec<u8>> = (!local.is_empty()).then(|| {
+                        local
+                            .into_iter()
+                            .flat_map(|mut c| c.bytes().into_owned())
+                            .collect()
+                    });
                     // A segment created by this commit (a rollover) starts from its genesis.
                     let was = before
                         .get(&n)
                         .cloned()
                         .or_else(|| (n > 0).then(|| doc.segment_genesis_heads(n)));
-                    let tasks = doc.tasks_changed_since(n, was.as_deref().unwrap_or(&[]));
+                    let tasks = doc.tasks_touched(n, &touched);
                     if let Err(e) = s.store_part(n, &chunk, &heads, &tasks, None) {
                         // Not durable, so not acknowledged: drop it from memory as well.
                         let _ = s.reload();
@@ -1188,17 +1242,15 @@ impl Replica {
         self.stats.sync_received.fetch_add(1, Ordering::Relaxed);
         let merged = self
             .blocking(move |s| {
-                let n = s
-                    .doc
-                    .as_ref()
-                    .ok_or(ReplicaError::NoThread)?
-                    .part_of(&doc_id)
-                    .ok_or(ReplicaError::NotOurDocument)?;
-                s.part_for_peer(n, &peer)?;
-                if let Err(e) = check_changes(&bytes) {
-                    s.drop_session(&peer, &doc_id);
-                    return Err(e);
-                }
+                let n = s.resolve(&peer, &doc_id)?;
+                let checked = match check_changes(&bytes) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        s.drop_session(&peer, &doc_id);
+                        return Err(e);
+                    }
+                };
+                let touched = Touched::of(&checked.changes);
                 let mut doc = s.doc.take().ok_or(ReplicaError::NoThread)?;
                 let Some(part) = doc.part_mut(n) else {
                     s.doc = Some(doc);
@@ -1225,21 +1277,15 @@ impl Replica {
                 let session = s.session(&peer, &doc_id);
                 let state = session.encode_state();
                 let in_sync = session.in_sync_at(&heads);
-                let tasks = if received.changed {
-                    doc.tasks_changed_since(n, &received.heads_before)
-                } else {
+                let tasks = if !received.changed {
                     BTreeSet::new()
+                } else if checked.document {
+                    doc.task_keys(n)
+                } else {
+                    doc.tasks_touched(n, &touched)
                 };
                 s.doc = Some(doc);
-                if let Err(e) = s.store_part(n, &chunk, &heads, &tasks, Some((&peer, &state))) {
-                    s.sessions.remove(&(peer, doc_id));
-                    let _ = s.reload();
-                    return Err(ReplicaError::from(e));
-                }
-                if !chunk.is_empty() {
-                    s.maybe_compact(n)?;
-                }
-                s.release_idle(false);
+                s.store_merge(&peer, doc_id, n, &chunk, &heads, &tasks, &state)?;
                 Ok(Merged {
                     tasks,
                     changed: received.changed,
@@ -1267,13 +1313,7 @@ impl Replica {
         let stats = self.stats.clone();
         let merged = self
             .blocking(move |s| {
-                let n = s
-                    .doc
-                    .as_ref()
-                    .ok_or(ReplicaError::NoThread)?
-                    .part_of(&doc_id)
-                    .ok_or(ReplicaError::NotOurDocument)?;
-                s.part_for_peer(n, &peer)?;
+                let n = s.resolve(&peer, &doc_id)?;
                 let changes = match parse_changes(&bytes) {
                     Ok(c) => c,
                     Err(e) => {
@@ -1286,6 +1326,7 @@ impl Replica {
                     s.doc = Some(doc);
                     return Err(ReplicaError::NotOurDocument);
                 };
+                let touched = Touched::of(&changes);
                 // Dependencies: in the document already, or earlier in the batch.
                 let batch: BTreeSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
                 let outside: Vec<ChangeHash> = changes
@@ -1330,19 +1371,13 @@ impl Replica {
                 let state = session.encode_state();
                 let in_sync = session.in_sync_at(&heads);
                 let tasks = if changed {
-                    doc.tasks_changed_since(n, &heads_before)
+                    doc.tasks_touched(n, &touched)
                 } else {
                     BTreeSet::new()
                 };
                 s.doc = Some(doc);
-                if let Err(e) = s.store_part(n, &chunk, &heads, &tasks, Some((&peer, &state))) {
-                    s.sessions.remove(&(peer, doc_id));
-                    let _ = s.reload();
-                    return Err(ReplicaError::from(e));
-                }
+                s.store_merge(&peer, doc_id, n, &chunk, &heads, &tasks, &state)?;
                 stats.pushes_applied.fetch_add(1, Ordering::Relaxed);
-                s.maybe_compact(n)?;
-                s.release_idle(false);
                 Ok(Merged {
                     tasks,
                     changed,

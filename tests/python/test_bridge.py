@@ -187,6 +187,11 @@ def main():
     view = client.task(task_id)
     check("the new task is queued", view.status == em.TaskStatus.QUEUED, str(view.status))
     check("it defaults to the desktop's first executor", view.executor == "shell", view.executor)
+    page = client.tasks_before(None, 10)
+    check("paging back through history starts with the newest task",
+          [t.id for t in page][:1] == [task_id], str([t.id for t in page]))
+    check("a page before the newest task holds only older ones",
+          all(t.id < task_id for t in client.tasks_before(task_id, 10)))
     check("the listener heard the queued task",
           rec.wait(lambda r: any(t.id == task_id and t.status == em.TaskStatus.QUEUED
                                  for t in r.tasks)))
