@@ -186,9 +186,6 @@ pub struct Part {
     doc: AutoCommit,
     tasks: ObjId,
     messages: ObjId,
-    /// Changes in the document (counted at load, then kept up to date; may run a little high
-    /// after a merge that repeated changes, which only makes a rollover come sooner).
-    changes: usize,
     /// Local changes since the last [`Part::take_local_changes`].
     local: Vec<automerge::Change>,
 }
@@ -197,7 +194,7 @@ impl fmt::Debug for Part {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Part")
             .field("id", &self.id)
-            .field("changes", &self.changes)
+            .field("changes", &self.changes())
             .finish_non_exhaustive()
     }
 }
@@ -225,7 +222,6 @@ impl Part {
             doc,
             tasks: genesis_obj(TASKS_CTR),
             messages: genesis_obj(MESSAGES_CTR),
-            changes: 1,
             local: Vec::new(),
         }
     }
@@ -248,7 +244,6 @@ impl Part {
             doc,
             tasks: genesis_obj(SEG_TASKS_CTR),
             messages: genesis_obj(SEG_MESSAGES_CTR),
-            changes: 1,
             local: Vec::new(),
         }
     }
@@ -258,15 +253,10 @@ impl Part {
         mut self,
         parts: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Self, automerge::AutomergeError> {
-        let mut any = false;
         for part in parts {
             self.doc.load_incremental(part)?;
-            any = true;
         }
         let _ = self.doc.save_incremental();
-        if any {
-            self.changes = self.doc.get_changes(&[]).len();
-        }
         // Loading logged every op into Automerge's patch log (even an inactive one keeps
         // them); start a fresh one at the loaded heads, which [`Self::tasks_changed_since`]
         // then reads instead of diffing the whole tasks map.
@@ -285,28 +275,9 @@ impl Part {
         &self.id
     }
 
-    /// Changes in the document.
+    /// Changes in the document (Automerge keeps the count).
     pub fn changes(&self) -> usize {
-        self.changes
-    }
-
-    /// Notes `n` changes merged from a peer.
-    pub fn add_changes(&mut self, n: usize) {
-        self.changes += n;
-    }
-
-    /// Updates the change count after merging sync message `msg`: one per change chunk, or
-    /// a recount when the message carried a whole document (a first sync).
-    pub fn note_merged(&mut self, msg: &[u8]) {
-        let Ok(m) = automerge::sync::Message::decode(msg) else {
-            return;
-        };
-        const DOCUMENT_CHUNK: u8 = 0;
-        if m.changes.iter().any(|c| c.get(8) == Some(&DOCUMENT_CHUNK)) {
-            self.changes = self.doc.get_changes(&[]).len();
-        } else {
-            self.changes += m.changes.len();
-        }
+        self.doc.stats().num_changes as usize
     }
 
     /// The Automerge document, for the sync session and the push path.
@@ -340,7 +311,6 @@ impl Part {
     fn commit(&mut self, now: Millis, what: &str) {
         self.doc
             .commit_with(CommitOptions::default().with_time(now).with_message(what));
-        self.changes += 1;
         if let Some(c) = self.doc.get_last_local_change() {
             self.local.push(c);
         }
@@ -656,7 +626,7 @@ impl ThreadDoc {
     /// full (or none exists yet). The newest segment must be held in memory.
     fn newest_part(&mut self) -> Result<&mut Part, WriteError> {
         let full = match self.segments.get(&self.newest) {
-            Some(p) => p.changes >= self.segment_max,
+            Some(p) => p.changes() >= self.segment_max,
             None if self.newest == 0 => true,
             None => return Err(WriteError::NotLoaded(self.newest)),
         };

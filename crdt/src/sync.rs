@@ -318,9 +318,6 @@ impl ThreadSync {
             .entry(id.clone())
             .or_insert_with(|| SyncSession::new(id.clone()));
         let r = session.receive(part, bytes)?;
-        if r.changed {
-            part.note_merged(bytes);
-        }
         Ok(r)
     }
 }

@@ -1271,9 +1271,6 @@ impl Replica {
                 };
                 let chunk = part.save_incremental();
                 let heads = part.heads();
-                if received.changed {
-                    part.note_merged(&bytes);
-                }
                 let session = s.session(&peer, &doc_id);
                 let state = session.encode_state();
                 let in_sync = session.in_sync_at(&heads);
@@ -1343,7 +1340,6 @@ impl Replica {
                     return Ok(Merged::default());
                 }
                 let heads_before = am.get_heads();
-                let count = changes.len();
                 let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     am.apply_changes(changes)
                 }));
@@ -1364,7 +1360,6 @@ impl Replica {
                 }
                 let heads = part.heads();
                 let changed = heads != heads_before;
-                part.add_changes(count);
                 let chunk = part.save_incremental();
                 let session = s.session(&peer, &doc_id);
                 session.applied_push(&theirs, &heads);

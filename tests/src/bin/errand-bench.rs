@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 
 /// Bump when the fixture's shape or the store format changes: cached fixtures of another
 /// version are ignored (and can be deleted).
-const FIXTURE_FORMAT: u32 = 2;
+const FIXTURE_FORMAT: u32 = 3;
 /// Facts per fixture task: delivered, started, output, finished (issue 8: "4 facts each").
 const FACTS_PER_TASK: usize = 4;
 /// Tasks in the small thread (issue 8).
