@@ -983,7 +983,12 @@ impl ThreadDoc {
     /// Every task key of part `n` (after a merge that carried a whole document).
     pub fn task_keys(&self, n: u32) -> BTreeSet<TaskId> {
         self.part(n)
-            .map(|p| p.doc.keys(&p.tasks).filter_map(|k| k.parse().ok()).collect())
+            .map(|p| {
+                p.doc
+                    .keys(&p.tasks)
+                    .filter_map(|k| k.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

@@ -172,10 +172,19 @@ impl SyncSession {
 
     /// The peer acknowledged a push: it durably holds `heads`. Acts only on the latest push
     /// (an older acknowledgement is superseded by the one that follows it).
+    ///
+    /// The acknowledgement states the peer's heads, so they become `their_heads` (a sync
+    /// message from the peer in between may have left an older value there).
     pub fn acked(&mut self, heads: &[ChangeHash]) {
-        if same(&self.state.last_sent_heads, heads) {
-            self.state.shared_heads = sorted(heads);
+        let heads = sorted(heads);
+        if same(&self.state.last_sent_heads, &heads) {
+            self.state.shared_heads.clone_from(&heads);
+            self.at_heads(heads);
             self.unconfirmed = false;
+        } else if !self.unconfirmed {
+            // Not an acknowledgement of an older push still being overtaken by newer ones
+            // (those are superseded by the acknowledgement that follows).
+            self.state.their_heads = Some(heads);
         }
     }
 

@@ -174,7 +174,10 @@ fn new_tasks_are_reported_after_a_peer_overwrites_the_root_keys() {
     let id = desktop.enqueue_task(&task("second"), 20).unwrap();
     let touched = Touched::of(&part(&mut desktop));
     assert_eq!(
-        desktop.tasks_touched(1, &touched).into_iter().collect::<Vec<_>>(),
+        desktop
+            .tasks_touched(1, &touched)
+            .into_iter()
+            .collect::<Vec<_>>(),
         vec![id]
     );
     desktop
@@ -185,7 +188,10 @@ fn new_tasks_are_reported_after_a_peer_overwrites_the_root_keys() {
         .unwrap();
     let touched = Touched::of(&part(&mut desktop));
     assert_eq!(
-        desktop.tasks_touched(1, &touched).into_iter().collect::<Vec<_>>(),
+        desktop
+            .tasks_touched(1, &touched)
+            .into_iter()
+            .collect::<Vec<_>>(),
         vec![id]
     );
     // The same from the phone's side, on changes it merged.

@@ -267,6 +267,9 @@ const PUSH_LOG: usize = 64;
 /// once it has not been touched for this long (it was loaded for a sync or a full read).
 const RELEASE_IDLE: Duration = Duration::from_secs(10);
 
+/// Environment variable that lowers the segment bound (tests and benchmarks of long threads).
+pub const SEGMENT_CHANGES_ENV: &str = "ERRAND_SEGMENT_CHANGES";
+
 /// Most documents a peer may list in its hello.
 pub const MAX_HELLO_DOCS: usize = 100_000;
 
@@ -764,7 +767,11 @@ impl Replica {
             pushlog: HashMap::new(),
             touched: HashMap::new(),
             peer_newest: HashMap::new(),
-            segment_limit: None,
+            // Tests and benchmarks of long threads roll over sooner; peers with different
+            // bounds interoperate (the bound only decides when this device starts a segment).
+            segment_limit: std::env::var(SEGMENT_CHANGES_ENV)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok()),
         };
         state.reload()?;
         Ok(Self {

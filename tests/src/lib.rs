@@ -339,6 +339,27 @@ const FILL_BATCH: usize = 250;
 /// desktop, executor `shell`), but batched: the fixture pays a whole-thread diff and a store
 /// write per task, which makes 5,000 tasks take minutes on a slow machine.
 pub fn fill_tasks(home: &Path, kind: DeviceKind, count: usize, text: &str) -> Result<Vec<String>> {
+    fill(home, kind, count, text, None)
+}
+
+/// [`fill_tasks`] on a phone home whose thread rolls over to a new segment every
+/// `segment_changes` changes.
+pub fn fill_tasks_with_limit(
+    home: &Path,
+    segment_changes: usize,
+    count: usize,
+    text: &str,
+) -> Result<Vec<String>> {
+    fill(home, DeviceKind::Phone, count, text, Some(segment_changes))
+}
+
+fn fill(
+    home: &Path,
+    kind: DeviceKind,
+    count: usize,
+    text: &str,
+    limit: Option<usize>,
+) -> Result<Vec<String>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -350,6 +371,9 @@ pub fn fill_tasks(home: &Path, kind: DeviceKind, count: usize, text: &str) -> Re
             listen: Vec::new(),
             mdns: false,
         })?;
+        if let Some(l) = limit {
+            peer.replica().set_segment_limit(l);
+        }
         let target = peer.replica().read(|d| d.genesis().owner.clone()).await?;
         let mut ids = Vec::with_capacity(count);
         let mut next = 0;

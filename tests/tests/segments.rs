@@ -231,3 +231,33 @@ fn a_home_in_the_single_document_format_is_migrated_and_syncs_with_a_new_peer() 
     ensure!(!d.stderr().contains("migrated the home"));
     Ok(())
 }
+
+#[test]
+fn a_phone_that_rolled_over_while_offline_catches_up() -> Result<()> {
+    // Small segments, so a few hundred tasks span several.
+    let dir = tempfile::tempdir()?;
+    let desktop = Home::desktop(dir.path(), "d");
+    let phone = Home::phone(dir.path(), "p");
+    let (d, addr) = desktop.start(&[])?;
+    trust_pair(&desktop, &phone, Some(&addr))?;
+    let out = phone.run(&["sync", "--timeout", "60s"])?;
+    ensure!(out.status.success(), "first sync: {out:?}");
+    d.stop()?;
+    // Offline: the phone queues enough tasks to roll over twice.
+    let ids = errand_tests::fill_tasks_with_limit(&phone.dir, 120, 400, "offline")?;
+    let (_d, _) = desktop.start_at(&addr, &[])?;
+    let out = phone.run(&["sync", "--timeout", "120s"])?;
+    ensure!(
+        out.status.success(),
+        "sync after the offline rollover: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let have = desktop.json(&["thread", "--all", "--json"])?;
+    let n = have["tasks"].as_array().map_or(0, Vec::len);
+    ensure!(n == ids.len(), "the desktop has {n} of {} tasks", ids.len());
+    let docs = phone.json(&["status", "--json"])?["documents"]
+        .as_array()
+        .map_or(0, Vec::len);
+    ensure!(docs >= 3, "the phone rolled over: {docs} documents");
+    Ok(())
+}
