@@ -247,11 +247,6 @@ impl Part {
         Ok(self)
     }
 
-    /// Which part of the thread: 0 for the meta document, n for segment n.
-    pub fn number(&self) -> u32 {
-        self.n
-    }
-
     /// The document id.
     pub fn id(&self) -> &DocId {
         &self.id

@@ -205,8 +205,6 @@ pub struct Merged {
     pub tasks: BTreeSet<TaskId>,
     /// True if the message moved our heads.
     pub changed: bool,
-    /// True if the peer now has exactly our heads (for this document).
-    pub in_sync: bool,
     /// After applying a push: our heads, durable, to acknowledge to the pusher.
     pub ack: Option<Vec<ChangeHash>>,
 }
@@ -631,6 +629,19 @@ impl State {
         }
         self.release_idle(false);
         Ok(())
+    }
+
+    /// Passes `r` through; on an error, first forgets the peer's session for the document.
+    fn or_drop_session<T>(
+        &mut self,
+        peer: &PeerId,
+        doc_id: &DocId,
+        r: Result<T, ReplicaError>,
+    ) -> Result<T, ReplicaError> {
+        if r.is_err() {
+            self.drop_session(peer, doc_id);
+        }
+        r
     }
 
     /// Forgets a peer's session for a document, in memory and in the store.
@@ -1250,13 +1261,7 @@ impl Replica {
         let merged = self
             .blocking(move |s| {
                 let n = s.resolve(&peer, &doc_id)?;
-                let checked = match check_changes(&bytes) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        s.drop_session(&peer, &doc_id);
-                        return Err(e);
-                    }
-                };
+                let checked = s.or_drop_session(&peer, &doc_id, check_changes(&bytes))?;
                 let touched = Touched::of(&checked.changes);
                 let mut doc = s.doc.take().ok_or(ReplicaError::NoThread)?;
                 let Some(part) = doc.part_mut(n) else {
@@ -1280,7 +1285,6 @@ impl Replica {
                 let heads = part.heads();
                 let session = s.session(&peer, &doc_id);
                 let state = session.encode_state();
-                let in_sync = session.in_sync_at(&heads);
                 let tasks = if !received.changed {
                     BTreeSet::new()
                 } else if checked.document {
@@ -1293,7 +1297,6 @@ impl Replica {
                 Ok(Merged {
                     tasks,
                     changed: received.changed,
-                    in_sync,
                     ack: None,
                 })
             })
@@ -1318,13 +1321,7 @@ impl Replica {
         let merged = self
             .blocking(move |s| {
                 let n = s.resolve(&peer, &doc_id)?;
-                let changes = match parse_changes(&bytes) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        s.drop_session(&peer, &doc_id);
-                        return Err(e);
-                    }
-                };
+                let changes = s.or_drop_session(&peer, &doc_id, parse_changes(&bytes))?;
                 let mut doc = s.doc.take().ok_or(ReplicaError::NoThread)?;
                 let Some(part) = doc.part_mut(n) else {
                     s.doc = Some(doc);
@@ -1371,7 +1368,6 @@ impl Replica {
                 let session = s.session(&peer, &doc_id);
                 session.applied_push(&theirs, &heads);
                 let state = session.encode_state();
-                let in_sync = session.in_sync_at(&heads);
                 let tasks = if changed {
                     doc.tasks_touched(n, &touched)
                 } else {
@@ -1383,7 +1379,6 @@ impl Replica {
                 Ok(Merged {
                     tasks,
                     changed,
-                    in_sync,
                     ack: Some(heads),
                 })
             })
