@@ -64,6 +64,23 @@ fn reopen_after_compaction_equals_reopen_before() {
     assert_eq!(before.tasks(), after.tasks());
     assert_eq!(after.tasks().len(), 1000);
     assert_eq!(after.part(1).unwrap().changes(), 1001);
+
+    // Loaded from the snapshot, the next stored chunk holds only the new change, and the
+    // snapshot plus that chunk reload to the same document.
+    let task = NewTask {
+        instruction: "one more".into(),
+        executor: "shell".into(),
+        target: w.ids[0].clone(),
+        not_after: None,
+    };
+    after.enqueue_task(&task, 5_000).unwrap();
+    let chunk = after.part_mut(1).unwrap().save_incremental();
+    assert!(!chunk.is_empty() && chunk.len() < 1_000, "{} bytes", chunk.len());
+    assert!(after.part_mut(1).unwrap().save_incremental().is_empty());
+    store.write(|t| t.append_chunk(&seg_id, &chunk)).unwrap();
+    let mut again = open(&store);
+    assert_eq!(again.heads(), after.heads());
+    assert_eq!(again.tasks().len(), 1001);
 }
 
 #[test]

@@ -157,6 +157,7 @@ enum Command {
     },
     Disconnect {
         peer: PeerId,
+        reply: oneshot::Sender<()>,
     },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
@@ -220,12 +221,10 @@ impl NodeHandle {
             .await?
     }
 
-    /// Closes every connection to `peer`.
+    /// Closes every connection to `peer` and returns once they are closed, so a dial right
+    /// after it makes a new connection instead of finding the old one still open.
     pub async fn disconnect(&self, peer: PeerId) -> Result<(), NodeError> {
-        self.tx
-            .send(Command::Disconnect { peer })
-            .await
-            .map_err(|_| NodeError::Gone)
+        self.call(|reply| Command::Disconnect { peer, reply }).await
     }
 
     /// Where we listen.
@@ -385,6 +384,7 @@ pub async fn spawn(
         relay_only: config.relay_only,
         gate: gate_handle,
         superseded: Vec::new(),
+        closing: HashMap::new(),
     };
     let task = tokio::spawn(actor.run());
     Ok((
@@ -409,6 +409,8 @@ struct NodeActor {
     gate: SharedGate,
     /// Relayed connections a hole punch replaced, closed once their grace ends.
     superseded: Vec<(ConnectionId, tokio::time::Instant)>,
+    /// Callers of [`NodeHandle::disconnect`] waiting for a peer's last connection to close.
+    closing: HashMap<PeerId, Vec<oneshot::Sender<()>>>,
 }
 
 /// How long a relayed connection outlives a hole punch while a pairing may be running on it
@@ -499,8 +501,12 @@ impl NodeActor {
                 });
                 let _ = reply.send(r);
             }
-            Command::Disconnect { peer } => {
-                let _ = self.swarm.disconnect_peer_id(peer);
+            Command::Disconnect { peer, reply } => {
+                if self.swarm.disconnect_peer_id(peer).is_ok() {
+                    self.closing.entry(peer).or_default().push(reply);
+                } else {
+                    let _ = reply.send(());
+                }
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.listen_addrs.clone());
@@ -583,6 +589,9 @@ impl NodeActor {
                     }
                 }
                 if num_established == 0 {
+                    for waiting in self.closing.remove(&peer_id).into_iter().flatten() {
+                        let _ = waiting.send(());
+                    }
                     if self.relays.is_relay(&peer_id) {
                         self.relays.on_disconnected(peer_id);
                     }

@@ -53,6 +53,9 @@ const EVENT_CAPACITY: usize = 1024;
 const SESSION_EVENT_CAPACITY: usize = 256;
 /// `shutdown` waits at most this long for sessions and the node to close.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Peer::disconnect`] waits for the connections to close. Closing is local (the
+/// muxer says goodbye and the socket closes), so this only bounds a stuck transport.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How to open a peer.
 #[derive(Debug, Clone)]
@@ -796,10 +799,11 @@ impl Peer {
         Ok(())
     }
 
-    /// Closes every connection to `peer`.
+    /// Closes every connection to `peer`, waiting (up to [`DISCONNECT_TIMEOUT`]) until they
+    /// are closed.
     pub async fn disconnect(&self, peer: PeerId) {
         if let Some(node) = self.node() {
-            let _ = node.disconnect(peer).await;
+            let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, node.disconnect(peer)).await;
         }
     }
 

@@ -140,20 +140,19 @@ async fn send<W: futures::AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// A sync frame for `msg`, deflated if that pays (compressing a large message runs on a
-/// blocking thread).
-async fn pack(doc: errand_crdt::DocId, msg: Vec<u8>) -> Result<Frame, SessionError> {
-    if msg.len() < wire::DEFLATE_MIN {
-        return Ok(Frame::sync(doc, msg));
+/// `frame` deflated if that pays (compressing a large body runs on a blocking thread).
+async fn pack(frame: Frame) -> Result<Frame, SessionError> {
+    if frame.body.len() < wire::DEFLATE_MIN {
+        return Ok(frame);
     }
-    tokio::task::spawn_blocking(move || Frame::sync_packed(doc, msg))
+    tokio::task::spawn_blocking(move || frame.packed())
         .await
-        .map_err(|_| SessionError::Protocol("compressing a sync message failed"))
+        .map_err(|_| SessionError::Protocol("compressing a frame failed"))
 }
 
-/// The `Sync` frame inside a received frame (inflating runs on a blocking thread).
+/// The frame inside a received deflated frame (inflating runs on a blocking thread).
 async fn unpack(frame: Frame) -> Result<Frame, WireError> {
-    if frame.kind != FrameKind::SyncDeflate {
+    if frame.kind.inflated().is_none() {
         return Ok(frame);
     }
     tokio::task::spawn_blocking(move || frame.unpacked())
@@ -307,7 +306,7 @@ async fn sync_loop(
                             ctx.replica.receive_changes(peer, doc.clone(), heads, changes).await?
                         }
                     }
-                    FrameKind::Hello | FrameKind::SyncDeflate => {
+                    FrameKind::Hello | FrameKind::SyncDeflate | FrameKind::ChangesDeflate => {
                         return Err(SessionError::Protocol("a second hello"));
                     }
                 };
@@ -336,8 +335,10 @@ async fn sync_loop(
             .await?;
         for (doc, msg) in out {
             let frame = match msg {
-                Outgoing::Sync(m) => pack(doc, m).await?,
-                Outgoing::Changes { heads, changes } => Frame::changes(doc, &heads, &changes),
+                Outgoing::Sync(m) => pack(Frame::sync(doc, m)).await?,
+                Outgoing::Changes { heads, changes } => {
+                    pack(Frame::changes(doc, &heads, &changes)).await?
+                }
             };
             send(wr, &frame, &ctx.traffic).await?;
         }

@@ -7,8 +7,8 @@
 //! its segments), and `Changes` frames carry the push path: changes sent directly to a peer
 //! known to be in sync, `heads_count: u8 | heads (32 bytes each) | change chunks`.
 //!
-//! A large sync message may go as `SyncDeflate` instead: the same message, raw DEFLATE
-//! (RFC 1951). Automerge sends a whole document compressed, but the changes a reconnect is
+//! A large sync message may go as `SyncDeflate` instead, and a large push as `ChangesDeflate`:
+//! the same body, raw DEFLATE (RFC 1951). Automerge sends a whole document compressed, but the changes a reconnect is
 //! missing one by one and uncompressed (about 330 bytes per task, 9x the document's share),
 //! so without this a peer back from a day offline pays almost a full resync. Inflating stops
 //! at [`MAX_FRAME`], so a small frame cannot expand into gigabytes.
@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 /// The sync protocol's version, carried in the hello. Peers on another version are refused.
 /// Version 2: segmented threads (the hello lists each document's heads digest) and the push
-/// path (`Changes` frames).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// path (`Changes` frames). Version 3: large pushes may be deflated (`ChangesDeflate`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame. The first sync of a large thread carries the whole document in one
 /// Automerge message (about 140 KB per 10,000 tasks compressed, several MB uncompressed
@@ -36,8 +36,9 @@ pub const FRAME_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the peer has to send its hello after the stream opens.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Sync messages from this size on are deflated. Below it, a message is heads and a small
-/// bloom filter, and compressing would cost more time than the bytes it saves.
+/// Sync messages and pushes from this size on are deflated. Below it, a sync message is heads
+/// and a small bloom filter, and a push one task's change or two: compressing would cost more
+/// time than the bytes it saves.
 pub const DEFLATE_MIN: usize = 1024;
 
 /// Frame kinds.
@@ -52,6 +53,19 @@ pub enum FrameKind {
     SyncDeflate = 2,
     /// Changes pushed to a peer in sync, with the sender's heads after them.
     Changes = 3,
+    /// A `Changes` body, deflated.
+    ChangesDeflate = 4,
+}
+
+impl FrameKind {
+    /// The kind a deflated frame of this kind inflates to, if it is one.
+    pub fn inflated(self) -> Option<Self> {
+        match self {
+            Self::SyncDeflate => Some(Self::Sync),
+            Self::ChangesDeflate => Some(Self::Changes),
+            _ => None,
+        }
+    }
 }
 
 /// A decoded frame.
@@ -123,32 +137,43 @@ impl Frame {
     /// A sync frame, deflated when the message is large and deflating saves at least an
     /// eighth. CPU-bound for large messages: call it off the async workers.
     pub fn sync_packed(doc_id: DocId, msg: Vec<u8>) -> Self {
-        if msg.len() < DEFLATE_MIN {
-            return Self::sync(doc_id, msg);
+        Self::sync(doc_id, msg).packed()
+    }
+
+    /// This frame deflated (`Sync` to `SyncDeflate`, `Changes` to `ChangesDeflate`) when its
+    /// body is at least [`DEFLATE_MIN`] bytes and deflating saves at least an eighth; else the
+    /// frame as it is. CPU-bound for large bodies: call it off the async workers.
+    pub fn packed(self) -> Self {
+        let kind = match self.kind {
+            FrameKind::Sync => FrameKind::SyncDeflate,
+            FrameKind::Changes => FrameKind::ChangesDeflate,
+            _ => return self,
+        };
+        if self.body.len() < DEFLATE_MIN {
+            return self;
         }
         let mut enc = flate2::write::DeflateEncoder::new(
-            Vec::with_capacity(msg.len() / 4),
+            Vec::with_capacity(self.body.len() / 4),
             flate2::Compression::fast(),
         );
         // Writing into a Vec cannot fail.
-        let deflated = std::io::Write::write_all(&mut enc, &msg).and_then(|()| enc.finish());
+        let deflated = std::io::Write::write_all(&mut enc, &self.body).and_then(|()| enc.finish());
         match deflated {
-            Ok(body) if body.len() < msg.len() - msg.len() / 8 => Self {
-                kind: FrameKind::SyncDeflate,
-                doc_id: Some(doc_id),
+            Ok(body) if body.len() < self.body.len() - self.body.len() / 8 => Self {
+                kind,
+                doc_id: self.doc_id,
                 body,
             },
-            _ => Self::sync(doc_id, msg),
+            _ => self,
         }
     }
 
-    /// Turns a `SyncDeflate` frame into the `Sync` frame it carries; other frames pass as
-    /// they are. Stops at [`MAX_FRAME`] bytes of output. CPU-bound: call it off the async
-    /// workers.
+    /// Turns a deflated frame into the frame it carries; other frames pass as they are.
+    /// Stops at [`MAX_FRAME`] bytes of output. CPU-bound: call it off the async workers.
     pub fn unpacked(self) -> Result<Self, WireError> {
-        if self.kind != FrameKind::SyncDeflate {
+        let Some(kind) = self.kind.inflated() else {
             return Ok(self);
-        }
+        };
         use std::io::Read;
         let mut body = Vec::new();
         flate2::read::DeflateDecoder::new(self.body.as_slice())
@@ -159,7 +184,7 @@ impl Frame {
             return Err(WireError::InflatesTooLarge);
         }
         Ok(Self {
-            kind: FrameKind::Sync,
+            kind,
             doc_id: self.doc_id,
             body,
         })
@@ -220,6 +245,7 @@ impl Frame {
             1 => FrameKind::Sync,
             2 => FrameKind::SyncDeflate,
             3 => FrameKind::Changes,
+            4 => FrameKind::ChangesDeflate,
             _ => return Err(WireError::Malformed("unknown frame kind")),
         };
         let end = 2 + len as usize;
@@ -324,6 +350,17 @@ mod tests {
             back.into_changes().unwrap(),
             (heads.to_vec(), b"chunks".to_vec())
         );
+        // A large push is deflated and inflates back to the same frame; a small one is not.
+        let chunks: Vec<u8> = (0..20_000u32).flat_map(|i| (i % 97).to_le_bytes()).collect();
+        let doc = DocId::parse("abc.2").unwrap();
+        let plain = Frame::changes(doc.clone(), &heads, &chunks);
+        let packed = plain.clone().packed();
+        assert_eq!(packed.kind, FrameKind::ChangesDeflate);
+        assert!(packed.body.len() < plain.body.len() / 4);
+        let wire = Frame::decode(packed.encode()).unwrap();
+        assert_eq!(wire.unpacked().unwrap(), plain);
+        let small = Frame::changes(doc, &heads, b"chunks").packed();
+        assert_eq!(small.kind, FrameKind::Changes);
         for body in [vec![], vec![1], vec![2; 40]] {
             let bad = Frame {
                 kind: FrameKind::Changes,
