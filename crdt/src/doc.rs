@@ -16,7 +16,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use automerge::{
@@ -446,7 +449,15 @@ pub struct ThreadDoc {
     /// [`SEGMENT_MAX_CHANGES`], or less in tests that exercise rollovers.
     segment_max: usize,
     skipped: AtomicU64,
+    /// The device map of the meta document, rebuilt only when the meta document changed:
+    /// every read of a task needs it, and rebuilding it was a fifth of the CPU a merged task
+    /// cost (callgrind, issue 8).
+    authors: Mutex<Option<(MetaVersion, Arc<Authors>)>>,
 }
+
+/// Identifies a state of the meta document for [`ThreadDoc::authors`]: changes only grow, and
+/// an uncommitted write adds an op.
+type MetaVersion = (u64, u64);
 
 impl fmt::Debug for ThreadDoc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -528,6 +539,7 @@ impl ThreadDoc {
             dirty: BTreeSet::new(),
             segment_max: SEGMENT_MAX_CHANGES,
             skipped: AtomicU64::new(0),
+            authors: Mutex::new(None),
         }
     }
 
@@ -883,7 +895,15 @@ impl ThreadDoc {
     }
 
     /// Maps every known actor to its device, with the device's revocation time.
-    fn authors(&self) -> Authors {
+    fn authors(&self) -> Arc<Authors> {
+        let stats = self.meta.doc.stats();
+        let version = (stats.num_changes, stats.num_ops);
+        let mut cached = self.authors.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((v, map)) = cached.as_ref()
+            && *v == version
+        {
+            return Arc::clone(map);
+        }
         let mut map = HashMap::new();
         for d in self.devices() {
             for a in &d.actors {
@@ -892,6 +912,8 @@ impl ThreadDoc {
                 }
             }
         }
+        let map = Arc::new(map);
+        *cached = Some((version, Arc::clone(&map)));
         map
     }
 

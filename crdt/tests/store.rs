@@ -75,7 +75,11 @@ fn reopen_after_compaction_equals_reopen_before() {
     };
     after.enqueue_task(&task, 5_000).unwrap();
     let chunk = after.part_mut(1).unwrap().save_incremental();
-    assert!(!chunk.is_empty() && chunk.len() < 1_000, "{} bytes", chunk.len());
+    assert!(
+        !chunk.is_empty() && chunk.len() < 1_000,
+        "{} bytes",
+        chunk.len()
+    );
     assert!(after.part_mut(1).unwrap().save_incremental().is_empty());
     store.write(|t| t.append_chunk(&seg_id, &chunk)).unwrap();
     let mut again = open(&store);

@@ -529,14 +529,23 @@ impl State {
     }
 
     /// The statuses of `tasks` in part `n`, for the unfinished-task index.
+    ///
+    /// A task of this part that cannot be read yet (its author's device record has not
+    /// arrived) counts as unfinished: the desktop's runner starts from this index, and such a
+    /// task becomes readable when the record merges, without changing itself.
     fn open_changes(&self, n: u32, tasks: &BTreeSet<TaskId>) -> Vec<(TaskId, bool)> {
         let Some(doc) = self.doc.as_ref() else {
             return Vec::new();
         };
-        doc.tasks_by_id(tasks)
+        let read: BTreeMap<TaskId, bool> = doc
+            .tasks_by_id(tasks)
             .iter()
-            .filter(|t| doc.task_segment(&t.id) == Some(n))
             .map(|t| (t.id, is_open(t)))
+            .collect();
+        tasks
+            .iter()
+            .filter(|id| doc.task_segment(id) == Some(n))
+            .map(|id| (*id, read.get(id).copied().unwrap_or(true)))
             .collect()
     }
 
@@ -955,6 +964,13 @@ impl Replica {
     ) -> Result<T, ReplicaError> {
         self.blocking(move |s| s.doc.as_ref().map(f).ok_or(ReplicaError::NoThread))
             .await?
+    }
+
+    /// Unfinished tasks, from the index kept with every stored change (no document is read):
+    /// where the desktop's runner starts.
+    pub async fn open_tasks(&self) -> Result<BTreeSet<TaskId>, ReplicaError> {
+        self.blocking(|s| s.open.values().flatten().copied().collect())
+            .await
     }
 
     /// Reads the whole thread: every segment is loaded for the read and released after.

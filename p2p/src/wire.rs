@@ -351,7 +351,9 @@ mod tests {
             (heads.to_vec(), b"chunks".to_vec())
         );
         // A large push is deflated and inflates back to the same frame; a small one is not.
-        let chunks: Vec<u8> = (0..20_000u32).flat_map(|i| (i % 97).to_le_bytes()).collect();
+        let chunks: Vec<u8> = (0..20_000u32)
+            .flat_map(|i| (i % 97).to_le_bytes())
+            .collect();
         let doc = DocId::parse("abc.2").unwrap();
         let plain = Frame::changes(doc.clone(), &heads, &chunks);
         let packed = plain.clone().packed();
