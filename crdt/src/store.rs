@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::DocId;
@@ -85,7 +85,8 @@ db_err!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    redb::SetDurabilityError
 );
 
 /// A peer this home trusts, with what it knows of it.
@@ -194,6 +195,28 @@ impl Store {
         E: From<StoreError>,
     {
         let tx = self.db.begin_write().map_err(StoreError::from)?;
+        let mut txn = StoreTxn {
+            tx,
+            _p: std::marker::PhantomData,
+        };
+        let out = f(&mut txn)?;
+        txn.tx.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+
+    /// Like [`Self::write`], but commits without waiting for the disk (`Durability::None`):
+    /// consistent, and durable with the next durable commit, but a crash may lose it. Only
+    /// for bookkeeping that may be lost, such as when a peer was last seen.
+    pub fn write_relaxed<T, E>(
+        &self,
+        f: impl FnOnce(&mut StoreTxn<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let mut tx = self.db.begin_write().map_err(StoreError::from)?;
+        tx.set_durability(Durability::None)
+            .map_err(StoreError::from)?;
         let mut txn = StoreTxn {
             tx,
             _p: std::marker::PhantomData,

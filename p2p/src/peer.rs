@@ -1032,7 +1032,8 @@ impl Supervisor {
                                 let now = now_ms();
                                 t.last_sync_at = Some(now);
                                 t.last_seen = Some(now);
-                                let _ = s.write(|tx| tx.put_trusted(&t));
+                                // Bookkeeping: not worth a disk flush per pushed task.
+                                let _ = s.write_relaxed(|tx| tx.put_trusted(&t));
                             }
                         })
                         .await;
