@@ -2,7 +2,7 @@
 //! segments with unfinished tasks; older segments load on demand and are released after.
 
 use errand_core::{EventKind, TaskId, ThreadId};
-use errand_crdt::{NewTask, Store, ThreadGenesis};
+use errand_crdt::{NewTask, Store, ThreadDoc, ThreadGenesis};
 use errand_p2p::replica::Replica;
 
 const LIMIT: usize = 12;
@@ -112,4 +112,60 @@ async fn only_the_newest_and_unfinished_segments_stay_in_memory() {
     replica.ensure_task_loaded(old).await.unwrap();
     assert!(loaded(&replica).contains(&1), "{:?}", loaded(&replica));
     assert!(replica.read(move |d| d.task(&old)).await.unwrap().is_some());
+}
+
+/// A task whose author's device record has not arrived yet cannot be read, but it counts as
+/// unfinished in the index the desktop's runner starts from, also after a reload from disk:
+/// it becomes readable when the record merges, without changing itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_from_a_device_not_known_yet_is_indexed_as_unfinished() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = Replica::open(Store::open(dir.path()).unwrap()).unwrap();
+    let owner: errand_core::DeviceId = libp2p::PeerId::random().to_base58().parse().unwrap();
+    let genesis = ThreadGenesis {
+        thread_id: ThreadId::new_at(1_700_000_000_000),
+        owner: owner.clone(),
+        owner_actor: replica.actor().to_hex_string(),
+    };
+    replica.create_thread(genesis.clone()).unwrap();
+    let task = |text: &str| NewTask {
+        instruction: text.into(),
+        executor: "shell".into(),
+        target: owner.clone(),
+        not_after: None,
+    };
+    let mine = task("the desktop's own");
+    let (own, _) = replica
+        .commit(move |d| d.enqueue_task(&mine, 1_700_000_000_001))
+        .await
+        .unwrap();
+
+    // A phone the desktop holds no device record for.
+    let mut phone = ThreadDoc::create(&genesis, automerge::ActorId::random());
+    let id = phone
+        .enqueue_task(&task("from an unknown phone"), 1_700_000_000_002)
+        .unwrap();
+    let n = phone.task_segment(&id).unwrap();
+    let part = phone.part_mut(n).unwrap();
+    let heads = part.heads();
+    let bytes: Vec<u8> = part
+        .take_local_changes()
+        .iter()
+        .flat_map(|c| c.raw_bytes().to_vec())
+        .collect();
+    replica
+        .receive_changes(
+            libp2p::PeerId::random(),
+            genesis.segment_doc_id(n),
+            heads,
+            bytes,
+        )
+        .await
+        .unwrap();
+
+    assert!(replica.read(move |d| d.task(&id)).await.unwrap().is_none());
+    let open = replica.open_tasks().await.unwrap();
+    assert_eq!(open, [own, id].into_iter().collect());
+    replica.reload().unwrap();
+    assert_eq!(replica.open_tasks().await.unwrap(), open);
 }
