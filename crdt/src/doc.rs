@@ -497,11 +497,14 @@ fn genesis_doc(
     doc
 }
 
-/// True if `bytes` starts with an Automerge document chunk (a `save()`), not a change chunk:
-/// magic, checksum, then chunk type 0.
-fn is_document_chunk(bytes: &[u8]) -> bool {
-    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
-    bytes.len() > 8 && bytes[..4] == MAGIC && bytes[8] == 0
+/// Automerge's chunk magic bytes: every chunk is `magic | checksum(4) | type(1) | uleb128 len |
+/// data`.
+pub const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+/// True if `bytes` starts with an Automerge document chunk (a `save()`), not a change chunk
+/// (type 1, or 2 compressed).
+pub fn is_document_chunk(bytes: &[u8]) -> bool {
+    bytes.len() > 8 && bytes[..4] == CHUNK_MAGIC && bytes[8] == 0
 }
 
 fn genesis_obj(ctr: u64) -> ObjId {

@@ -13,8 +13,8 @@ pub mod store;
 pub mod sync;
 
 pub use doc::{
-    DocId, NewTask, Part, SEGMENT_AHEAD, SEGMENT_MAX_CHANGES, ThreadDoc, ThreadGenesis, Touched,
-    WriteError,
+    CHUNK_MAGIC, DocId, NewTask, Part, SEGMENT_AHEAD, SEGMENT_MAX_CHANGES, ThreadDoc,
+    ThreadGenesis, Touched, WriteError, is_document_chunk,
 };
 pub use store::{LoadedDoc, Store, StoreError, StoreTxn, TrustedPeer};
 pub use sync::{SyncError, SyncSession, ThreadSync};

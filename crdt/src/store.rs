@@ -194,14 +194,7 @@ impl Store {
     where
         E: From<StoreError>,
     {
-        let tx = self.db.begin_write().map_err(StoreError::from)?;
-        let mut txn = StoreTxn {
-            tx,
-            _p: std::marker::PhantomData,
-        };
-        let out = f(&mut txn)?;
-        txn.tx.commit().map_err(StoreError::from)?;
-        Ok(out)
+        self.write_with(Durability::Immediate, f)
     }
 
     /// Like [`Self::write`], but commits without waiting for the disk (`Durability::None`):
@@ -214,9 +207,19 @@ impl Store {
     where
         E: From<StoreError>,
     {
+        self.write_with(Durability::None, f)
+    }
+
+    fn write_with<T, E>(
+        &self,
+        durability: Durability,
+        f: impl FnOnce(&mut StoreTxn<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
         let mut tx = self.db.begin_write().map_err(StoreError::from)?;
-        tx.set_durability(Durability::None)
-            .map_err(StoreError::from)?;
+        tx.set_durability(durability).map_err(StoreError::from)?;
         let mut txn = StoreTxn {
             tx,
             _p: std::marker::PhantomData,

@@ -111,7 +111,7 @@ struct Checked {
 fn parse_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, ReplicaError> {
     let mut out = Vec::new();
     for chunk in split_chunks(bytes)? {
-        if chunk.get(8) == Some(&0) {
+        if errand_crdt::is_document_chunk(chunk) {
             return Err(ReplicaError::BadChanges(
                 "a whole document where changes belong".into(),
             ));
@@ -126,16 +126,13 @@ fn parse_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, ReplicaError> {
     Ok(out)
 }
 
-/// Automerge's chunk magic bytes.
-const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
-
 /// Splits concatenated Automerge chunks (`magic | checksum(4) | type(1) | uleb128 len | data`),
 /// so each change can be parsed on its own.
 fn split_chunks(mut bytes: &[u8]) -> Result<Vec<&[u8]>, ReplicaError> {
     let bad = |why: &str| ReplicaError::BadChanges(why.to_owned());
     let mut out = Vec::new();
     while !bytes.is_empty() {
-        if bytes.get(..4) != Some(&CHUNK_MAGIC[..]) {
+        if bytes.get(..4) != Some(&errand_crdt::CHUNK_MAGIC[..]) {
             return Err(bad("a chunk without the automerge magic bytes"));
         }
         let mut pos = 9; // magic, checksum, type
@@ -168,8 +165,7 @@ fn split_chunks(mut bytes: &[u8]) -> Result<Vec<&[u8]>, ReplicaError> {
 /// Parses one chunk: a change (plain or compressed) on its own, returned; a document by
 /// loading it (`None`).
 fn check_chunk(chunk: &[u8]) -> Result<Option<automerge::Change>, ReplicaError> {
-    const DOCUMENT: u8 = 0;
-    if chunk.get(8) != Some(&DOCUMENT) {
+    if !errand_crdt::is_document_chunk(chunk) {
         let change = std::panic::catch_unwind(|| automerge::Change::try_from(chunk))
             .map_err(|_| ReplicaError::BadChanges("automerge panicked while parsing them".into()))?
             .map_err(|e| ReplicaError::BadChanges(e.to_string()))?;
