@@ -134,12 +134,6 @@ impl Frame {
         }
     }
 
-    /// A sync frame, deflated when the message is large and deflating saves at least an
-    /// eighth. CPU-bound for large messages: call it off the async workers.
-    pub fn sync_packed(doc_id: DocId, msg: Vec<u8>) -> Self {
-        Self::sync(doc_id, msg).packed()
-    }
-
     /// This frame deflated (`Sync` to `SyncDeflate`, `Changes` to `ChangesDeflate`) when its
     /// body is at least [`DEFLATE_MIN`] bytes and deflating saves at least an eighth; else the
     /// frame as it is. CPU-bound for large bodies: call it off the async workers.
@@ -376,19 +370,22 @@ mod tests {
     #[test]
     fn large_sync_messages_are_deflated_and_round_trip() {
         let doc = DocId::parse("abc").unwrap();
-        let small = Frame::sync_packed(doc.clone(), vec![7; 100]);
+        let small = Frame::sync(doc.clone(), vec![7; 100]).packed();
         assert_eq!(small.kind, FrameKind::Sync);
         let msg: Vec<u8> = (0..100_000u32)
             .flat_map(|i| (i % 251).to_be_bytes())
             .collect();
-        let packed = Frame::sync_packed(doc.clone(), msg.clone());
+        let packed = Frame::sync(doc.clone(), msg.clone()).packed();
         assert_eq!(packed.kind, FrameKind::SyncDeflate);
         assert!(packed.body.len() < msg.len() / 4);
         let wire = Frame::decode(packed.encode()).unwrap();
         assert_eq!(wire.unpacked().unwrap(), Frame::sync(doc.clone(), msg));
         // Incompressible bytes go as they are.
         let noise: Vec<u8> = (0..10_000).map(|_| rand::random::<u8>()).collect();
-        assert_eq!(Frame::sync_packed(doc.clone(), noise).kind, FrameKind::Sync);
+        assert_eq!(
+            Frame::sync(doc.clone(), noise).packed().kind,
+            FrameKind::Sync
+        );
         // Not DEFLATE: an error, not a panic.
         let bad = Frame {
             kind: FrameKind::SyncDeflate,

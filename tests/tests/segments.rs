@@ -2,13 +2,13 @@
 //! peers in sync without a sync-protocol round, and a home written before segments is
 //! migrated when it opens and syncs with a peer on the new format.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use automerge::{ObjType, ROOT, ReadDoc, transaction::Transactable};
 use errand_crdt::{ActorId, Store, ThreadDoc, ThreadGenesis};
 use errand_p2p::replica::{META_ACTOR, META_FORMAT, META_GENESIS};
-use errand_tests::{DEADLINE, Home, trust_pair, wait_for};
+use errand_tests::{DEADLINE, Daemon, Home, trust_pair, wait_for};
 use serde_json::Value;
 
 fn counts(home: &Home) -> Result<Value> {
@@ -19,6 +19,17 @@ fn count(v: &Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or(0)
 }
 
+/// Under `root`: a desktop home with its daemon running, and a phone home that trusts it at
+/// the daemon's address (and is trusted), not started. Returns the homes, the daemon and its
+/// address.
+fn desktop_running_with_trusted_phone(root: &Path) -> Result<(Home, Home, Daemon, String)> {
+    let desktop = Home::desktop(root, "d");
+    let phone = Home::phone(root, "p");
+    let (daemon, addr) = desktop.start(&[])?;
+    trust_pair(&desktop, &phone, Some(&addr))?;
+    Ok((desktop, phone, daemon, addr))
+}
+
 fn status_of(home: &Home, id: &str) -> Option<String> {
     let v = home.json(&["task", id, "--json"]).ok()?;
     v["status"].as_str().map(str::to_owned)
@@ -27,10 +38,7 @@ fn status_of(home: &Home, id: &str) -> Option<String> {
 #[test]
 fn a_trickle_of_tasks_between_peers_in_sync_goes_through_the_push_path() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let desktop = Home::desktop(dir.path(), "d");
-    let phone = Home::phone(dir.path(), "p");
-    let (dd, addr) = desktop.start(&[])?;
-    trust_pair(&desktop, &phone, Some(&addr))?;
+    let (desktop, phone, dd, _) = desktop_running_with_trusted_phone(dir.path())?;
     let (pd, _) = phone.start(&[])?;
     // In sync, and quiet: the device record the desktop writes on the first hello has
     // arrived and the phone sees itself in the thread.
@@ -236,10 +244,7 @@ fn a_home_in_the_single_document_format_is_migrated_and_syncs_with_a_new_peer() 
 fn a_phone_that_rolled_over_while_offline_catches_up() -> Result<()> {
     // Small segments, so a few hundred tasks span several.
     let dir = tempfile::tempdir()?;
-    let desktop = Home::desktop(dir.path(), "d");
-    let phone = Home::phone(dir.path(), "p");
-    let (d, addr) = desktop.start(&[])?;
-    trust_pair(&desktop, &phone, Some(&addr))?;
+    let (desktop, phone, d, addr) = desktop_running_with_trusted_phone(dir.path())?;
     let out = phone.run(&["sync", "--timeout", "60s"])?;
     ensure!(out.status.success(), "first sync: {out:?}");
     d.stop()?;
