@@ -83,6 +83,11 @@ impl EventKind {
         )
     }
 
+    /// The names of the kinds for which [`Self::is_terminal`] holds.
+    pub fn terminal_names() -> [&'static str; 5] {
+        ["finished", "failed", "cancelled", "denied", "interrupted"]
+    }
+
     /// True for kinds that count only when the target desktop writes them.
     pub fn is_fact_kind(&self) -> bool {
         !matches!(self, Self::Approved | Self::CancelRequested | Self::Retried)

@@ -172,6 +172,13 @@ impl From<automerge::AutomergeError> for WriteError {
 /// 100 ms, while a busy thread still rolls over only every few weeks.
 pub const SEGMENT_MAX_CHANGES: usize = 10_000;
 
+/// A segment is also closed to new tasks once it holds this many ops, so that changes with
+/// many ops cannot grow one document without bound while its change count stays low. Our
+/// schema writes about six ops per change (a task and its usual events are about 30 ops in
+/// 5 changes), so a segment of [`SEGMENT_MAX_CHANGES`] holds about 60,000: twice that is
+/// only reached by unusually large changes.
+pub const SEGMENT_MAX_OPS: usize = 120_000;
+
 /// How far past the newest segment a peer may name a document: a rollover during a session
 /// creates the next one, and a peer back from a long absence lists its own in the hello.
 pub const SEGMENT_AHEAD: u32 = 4;
@@ -287,6 +294,11 @@ impl Part {
         self.doc.stats().num_changes as usize
     }
 
+    /// Ops in the document (Automerge keeps the count).
+    pub fn ops(&self) -> usize {
+        self.doc.stats().num_ops as usize
+    }
+
     /// The Automerge document, for the sync session and the push path.
     pub fn automerge(&mut self) -> &mut AutoCommit {
         &mut self.doc
@@ -317,11 +329,12 @@ impl Part {
         bytes
     }
 
-    fn reader<'a>(&'a self, skipped: &'a AtomicU64) -> Reader<'a> {
+    fn reader<'a>(&'a self, skipped: &'a AtomicU64, owner: &'a DeviceId) -> Reader<'a> {
         Reader {
             doc: &self.doc,
             tasks: &self.tasks,
             skipped,
+            owner,
         }
     }
 
@@ -448,6 +461,8 @@ pub struct ThreadDoc {
     dirty: BTreeSet<u32>,
     /// [`SEGMENT_MAX_CHANGES`], or less in tests that exercise rollovers.
     segment_max: usize,
+    /// [`SEGMENT_MAX_OPS`], scaled down with `segment_max` in tests.
+    segment_max_ops: usize,
     skipped: AtomicU64,
     /// The device map of the meta document, rebuilt only when the meta document changed:
     /// every read of a task needs it, and rebuilding it was a fifth of the CPU a merged task
@@ -507,6 +522,41 @@ pub fn is_document_chunk(bytes: &[u8]) -> bool {
     bytes.len() > 8 && bytes[..4] == CHUNK_MAGIC && bytes[8] == 0
 }
 
+/// True if `actor` already wrote a `kind` event (for a terminal kind: any terminal event) in
+/// `attempt` of the events list `events`.
+fn has_own_fact(
+    doc: &AutoCommit,
+    events: &ObjId,
+    actor: &ActorId,
+    attempt: u32,
+    kind: &EventKind,
+) -> bool {
+    let len = doc.length(events).min(limits::MAX_EVENTS_PER_TASK);
+    (0..len).any(|i| {
+        let Some((Value::Object(ObjType::Map), ev)) = doc.get(events, i).ok().flatten() else {
+            return false;
+        };
+        if actor_of(&ev) != Some(actor) {
+            return false;
+        }
+        let scalar = |key: &str| match doc.get(&ev, key).ok().flatten() {
+            Some((Value::Scalar(v), _)) => Some(v.into_owned()),
+            _ => None,
+        };
+        let same_attempt = match scalar("attempt") {
+            Some(ScalarValue::Uint(a)) => a == u64::from(attempt),
+            Some(ScalarValue::Int(a)) => a == i64::from(attempt),
+            _ => false,
+        };
+        let Some(ScalarValue::Str(name)) = scalar("kind") else {
+            return false;
+        };
+        same_attempt
+            && (name.as_str() == kind.name()
+                || (kind.is_terminal() && EventKind::terminal_names().contains(&name.as_str())))
+    })
+}
+
 fn genesis_obj(ctr: u64) -> ObjId {
     // The index is only a hint; automerge looks the actor up when it does not match.
     ObjId::Id(ctr, genesis_actor(), 0)
@@ -541,6 +591,7 @@ impl ThreadDoc {
             newest: 0,
             dirty: BTreeSet::new(),
             segment_max: SEGMENT_MAX_CHANGES,
+            segment_max_ops: SEGMENT_MAX_OPS,
             skipped: AtomicU64::new(0),
             authors: Mutex::new(None),
         }
@@ -550,6 +601,7 @@ impl ThreadDoc {
     /// [`SEGMENT_MAX_CHANGES`] (tests and benchmarks that exercise rollovers).
     pub fn set_segment_limit(&mut self, changes: usize) {
         self.segment_max = changes.max(2);
+        self.segment_max_ops = SEGMENT_MAX_OPS / SEGMENT_MAX_CHANGES * self.segment_max;
     }
 
     /// Loads the meta document from a snapshot followed by incremental chunks. Segments are
@@ -680,7 +732,7 @@ impl ThreadDoc {
     /// full (or none exists yet). The newest segment must be held in memory.
     fn newest_part(&mut self) -> Result<&mut Part, WriteError> {
         let full = match self.segments.get(&self.newest) {
-            Some(p) => p.changes() >= self.segment_max,
+            Some(p) => p.changes() >= self.segment_max || p.ops() >= self.segment_max_ops,
             None if self.newest == 0 => true,
             None => return Err(WriteError::NotLoaded(self.newest)),
         };
@@ -819,13 +871,21 @@ impl ThreadDoc {
                 .get_mut(&n)
                 .ok_or(WriteError::UnknownTask(task))?
         };
-        let r = p.reader(skipped);
+        let r = p.reader(skipped, &self.genesis.owner);
         let (obj, creator) = r
             .task_obj(&authors, &task)
             .ok_or(WriteError::UnknownTask(task))?;
         let events = r
             .obj_by(&obj, "events", &creator, ObjType::List)
             .ok_or(WriteError::UnknownTask(task))?;
+        if !matches!(kind, EventKind::Output { .. })
+            && has_own_fact(&p.doc, &events, &self.actor, attempt, kind)
+        {
+            // A fact is written once per attempt: a second one (a runner that misread the
+            // task, or raced itself) would be noise at best and a loop at worst.
+            tracing::debug!(task = %task, attempt, kind = kind.name(), "fact already recorded");
+            return Ok(());
+        }
         let result = (|| {
             let at = p.doc.length(&events);
             let ev = p.doc.insert_object(&events, at, ObjType::Map)?;
@@ -856,7 +916,7 @@ impl ThreadDoc {
             self.skipped.fetch_add(1, Ordering::Relaxed);
             return Vec::new();
         };
-        let r = self.meta.reader(&self.skipped);
+        let r = self.meta.reader(&self.skipped, &self.genesis.owner);
         let devices = genesis_obj(DEVICES_CTR);
         let mut out = Vec::new();
         let mut owner_seen = false;
@@ -907,17 +967,86 @@ impl ThreadDoc {
         {
             return Arc::clone(map);
         }
-        let mut map = HashMap::new();
+        let map = Arc::new(self.bound_actors());
+        *cached = Some((version, Arc::clone(&map)));
+        map
+    }
+
+    /// Every actor bound to exactly one device. The owner's actor is the owner's alone, the
+    /// genesis actor is nobody's, and an actor that two records list counts for neither (a
+    /// record made before actors were checked at binding could hold one).
+    fn bound_actors(&self) -> Authors {
+        let genesis = genesis_actor();
+        let owner = &self.genesis.owner;
+        let mut map: Authors = HashMap::new();
+        let mut conflicting = BTreeSet::new();
         for d in self.devices() {
             for a in &d.actors {
-                if let Ok(actor) = ActorId::try_from(a.as_str()) {
-                    map.insert(actor, (d.id.clone(), d.revoked_at));
+                let Ok(actor) = ActorId::try_from(a.as_str()) else {
+                    continue;
+                };
+                if actor == genesis || (self.owner_actor.as_ref() == Some(&actor) && d.id != *owner)
+                {
+                    continue;
+                }
+                match map.get(&actor) {
+                    Some((other, _)) if *other != d.id => {
+                        conflicting.insert(actor);
+                    }
+                    _ => {
+                        map.insert(actor, (d.id.clone(), d.revoked_at));
+                    }
                 }
             }
         }
-        let map = Arc::new(map);
-        *cached = Some((version, Arc::clone(&map)));
+        for actor in conflicting {
+            map.remove(&actor);
+        }
         map
+    }
+
+    /// True if this replica is the thread's owner desktop.
+    pub fn owns_thread(&self) -> bool {
+        self.owner_actor.as_ref() == Some(&self.actor)
+    }
+
+    /// Who may have written the changes `from` sends: see [`crate::ingest`].
+    ///
+    /// On the owner desktop, a phone sends only what its own bound actors wrote, and nothing
+    /// once it is revoked. On a phone, the desktop relays what the owner and the devices it
+    /// recorded wrote (a revoked device's changes too: the desktop took them while it was
+    /// trusted, and reads skip what it never acted on). Anything else sends nothing.
+    pub fn authority_for(&self, from: &DeviceId) -> crate::ingest::Authority {
+        let authors = self.authors();
+        let actors = if self.owns_thread() {
+            authors
+                .iter()
+                .filter(|(_, (id, revoked))| {
+                    id == from && revoked.is_none() && id != &self.genesis.owner
+                })
+                .map(|(a, _)| a.clone())
+                .collect()
+        } else if *from == self.genesis.owner {
+            authors.keys().cloned().collect()
+        } else {
+            BTreeSet::new()
+        };
+        crate::ingest::Authority { actors }
+    }
+
+    /// True if an actor may be bound to `device`: it is not the genesis actor, not the
+    /// owner's (unless `device` is the owner), and no other device lists it.
+    pub fn actor_is_free_for(&self, device: &DeviceId, actor: &ActorId) -> bool {
+        if *actor == genesis_actor() {
+            return false;
+        }
+        if self.owner_actor.as_ref() == Some(actor) {
+            return *device == self.genesis.owner;
+        }
+        self.devices()
+            .iter()
+            .filter(|d| d.id != *device)
+            .all(|d| !d.actors.iter().any(|a| a.as_str() == actor.to_hex_string()))
     }
 
     fn parts(&self) -> impl Iterator<Item = &Part> {
@@ -930,7 +1059,7 @@ impl ThreadDoc {
         let authors = self.authors();
         let mut out: BTreeMap<TaskId, Task> = BTreeMap::new();
         for p in self.parts() {
-            let r = p.reader(&self.skipped);
+            let r = p.reader(&self.skipped, &self.genesis.owner);
             for key in p.doc.keys(&p.tasks) {
                 if let Some(t) = r.read_task_key(&authors, &key) {
                     out.entry(t.id).or_insert(t);
@@ -946,7 +1075,7 @@ impl ThreadDoc {
             return Vec::new();
         };
         let authors = self.authors();
-        let r = p.reader(&self.skipped);
+        let r = p.reader(&self.skipped, &self.genesis.owner);
         let mut out: Vec<Task> = p
             .doc
             .keys(&p.tasks)
@@ -965,9 +1094,10 @@ impl ThreadDoc {
     pub fn task(&self, id: &TaskId) -> Option<Task> {
         let authors = self.authors();
         let key = id.to_string();
-        self.parts()
-            .filter(|p| p.has_task_key(id))
-            .find_map(|p| p.reader(&self.skipped).read_task_key(&authors, &key))
+        self.parts().filter(|p| p.has_task_key(id)).find_map(|p| {
+            p.reader(&self.skipped, &self.genesis.owner)
+                .read_task_key(&authors, &key)
+        })
     }
 
     /// The tasks with these ids that are held and well formed, oldest first.
@@ -976,9 +1106,10 @@ impl ThreadDoc {
         ids.iter()
             .filter_map(|id| {
                 let key = id.to_string();
-                self.parts()
-                    .filter(|p| p.has_task_key(id))
-                    .find_map(|p| p.reader(&self.skipped).read_task_key(&authors, &key))
+                self.parts().filter(|p| p.has_task_key(id)).find_map(|p| {
+                    p.reader(&self.skipped, &self.genesis.owner)
+                        .read_task_key(&authors, &key)
+                })
             })
             .collect()
     }
@@ -988,7 +1119,7 @@ impl ThreadDoc {
         let authors = self.authors();
         let mut out = Vec::new();
         for p in self.parts() {
-            let r = p.reader(&self.skipped);
+            let r = p.reader(&self.skipped, &self.genesis.owner);
             let len = p.doc.length(&p.messages);
             for i in 0..len {
                 let Some((Value::Object(ObjType::Map), obj)) =
@@ -1070,6 +1201,8 @@ struct Reader<'a> {
     doc: &'a AutoCommit,
     tasks: &'a ObjId,
     skipped: &'a AtomicU64,
+    /// The thread's desktop: the only valid target of a task.
+    owner: &'a DeviceId,
 }
 
 impl Reader<'_> {
@@ -1213,6 +1346,11 @@ impl Reader<'_> {
         let instruction = self.str_by(obj, "instruction", by, limits::MAX_INSTRUCTION_BYTES)?;
         let executor = self.str_by(obj, "executor", by, limits::MAX_SHORT_TEXT_BYTES)?;
         let target: DeviceId = self.str_by(obj, "target", by, 128)?.parse().ok()?;
+        if target != *self.owner {
+            // One thread belongs to one desktop: a task for anyone else is nobody's to run.
+            self.skip("task", "its target is not the thread's desktop");
+            return None;
+        }
         let created_at = self.int_by(obj, "created_at", by)?;
         let not_after = self.int_by(obj, "not_after", by);
         let events_obj = self.obj_by(obj, "events", by, ObjType::List)?;

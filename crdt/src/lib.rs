@@ -9,13 +9,15 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod doc;
+pub mod ingest;
 pub mod store;
 pub mod sync;
 
 pub use doc::{
-    CHUNK_MAGIC, DocId, NewTask, Part, SEGMENT_AHEAD, SEGMENT_MAX_CHANGES, ThreadDoc,
-    ThreadGenesis, Touched, WriteError, is_document_chunk,
+    CHUNK_MAGIC, DocId, NewTask, Part, SEGMENT_AHEAD, SEGMENT_MAX_CHANGES, SEGMENT_MAX_OPS,
+    ThreadDoc, ThreadGenesis, Touched, WriteError, is_document_chunk,
 };
+pub use ingest::IngestError;
 pub use store::{LoadedDoc, Store, StoreError, StoreTxn, TrustedPeer};
 pub use sync::{SyncError, SyncSession, ThreadSync};
 

@@ -50,6 +50,9 @@ pub struct SyncSession {
     /// We pushed changes and the peer has not acknowledged them yet: `their_heads` is what
     /// we expect, not what the peer said.
     unconfirmed: bool,
+    /// False: our messages do not advertise Automerge's v2 messages, so the peer sends
+    /// changes, never a whole document (see [`Self::refuse_documents`]).
+    documents: bool,
 }
 
 impl std::fmt::Debug for SyncSession {
@@ -71,6 +74,7 @@ impl SyncSession {
             doc_id,
             state: sync::State::new(),
             unconfirmed: false,
+            documents: true,
         }
     }
 
@@ -81,6 +85,7 @@ impl SyncSession {
             doc_id,
             state: sync::State::decode(bytes)?,
             unconfirmed: false,
+            documents: true,
         })
     }
 
@@ -98,7 +103,21 @@ impl SyncSession {
     pub fn next_message(&mut self, doc: &mut Part) -> Option<Vec<u8>> {
         let am = doc.automerge();
         let msg = am.sync().generate_sync_message(&mut self.state);
-        msg.map(|m| m.encode())
+        let documents = self.documents;
+        msg.map(|mut m| {
+            if !documents {
+                m.flags = None;
+            }
+            m.encode()
+        })
+    }
+
+    /// Stops advertising Automerge's v2 messages (its message flags), so that the peer
+    /// sends changes one by one and never a whole document. A document chunk cannot be
+    /// bounded before it is loaded (a 1 KiB document held a million ops, which took 94 MB
+    /// and seconds to load); changes can, one by one. The owner desktop asks this of phones.
+    pub fn refuse_documents(&mut self) {
+        self.documents = false;
     }
 
     /// Applies a message from the peer. Panics inside Automerge are caught and reported.

@@ -8,7 +8,10 @@
 //! - Checking a ticket and spending it (used, or one more wrong try) happen in one redb write
 //!   transaction, so two handshakes racing on one ticket cannot both succeed or lose a try.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use errand_core::{
     DeviceId, DeviceKind, EventKind, TaskStatus, Ticket, fold,
@@ -23,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     pair::{self, PAIR_PROTOCOL, PairError, PhoneHello, TicketBook, Welcome},
     peer::{Peer, PeerError, PeerEvent, now_ms},
+    replica::Binding,
 };
 
 const TICKETS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pair_tickets");
@@ -36,6 +40,10 @@ pub const MAX_TRIES: u32 = 5;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10 * 60);
 /// Addresses put in a ticket: the QR must stay small; the phone learns more by identify.
 const MAX_TICKET_ADDRS: usize = 3;
+/// Pairing handshakes served at once. A person pairs one phone at a time; a few more cover a
+/// retry while an earlier attempt times out. Each handshake runs on a blocking thread, so
+/// without a cap 750 silent streams took 516 threads (issue 14).
+pub const MAX_CONCURRENT_PAIRINGS: usize = 4;
 /// Dial attempts before pairing gives up on the ticket's addresses.
 const PAIR_DIAL_ATTEMPTS: u32 = 3;
 /// How long the phone waits for its first full sync after the handshake.
@@ -391,6 +399,7 @@ pub fn serve(
     // Tickets issued before a restart stay usable until they expire.
     refresh_window(peer);
     let peer = peer.clone();
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PAIRINGS));
     Ok(tokio::spawn(async move {
         loop {
             let (phone, mut stream) = tokio::select! {
@@ -400,8 +409,16 @@ pub fn serve(
                     None => return,
                 },
             };
+            // A handshake holds a permit (and a blocking thread) until it ends, at most a few
+            // step timeouts; when all are taken, the stream is dropped at once.
+            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                tracing::info!(%phone, "refused a pairing stream: {MAX_CONCURRENT_PAIRINGS} handshakes already run");
+                drop(stream);
+                continue;
+            };
             let peer = peer.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let desktop = peer.peer_id();
                 let book_peer = peer.clone();
                 // The book does brief redb work; keep it off the async workers.
@@ -414,16 +431,20 @@ pub fn serve(
                 match result {
                     Ok(Ok(paired)) => {
                         tracing::info!(%phone, name = %paired.hello.name, confirmed = paired.confirmed(), "paired a phone");
-                        let _ = peer
+                        if let Err(e) = peer
                             .replica()
                             .ensure_device(
                                 phone,
                                 paired.hello.name.clone(),
                                 DeviceKind::Phone,
                                 paired.hello.actor.clone(),
+                                Binding::Pairing,
                                 now_ms(),
                             )
-                            .await;
+                            .await
+                        {
+                            tracing::warn!(%phone, error = %e, "could not record the paired phone's actor; its changes will be refused");
+                        }
                     }
                     Ok(Err(e)) => tracing::info!(%phone, error = %e, "pairing failed"),
                     Err(e) => tracing::warn!(%phone, error = %e, "pairing task failed"),

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     gate::{GateState, SharedGate},
     node::{self, NodeConfig, NodeEvent, NodeHandle},
-    replica::{Replica, ReplicaError},
+    replica::{Binding, Replica, ReplicaError},
     session::{self, DeviceInfo, SYNC_PROTOCOL, SessionCtx, SessionEvent, Traffic},
 };
 
@@ -1043,7 +1043,9 @@ impl Supervisor {
                 let Some(device) = device else { return };
                 let this = self.peer.clone();
                 tokio::spawn(async move {
-                    // The owner records a trusted device's actor, so its writes count.
+                    // The owner records a device trusted by hand the first time it says
+                    // who it is; a paired device's actor was bound by pairing, and a hello
+                    // never changes it.
                     if this.kind() == DeviceKind::Desktop
                         && let Err(e) = this
                             .replica()
@@ -1052,6 +1054,7 @@ impl Supervisor {
                                 device.name.clone(),
                                 device.kind,
                                 device.actor.clone(),
+                                Binding::FirstHello,
                                 now_ms(),
                             )
                             .await

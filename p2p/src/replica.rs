@@ -18,6 +18,7 @@ use errand_core::{DeviceKind, TaskId};
 use errand_crdt::{
     ActorId, ChangeHash, DocId, SEGMENT_AHEAD, Store, StoreError, SyncError, SyncSession,
     ThreadDoc, ThreadGenesis, Touched, WriteError,
+    ingest::{self, Authority, Bounds, Checked, IngestError, OpBudget, PEER_OPS_PER_MINUTE},
 };
 use libp2p::PeerId;
 use redb::{ReadableTable, TableDefinition};
@@ -59,9 +60,18 @@ pub enum ReplicaError {
         /// Theirs.
         theirs: String,
     },
-    /// The peer's sync message carries changes that do not parse.
+    /// The peer's changes do not parse, or Automerge refused them.
     #[error("the peer's changes do not parse: {0}")]
     BadChanges(String),
+    /// The ingest check refused what the peer sent: nothing of it was applied.
+    #[error("refused what the peer sent: {0}")]
+    Refused(#[from] IngestError),
+    /// An actor cannot be bound to the device.
+    #[error("{0}")]
+    ActorRefused(String),
+    /// The peer is out of budget; its session may start again later.
+    #[error("the peer is over its budget of {0} ops per minute; it may sync again shortly")]
+    OutOfBudget(u64),
     /// A document id that is not part of this thread.
     #[error("the peer named a document that is not part of this thread")]
     NotOurDocument,
@@ -71,127 +81,6 @@ pub enum ReplicaError {
     /// A blocking task panicked or was cancelled.
     #[error("internal task failed: {0}")]
     Join(String),
-}
-
-/// Checks that every change chunk in a peer's sync message parses, before Automerge sees it.
-///
-/// Automerge 0.12 skips a chunk it cannot parse (it logs "partial load") and applies the rest,
-/// so garbage from a peer would pass silently, and the changes it stood for would never
-/// arrive: the session must fail like on any other bad message. Loading each chunk into a
-/// scratch document parses it; changes whose dependencies are elsewhere only get queued there
-/// (`MissingDeps`), which is fine. A whole document (a first sync) is loaded twice, which is
-/// rare and bounded by the frame size. Bytes that are no sync message at all pass: the
-/// session's own decode reports them.
-fn check_changes(bytes: &[u8]) -> Result<Checked, ReplicaError> {
-    let Ok(msg) = automerge::sync::Message::decode(bytes) else {
-        return Ok(Checked::default());
-    };
-    let mut out = Checked::default();
-    for chunk in msg.changes.iter() {
-        for part in split_chunks(chunk)? {
-            match check_chunk(part)? {
-                Some(change) => out.changes.push(change),
-                None => out.document = true,
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// What [`check_changes`] found in a sync message.
-#[derive(Default)]
-struct Checked {
-    /// Its changes, parsed.
-    changes: Vec<automerge::Change>,
-    /// It carried a whole document (a first sync) as well or instead.
-    document: bool,
-}
-
-/// Parses pushed changes: concatenated change chunks, each checked like [`check_changes`].
-fn parse_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, ReplicaError> {
-    let mut out = Vec::new();
-    for chunk in split_chunks(bytes)? {
-        if errand_crdt::is_document_chunk(chunk) {
-            return Err(ReplicaError::BadChanges(
-                "a whole document where changes belong".into(),
-            ));
-        }
-        if let Some(change) = check_chunk(chunk)? {
-            out.push(change);
-        }
-    }
-    if out.is_empty() {
-        return Err(ReplicaError::BadChanges("no changes".into()));
-    }
-    Ok(out)
-}
-
-/// Splits concatenated Automerge chunks (`magic | checksum(4) | type(1) | uleb128 len | data`),
-/// so each change can be parsed on its own.
-fn split_chunks(mut bytes: &[u8]) -> Result<Vec<&[u8]>, ReplicaError> {
-    let bad = |why: &str| ReplicaError::BadChanges(why.to_owned());
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        if bytes.get(..4) != Some(&errand_crdt::CHUNK_MAGIC[..]) {
-            return Err(bad("a chunk without the automerge magic bytes"));
-        }
-        let mut pos = 9; // magic, checksum, type
-        let (mut len, mut shift) = (0u64, 0u32);
-        loop {
-            let b = *bytes
-                .get(pos)
-                .ok_or_else(|| bad("a truncated chunk header"))?;
-            pos += 1;
-            if shift > 56 {
-                return Err(bad("a chunk length that does not fit"));
-            }
-            len |= u64::from(b & 0x7f) << shift;
-            shift += 7;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
-        let end = usize::try_from(len)
-            .ok()
-            .and_then(|l| pos.checked_add(l))
-            .filter(|e| *e <= bytes.len())
-            .ok_or_else(|| bad("a chunk longer than the message"))?;
-        out.push(&bytes[..end]);
-        bytes = &bytes[end..];
-    }
-    Ok(out)
-}
-
-/// Parses one chunk: a change (plain or compressed) on its own, returned; a document by
-/// loading it (`None`).
-fn check_chunk(chunk: &[u8]) -> Result<Option<automerge::Change>, ReplicaError> {
-    if !errand_crdt::is_document_chunk(chunk) {
-        let change = std::panic::catch_unwind(|| automerge::Change::try_from(chunk))
-            .map_err(|_| ReplicaError::BadChanges("automerge panicked while parsing them".into()))?
-            .map_err(|e| ReplicaError::BadChanges(e.to_string()))?;
-        // Parsing does not check the chunk's checksum (the first four bytes of the change's
-        // hash, also for a compressed chunk); loading does, and drops a mismatch silently.
-        if chunk.get(4..8) != change.hash().0.get(..4) {
-            return Err(ReplicaError::BadChanges(format!(
-                "change {} has a wrong checksum",
-                change.hash()
-            )));
-        }
-        return Ok(Some(change));
-    }
-    let loaded = std::panic::catch_unwind(|| {
-        automerge::Automerge::load_with_options(
-            chunk,
-            automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error),
-        )
-    });
-    match loaded {
-        Ok(Ok(_)) | Ok(Err(automerge::AutomergeError::MissingDeps)) => Ok(None),
-        Ok(Err(e)) => Err(ReplicaError::BadChanges(e.to_string())),
-        Err(_) => Err(ReplicaError::BadChanges(
-            "automerge panicked while parsing them".into(),
-        )),
-    }
 }
 
 /// What a received sync message or push did.
@@ -261,11 +150,17 @@ const PUSH_LOG: usize = 64;
 /// once it has not been touched for this long (it was loaded for a sync or a full read).
 const RELEASE_IDLE: Duration = Duration::from_secs(10);
 
+/// Environment variable that sets the ops per minute a phone may make the desktop apply
+/// (default [`PEER_OPS_PER_MINUTE`]; benchmarks that replay many catch-ups raise it).
+pub const OPS_PER_MINUTE_ENV: &str = "ERRAND_PEER_OPS_PER_MINUTE";
+
 /// Environment variable that lowers the segment bound (tests and benchmarks of long threads).
 pub const SEGMENT_CHANGES_ENV: &str = "ERRAND_SEGMENT_CHANGES";
 
-/// Most documents a peer may list in its hello.
-pub const MAX_HELLO_DOCS: usize = 100_000;
+/// Most documents a peer may list in its hello. A segment holds about 2,000 tasks, so 4,096
+/// documents are about eight million tasks: years of heavy use. A hello listing 100,000 made
+/// the desktop create every one of them (issue 14).
+pub const MAX_HELLO_DOCS: usize = 4_096;
 
 /// Store key of the home's format: absent before segments, [`FORMAT`] since.
 pub const META_FORMAT: &str = "format";
@@ -302,6 +197,12 @@ struct State {
     peer_newest: HashMap<PeerId, u32>,
     /// Rollover bound for the thread (see [`ThreadDoc::set_segment_limit`]).
     segment_limit: Option<usize>,
+    /// Each phone's budget of ops per minute (the owner desktop bounds its phones).
+    budgets: HashMap<PeerId, OpBudget>,
+    /// Ops per minute each phone may make us apply ([`PEER_OPS_PER_MINUTE`] by default).
+    ops_per_minute: u64,
+    /// The clock of the budgets.
+    epoch: Instant,
 }
 
 /// Shared handle to the replica.
@@ -327,6 +228,25 @@ fn heads_from(bytes: &[u8]) -> Vec<ChangeHash> {
         .chunks_exact(32)
         .filter_map(|c| ChangeHash::try_from(c).ok())
         .collect()
+}
+
+/// The newest segment of a peer's hello that we may create here: segments above our newest
+/// count only as far as the peer lists them without a gap (a peer rolls over one segment at a
+/// time, and keeps every one it made). A hello that lists numbers far past ours therefore
+/// creates nothing (issue 14: 100,000 numbers near 10^9 made 100,002 documents).
+fn plausible_newest(listed: impl Iterator<Item = u32>, our_newest: u32) -> u32 {
+    let listed: BTreeSet<u32> = listed.collect();
+    let mut newest = listed
+        .range(..=our_newest)
+        .next_back()
+        .copied()
+        .unwrap_or(0);
+    let mut next = our_newest.saturating_add(1);
+    while next > newest && listed.contains(&next) {
+        newest = next;
+        next = next.saturating_add(1);
+    }
+    newest
 }
 
 /// A short digest of a document's heads, for the hello.
@@ -515,12 +435,20 @@ impl State {
 
     fn session(&mut self, peer: &PeerId, doc_id: &DocId) -> &mut SyncSession {
         let store = &self.store;
+        let owner = self.doc.as_ref().is_some_and(ThreadDoc::owns_thread);
         self.sessions
             .entry((*peer, doc_id.clone()))
-            .or_insert_with(|| match store.sync_state(doc_id, &peer.to_base58()) {
-                Ok(Some(bytes)) => SyncSession::restore(doc_id.clone(), &bytes)
-                    .unwrap_or_else(|_| SyncSession::new(doc_id.clone())),
-                _ => SyncSession::new(doc_id.clone()),
+            .or_insert_with(|| {
+                let mut session = match store.sync_state(doc_id, &peer.to_base58()) {
+                    Ok(Some(bytes)) => SyncSession::restore(doc_id.clone(), &bytes)
+                        .unwrap_or_else(|_| SyncSession::new(doc_id.clone())),
+                    _ => SyncSession::new(doc_id.clone()),
+                };
+                if owner {
+                    // Phones send the owner changes it can bound one by one (ingest).
+                    session.refuse_documents();
+                }
+                session
             })
     }
 
@@ -636,6 +564,53 @@ impl State {
         Ok(())
     }
 
+    /// The ingest check of what `peer` sent for part `n` (see [`errand_crdt::ingest`]): on the
+    /// owner desktop, also the phone's bounds and its budget of ops. A refusal forgets the
+    /// peer's session for the document, and is logged with its reason.
+    fn ingest(
+        &mut self,
+        peer: &PeerId,
+        doc_id: &DocId,
+        n: u32,
+        check: impl FnOnce(&automerge::Automerge, &Authority, Bounds) -> Result<Checked, IngestError>,
+    ) -> Result<Checked, ReplicaError> {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let per_minute = self.ops_per_minute;
+        let doc = self.doc.as_mut().ok_or(ReplicaError::NoThread)?;
+        let from: errand_core::DeviceId = peer
+            .to_base58()
+            .parse()
+            .map_err(|_| ReplicaError::NotOurDocument)?;
+        let authority = doc.authority_for(&from);
+        let owner = doc.owns_thread();
+        let bounds = if owner {
+            Bounds::PHONE
+        } else {
+            Bounds::DESKTOP
+        };
+        let part = doc.part_mut(n).ok_or(ReplicaError::NotOurDocument)?;
+        let mut result = check(part.automerge().document(), &authority, bounds);
+        if owner {
+            let budget = self
+                .budgets
+                .entry(*peer)
+                .or_insert_with(|| OpBudget::new(per_minute, now));
+            match &result {
+                Ok(checked) => {
+                    if let Err(e) = budget.take(checked.ops, now) {
+                        result = Err(e);
+                    }
+                }
+                Err(_) => budget.drain(now),
+            }
+        }
+        if let Err(e) = &result {
+            tracing::warn!(%peer, doc = %doc_id, reason = %e, "refused what the peer sent; closing its session");
+        }
+        let result = result.map_err(ReplicaError::from);
+        self.or_drop_session(peer, doc_id, result)
+    }
+
     /// Passes `r` through; on an error, first forgets the peer's session for the document.
     fn or_drop_session<T>(
         &mut self,
@@ -666,7 +641,10 @@ impl State {
             self.touched.insert(n, Instant::now());
             return Ok(());
         }
-        let limit = doc.newest_segment().max(their_newest) + SEGMENT_AHEAD;
+        let limit = doc
+            .newest_segment()
+            .max(their_newest)
+            .saturating_add(SEGMENT_AHEAD);
         if !self.heads.contains_key(&n) && n > limit {
             return Err(ReplicaError::UnknownDocument(n));
         }
@@ -783,6 +761,12 @@ impl Replica {
             pushlog: HashMap::new(),
             touched: HashMap::new(),
             peer_newest: HashMap::new(),
+            budgets: HashMap::new(),
+            ops_per_minute: std::env::var(OPS_PER_MINUTE_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(PEER_OPS_PER_MINUTE),
+            epoch: Instant::now(),
             // Tests and benchmarks of long threads roll over sooner; peers with different
             // bounds interoperate (the bound only decides when this device starts a segment).
             segment_limit: std::env::var(SEGMENT_CHANGES_ENV)
@@ -1159,6 +1143,9 @@ impl Replica {
                     && let Some(doc) = s.doc.as_ref()
                 {
                     let mut session = SyncSession::new(doc_id.clone());
+                    if doc.owns_thread() {
+                        session.refuse_documents();
+                    }
                     session.assume_in_sync(&doc.segment_genesis_heads(n));
                     s.sessions.insert(key, session);
                 }
@@ -1229,7 +1216,18 @@ impl Replica {
     ) -> Result<Vec<DocId>, ReplicaError> {
         self.blocking(move |s| {
             s.sessions.retain(|(p, _), _| *p != peer);
+            let now = s.epoch.elapsed().as_millis() as u64;
+            let per_minute = s.ops_per_minute;
             let doc = s.doc.as_mut().ok_or(ReplicaError::NoThread)?;
+            if doc.owns_thread()
+                && !s
+                    .budgets
+                    .entry(peer)
+                    .or_insert_with(|| OpBudget::new(per_minute, now))
+                    .has_some(now)
+            {
+                return Err(ReplicaError::OutOfBudget(per_minute));
+            }
             let g = doc.genesis().clone();
             let mut ours = s.heads.clone();
             for n in doc.loaded() {
@@ -1237,10 +1235,14 @@ impl Replica {
                     ours.insert(n, p.heads());
                 }
             }
-            let their_newest = theirs.iter().map(|(n, _)| *n).max().unwrap_or(0);
+            let our_newest = doc
+                .newest_segment()
+                .max(ours.keys().copied().max().unwrap_or(0));
+            let their_newest = plausible_newest(theirs.iter().map(|(n, _)| *n), our_newest);
             s.peer_newest.insert(peer, their_newest);
-            let limit = doc.newest_segment().max(their_newest);
-            let theirs: BTreeMap<u32, String> = theirs.into_iter().collect();
+            let limit = our_newest.max(their_newest);
+            let theirs: BTreeMap<u32, String> =
+                theirs.into_iter().filter(|(n, _)| *n <= limit).collect();
             let mut active = Vec::new();
             let all: BTreeSet<u32> = ours.keys().chain(theirs.keys()).copied().collect();
             for n in all.into_iter().filter(|n| *n <= limit) {
@@ -1273,8 +1275,10 @@ impl Replica {
         let merged = self
             .blocking(move |s| {
                 let n = s.resolve(&peer, &doc_id)?;
-                let checked = s.or_drop_session(&peer, &doc_id, check_changes(&bytes))?;
-                let touched = Touched::of(&checked.changes);
+                let checked = s.ingest(&peer, &doc_id, n, |doc, authority, bounds| {
+                    ingest::check_sync_message(&bytes, doc, authority, bounds)
+                })?;
+                let touched = checked.touched;
                 let mut doc = s.doc.take().ok_or(ReplicaError::NoThread)?;
                 let Some(part) = doc.part_mut(n) else {
                     s.doc = Some(doc);
@@ -1333,13 +1337,15 @@ impl Replica {
         let merged = self
             .blocking(move |s| {
                 let n = s.resolve(&peer, &doc_id)?;
-                let changes = s.or_drop_session(&peer, &doc_id, parse_changes(&bytes))?;
+                let checked = s.ingest(&peer, &doc_id, n, |doc, authority, bounds| {
+                    ingest::check_pushed(&bytes, doc, authority, bounds)
+                })?;
+                let (changes, touched) = (checked.changes, checked.touched);
                 let mut doc = s.doc.take().ok_or(ReplicaError::NoThread)?;
                 let Some(part) = doc.part_mut(n) else {
                     s.doc = Some(doc);
                     return Err(ReplicaError::NotOurDocument);
                 };
-                let touched = Touched::of(&changes);
                 // Dependencies: in the document already, or earlier in the batch.
                 let batch: BTreeSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
                 let outside: Vec<ChangeHash> = changes
@@ -1424,35 +1430,52 @@ impl Replica {
         self.lock().in_sync_all(&peer)
     }
 
-    /// Records the device behind `peer` in the thread if this home owns the thread and the
-    /// record is missing or lacks `actor`. Only the owner's records count when read.
+    /// Records the device behind `peer` in the thread with `actor`, if this home owns the
+    /// thread. Returns whether anything was written.
+    ///
+    /// An actor is bound to a device only by the pairing handshake ([`Binding::Pairing`]),
+    /// or, for a device trusted by hand (`devices add`) that has no actor yet, once by its
+    /// first hello ([`Binding::FirstHello`]); a later hello never adds or changes one. The
+    /// genesis actor, the owner's actor and an actor bound to another device are refused.
     pub async fn ensure_device(
         &self,
         peer: PeerId,
         name: String,
         kind: DeviceKind,
         actor: String,
+        binding: Binding,
         now: i64,
     ) -> Result<bool, ReplicaError> {
-        let my_actor = self.actor().to_hex_string();
         let id: errand_core::DeviceId = peer
             .to_base58()
             .parse()
             .map_err(|e: errand_core::IdError| ReplicaError::Join(e.to_string()))?;
-        let existing = self
-            .read(move |d| (d.genesis().owner_actor.clone(), d.devices()))
+        let parsed = ActorId::try_from(actor.as_str())
+            .map_err(|_| ReplicaError::ActorRefused(format!("{actor} is not an actor id")))?;
+        let lookup = id.clone();
+        let (owns, free, current) = self
+            .read(move |d| {
+                (
+                    d.owns_thread(),
+                    d.actor_is_free_for(&lookup, &parsed),
+                    d.devices().into_iter().find(|x| x.id == lookup),
+                )
+            })
             .await?;
-        let (owner_actor, devices) = existing;
-        if owner_actor != my_actor {
+        if !owns {
             return Ok(false);
         }
-        let current = devices.into_iter().find(|d| d.id == id);
         if current
             .as_ref()
             .is_some_and(|d| d.actors.contains(&actor) && d.name == name)
         {
             return Ok(false);
         }
+        let has_actor = current.as_ref().is_some_and(|d| !d.actors.is_empty());
+        let may_bind = match binding {
+            Binding::Pairing => true,
+            Binding::FirstHello => !has_actor,
+        };
         let mut device = current.unwrap_or(errand_core::Device {
             id,
             name: name.clone(),
@@ -1465,108 +1488,51 @@ impl Replica {
         if device.revoked_at.is_some() {
             return Ok(false);
         }
-        device.name = name;
         if !device.actors.contains(&actor) {
-            device.actors.push(actor);
+            if !may_bind {
+                tracing::warn!(%peer, claimed = %actor, "a hello claimed an actor the device was not paired with; ignored");
+                if device.name == name {
+                    return Ok(false);
+                }
+            } else if !free {
+                return Err(ReplicaError::ActorRefused(format!(
+                    "actor {actor} already belongs to another device (or to the thread itself)"
+                )));
+            } else {
+                device.actors.push(actor);
+            }
         }
+        device.name = name;
         self.commit(move |d| d.add_device(&device)).await?;
         Ok(true)
     }
 }
 
+/// How [`Replica::ensure_device`] may bind an actor to a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    /// The pairing handshake carried it: bind it (unless another device holds it).
+    Pairing,
+    /// A hello carried it: bind it only if the device has no actor yet (trusted by hand).
+    FirstHello,
+}
+
 #[cfg(test)]
 mod tests {
-    use automerge::{
-        AutoCommit, ROOT,
-        sync::{self, SyncDoc},
-        transaction::Transactable,
-    };
-
-    use super::*;
-
-    /// The messages `from` sends `to` until they are in sync.
-    fn messages(from: &mut AutoCommit, to: &mut AutoCommit) -> Vec<Vec<u8>> {
-        let (mut a, mut b) = (sync::State::new(), sync::State::new());
-        let mut out = Vec::new();
-        for _ in 0..10 {
-            if let Some(m) = from.sync().generate_sync_message(&mut a) {
-                out.push(m.clone().encode());
-                to.sync().receive_sync_message(&mut b, m).unwrap();
-            }
-            if let Some(m) = to.sync().generate_sync_message(&mut b) {
-                from.sync().receive_sync_message(&mut a, m).unwrap();
-            }
-        }
-        out
-    }
+    use super::plausible_newest;
 
     #[test]
-    fn sync_messages_with_changes_that_do_not_parse_are_refused() {
-        // A whole document (first sync), then a delta: both pass.
-        let mut ours = AutoCommit::new();
-        for i in 0..50 {
-            ours.put(ROOT, format!("k{i}"), i).unwrap();
-            ours.commit();
-        }
-        let mut theirs = AutoCommit::new();
-        for m in messages(&mut ours, &mut theirs) {
-            check_changes(&m).unwrap();
-        }
-        ours.put(ROOT, "later", 1).unwrap();
-        ours.commit();
-        let delta = messages(&mut ours, &mut theirs);
-        assert!(!delta.is_empty());
-        for m in delta {
-            check_changes(&m).unwrap();
-        }
-        // Not a sync message at all: left to the session's decode.
-        check_changes(b"not a message").unwrap();
-        // A well-formed message whose changes are garbage.
-        let garbage = sync::Message {
-            heads: Vec::new(),
-            need: Vec::new(),
-            have: Vec::new(),
-            changes: vec![vec![
-                0x85, 0x6f, 0x4a, 0x83, 1, 2, 3, 4, 1, 5, 9, 9, 9, 9, 9,
-            ]]
-            .into(),
-            flags: None,
-            version: sync::MessageVersion::V1,
-        };
-        assert!(matches!(
-            check_changes(&garbage.encode()),
-            Err(ReplicaError::BadChanges(_))
-        ));
-    }
-
-    #[test]
-    fn a_change_with_a_wrong_checksum_is_refused() {
-        let mut doc = AutoCommit::new();
-        doc.put(ROOT, "long", "x".repeat(4096)).unwrap();
-        doc.commit();
-        let mut change = doc.get_last_local_change().unwrap().clone();
-        let plain = change.raw_bytes().to_vec();
-        let compressed = change.bytes().to_vec();
-        assert_eq!(compressed[8], 2, "a compressed change chunk");
-        for chunk in [plain, compressed] {
-            let message = |chunk: Vec<u8>| {
-                sync::Message {
-                    heads: Vec::new(),
-                    need: Vec::new(),
-                    have: Vec::new(),
-                    changes: vec![chunk].into(),
-                    flags: None,
-                    version: sync::MessageVersion::V1,
-                }
-                .encode()
-            };
-            check_changes(&message(chunk.clone())).unwrap();
-            let mut bad = chunk;
-            bad[5] ^= 0xff;
-            assert!(matches!(
-                check_changes(&message(bad)),
-                Err(ReplicaError::BadChanges(_))
-            ));
-        }
+    fn a_hello_counts_segments_above_ours_only_without_a_gap() {
+        assert_eq!(plausible_newest([0, 1, 2].into_iter(), 2), 2);
+        assert_eq!(plausible_newest([0, 1, 2, 3, 4].into_iter(), 2), 4);
+        assert_eq!(plausible_newest([0, 1, 5, 6].into_iter(), 2), 1);
+        assert_eq!(
+            plausible_newest((999_000_000..999_100_000).into_iter(), 3),
+            0
+        );
+        assert_eq!(
+            plausible_newest([0, u32::MAX].into_iter(), u32::MAX - 1),
+            u32::MAX
+        );
     }
 }

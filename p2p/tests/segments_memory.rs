@@ -3,7 +3,7 @@
 
 use errand_core::{EventKind, TaskId, ThreadId};
 use errand_crdt::{NewTask, Store, ThreadDoc, ThreadGenesis};
-use errand_p2p::replica::Replica;
+use errand_p2p::replica::{Replica, ReplicaError};
 
 const LIMIT: usize = 12;
 
@@ -114,11 +114,13 @@ async fn only_the_newest_and_unfinished_segments_stay_in_memory() {
     assert!(replica.read(move |d| d.task(&old)).await.unwrap().is_some());
 }
 
-/// A task whose author's device record has not arrived yet cannot be read, but it counts as
-/// unfinished in the index the desktop's runner starts from, also after a reload from disk:
-/// it becomes readable when the record merges, without changing itself.
+/// A task from a device the desktop bound no actor to is refused at ingest: nothing of it is
+/// stored, and the index of unfinished tasks (which the runner starts from) is unchanged,
+/// also after a reload from disk. (Before actors were checked at ingest, such a task was
+/// stored and counted as unfinished until its author's record arrived; no honest peer can
+/// send one any more, since the desktop writes every record itself when it pairs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_task_from_a_device_not_known_yet_is_indexed_as_unfinished() {
+async fn a_task_from_a_device_without_a_bound_actor_is_refused_and_nothing_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let replica = Replica::open(Store::open(dir.path()).unwrap()).unwrap();
     let owner: errand_core::DeviceId = libp2p::PeerId::random().to_base58().parse().unwrap();
@@ -153,7 +155,7 @@ async fn a_task_from_a_device_not_known_yet_is_indexed_as_unfinished() {
         .iter()
         .flat_map(|c| c.raw_bytes().to_vec())
         .collect();
-    replica
+    let refused = replica
         .receive_changes(
             libp2p::PeerId::random(),
             genesis.segment_doc_id(n),
@@ -161,11 +163,15 @@ async fn a_task_from_a_device_not_known_yet_is_indexed_as_unfinished() {
             bytes,
         )
         .await
-        .unwrap();
+        .expect_err("refused");
+    assert!(matches!(
+        refused,
+        ReplicaError::Refused(errand_crdt::IngestError::ForeignActor { .. })
+    ));
 
     assert!(replica.read(move |d| d.task(&id)).await.unwrap().is_none());
     let open = replica.open_tasks().await.unwrap();
-    assert_eq!(open, [own, id].into_iter().collect());
+    assert_eq!(open, [own].into_iter().collect());
     replica.reload().unwrap();
     assert_eq!(replica.open_tasks().await.unwrap(), open);
 }
