@@ -17,9 +17,9 @@
 //! max_parallel = 1                   # tasks that run at once
 //!
 //! [[executors]]                      # default: only `shell`
-//! name = "claude"
+//! name = "agent"
 //! kind = "command"
-//! argv = ["claude", "-p", "{instruction}"]
+//! argv = ["my-agent", "--", "{instruction}"]   # "--": an instruction is never an option
 //! ```
 
 use std::{
@@ -572,12 +572,23 @@ pub const TEMPLATE: &str = r#"# Errand desktop configuration. Every setting is o
 # max_parallel = 1
 
 # Executors this desktop offers; the phone picks one per task. Without this list, only "shell"
-# (sh -c <instruction>, in the workspace) is offered. A "command" executor fills {instruction}
+# (sh -c -- <instruction>, in the workspace) is offered. A "command" executor fills {instruction}
 # into its argv argument by argument, never through a shell.
+#
+# Put "--" before {instruction} when the program accepts it (most do: it ends the options), so
+# an instruction starting with '-' reaches the program as text and not as an option. Without
+# "--", a task whose instruction starts with '-' fails without running: with
+# argv = ["sort", "{instruction}"], the instruction "-o/home/me/.profile" would have had sort
+# overwrite that file.
 #
 # [[executors]]
 # name = "shell"
 # kind = "shell"
+#
+# [[executors]]
+# name = "agent"
+# kind = "command"
+# argv = ["my-agent", "--print", "--", "{instruction}"]
 #
 # [[executors]]
 # name = "claude"

@@ -1,8 +1,9 @@
 //! Running one task attempt as a process.
 //!
 //! - An [`ExecutorConfig`] (read from the desktop's TOML config, or the embedded `shell` default)
-//!   turns an instruction into an argv: `sh -c <instruction>`, or a `command` template filled in
-//!   argument by argument, never through a shell.
+//!   turns an instruction into an argv: `sh -c -- <instruction>`, or a `command` template filled
+//!   in argument by argument, never through a shell. An instruction starting with `-` never lands
+//!   where the program reads options: a template that would put it there refuses it.
 //! - [`run`] checks the working directory, the program and the log file, then spawns the argv in
 //!   its own process group behind a *start gate*: a `/bin/sh` wrapper that waits for one line on
 //!   its stdin before it `exec`s the real program.
@@ -45,6 +46,10 @@ pub const INSTRUCTION_PLACEHOLDER: &str = "{instruction}";
 
 /// Name of the embedded default executor.
 pub const SHELL_EXECUTOR_NAME: &str = "shell";
+
+/// The argument that ends a program's options (POSIX utility guideline 10, and getopt, clap,
+/// click, commander): an instruction placed after it is an operand even when it starts with `-`.
+pub const END_OF_OPTIONS: &str = "--";
 
 /// Default for [`ExecSpec::batch_interval`]: the phone sees progress twice a second, without one
 /// document change per line of a chatty build.
@@ -115,10 +120,13 @@ const GATE_OPEN: &[u8] = b"go\n";
 /// How an executor turns an instruction into a process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecutorKind {
-    /// `sh -c <instruction>`: the instruction is a shell script.
+    /// `sh -c -- <instruction>`: the instruction is a shell script.
     Shell,
     /// A fixed argv in which every [`INSTRUCTION_PLACEHOLDER`] is replaced by the instruction,
-    /// argument by argument, e.g. `["claude", "-p", "{instruction}"]`.
+    /// argument by argument, e.g. `["claude", "-p", "{instruction}"]`. Where an argument starts
+    /// with the placeholder and no [`END_OF_OPTIONS`] argument comes before it, an instruction
+    /// starting with `-` is refused ([`ArgvError::LooksLikeOption`]): the program would read it
+    /// as an option (`sort -o/home/me/.bashrc`).
     Command {
         /// The template. Its first element is the program, looked up in `PATH`.
         argv: Vec<String>,
@@ -200,6 +208,23 @@ pub enum ExecutorConfigError {
     },
 }
 
+/// Why an instruction cannot be handed to an executor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgvError {
+    /// The instruction starts with `-` and would land where the program reads options.
+    #[error(
+        "the instruction starts with '-' and executor \"{executor}\" ({program}) would read it \
+         as an option; add \"--\" before {{instruction}} in its argv in config.toml, or start \
+         the instruction with another character"
+    )]
+    LooksLikeOption {
+        /// The executor's name.
+        executor: String,
+        /// Its program (the first argv element).
+        program: String,
+    },
+}
+
 impl ExecutorConfig {
     /// Checks and builds an executor. A `Command` template must name a fixed program and use
     /// [`INSTRUCTION_PLACEHOLDER`] in a later element.
@@ -229,7 +254,7 @@ impl ExecutorConfig {
         Ok(Self { name, kind })
     }
 
-    /// The embedded default: `shell`, running `sh -c <instruction>`.
+    /// The embedded default: `shell`, running `sh -c -- <instruction>`.
     pub fn shell() -> Self {
         Self {
             name: SHELL_EXECUTOR_NAME.to_owned(),
@@ -249,16 +274,43 @@ impl ExecutorConfig {
 
     /// The argv that runs `instruction`. For `Command`, each template element has every
     /// [`INSTRUCTION_PLACEHOLDER`] replaced by the instruction as plain text: no shell sees it, so
-    /// `$(rm -rf ~)` stays text.
-    pub fn argv(&self, instruction: &str) -> Vec<String> {
+    /// `$(rm -rf ~)` stays text. An instruction starting with `-` is never passed where it would
+    /// be read as an option: `Shell` puts it after `--`, and `Command` refuses it unless every
+    /// argument that starts with the placeholder comes after a literal `--` argument.
+    pub fn argv(&self, instruction: &str) -> Result<Vec<String>, ArgvError> {
         match &self.kind {
-            ExecutorKind::Shell => vec!["sh".into(), "-c".into(), instruction.into()],
-            ExecutorKind::Command { argv } => argv
-                .iter()
-                .map(|a| a.replace(INSTRUCTION_PLACEHOLDER, instruction))
-                .collect(),
+            ExecutorKind::Shell => Ok(vec![
+                "sh".into(),
+                "-c".into(),
+                END_OF_OPTIONS.into(),
+                instruction.into(),
+            ]),
+            ExecutorKind::Command { argv } => {
+                if instruction.starts_with('-') && places_in_option_position(argv) {
+                    return Err(ArgvError::LooksLikeOption {
+                        executor: self.name.clone(),
+                        program: argv.first().cloned().unwrap_or_default(),
+                    });
+                }
+                Ok(argv
+                    .iter()
+                    .map(|a| a.replace(INSTRUCTION_PLACEHOLDER, instruction))
+                    .collect())
+            }
         }
     }
+}
+
+/// True when some argument of `template` starts with the placeholder (so the filled argument
+/// starts with the instruction) before any [`END_OF_OPTIONS`] argument, where the program still
+/// parses options. An argument like `--prompt={instruction}` starts with the template's own
+/// text, so the instruction cannot turn it into another option.
+fn places_in_option_position(template: &[String]) -> bool {
+    template
+        .iter()
+        .skip(1)
+        .take_while(|a| a.as_str() != END_OF_OPTIONS)
+        .any(|a| a.starts_with(INSTRUCTION_PLACEHOLDER))
 }
 
 impl Default for ExecutorConfig {
@@ -1195,7 +1247,7 @@ mod tests {
 
     fn shell_spec(dir: &Path, script: &str) -> ExecSpec {
         ExecSpec::new(
-            ExecutorConfig::shell().argv(script),
+            ExecutorConfig::shell().argv(script).unwrap(),
             dir,
             dir.join("logs").join("attempt.log"),
             Duration::from_secs(60),
@@ -1308,7 +1360,7 @@ mod tests {
         .unwrap();
         let instruction = "$(touch pwned) `touch pwned2`; touch pwned3";
         let spec = ExecSpec::new(
-            executor.argv(instruction),
+            executor.argv(instruction).unwrap(),
             dir.path(),
             dir.path().join("attempt.log"),
             Duration::from_secs(60),
@@ -1319,6 +1371,75 @@ mod tests {
         for name in ["pwned", "pwned2", "pwned3"] {
             assert!(!dir.path().join(name).exists(), "{name} was created");
         }
+    }
+
+    fn command(argv: &[&str]) -> ExecutorConfig {
+        let argv = argv.iter().map(|a| (*a).to_owned()).collect();
+        ExecutorConfig::new("sort", ExecutorKind::Command { argv }).unwrap()
+    }
+
+    #[test]
+    fn an_instruction_starting_with_a_dash_is_refused_where_it_would_be_an_option() {
+        // Root cause: the template was filled argument by argument with no regard for where the
+        // program parses options, so ["sort", "{instruction}"] ran `sort -o/path` and wrote a
+        // file the instruction chose.
+        for template in [
+            &["sort", "{instruction}"][..],
+            &["sort", "-r", "{instruction}"],
+            &["sort", "{instruction} please"],
+            &["sort", "{instruction}", "--", "x"],
+        ] {
+            let err = command(template).argv("-o/tmp/x").unwrap_err();
+            assert!(
+                matches!(&err, ArgvError::LooksLikeOption { executor, program }
+                    if executor == "sort" && program == "sort"),
+                "{template:?}: {err:?}"
+            );
+            let message = err.to_string();
+            assert!(message.contains("starts with '-'"), "{message}");
+            assert!(
+                message.contains(r#"add "--" before {instruction}"#),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_instruction_starting_with_a_dash_passes_after_double_dash_or_inside_an_argument() {
+        assert_eq!(
+            command(&["sort", "--", "{instruction}"])
+                .argv("-o/tmp/x")
+                .unwrap(),
+            ["sort", "--", "-o/tmp/x"]
+        );
+        assert_eq!(
+            command(&["sort", "--key={instruction}"])
+                .argv("-o/tmp/x")
+                .unwrap(),
+            ["sort", "--key=-o/tmp/x"]
+        );
+        // Instructions that do not start with '-' are filled in as before.
+        assert_eq!(
+            command(&["sort", "{instruction}"]).argv("a -o b").unwrap(),
+            ["sort", "a -o b"]
+        );
+        assert_eq!(
+            ExecutorConfig::shell().argv("-o/tmp/x").unwrap(),
+            ["sh", "-c", "--", "-o/tmp/x"]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_shell_executor_runs_an_instruction_starting_with_a_dash_as_a_command() {
+        let dir = tempfile::tempdir().unwrap();
+        // Without "--", sh would take "-x" as its option and the script as missing.
+        let (result, batches) = run_collecting(
+            shell_spec(dir.path(), "-x 2>/dev/null; echo ran"),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(result.unwrap().exit_code, Some(0));
+        assert_eq!(batches.concat(), "ran\n");
     }
 
     #[tokio::test]
@@ -1624,9 +1745,12 @@ mod tests {
             panic!("two executors expected");
         };
         assert_eq!(claude.name(), "claude");
-        assert_eq!(claude.argv("fix $(it)"), ["claude", "-p", "fix $(it)"]);
+        assert_eq!(
+            claude.argv("fix $(it)").unwrap(),
+            ["claude", "-p", "fix $(it)"]
+        );
         assert_eq!(shell, &ExecutorConfig::default());
-        assert_eq!(shell.argv("ls"), ["sh", "-c", "ls"]);
+        assert_eq!(shell.argv("ls").unwrap(), ["sh", "-c", "--", "ls"]);
     }
 
     #[test]

@@ -976,9 +976,13 @@ impl AttemptJob {
         let log_path = self.logs.join(format!("{id}-{attempt}.log"));
         let thread_path = self.logs.join(format!("{id}-{attempt}.thread.md"));
 
-        let result = match self.write_transcript(&thread_path).await {
-            Ok(()) => Ok(self.execute(&log_path, &thread_path).await),
-            Err(reason) => Err(reason),
+        // An instruction the executor would take for an option is refused before anything runs.
+        let result = match self.exec.argv(&self.task.instruction) {
+            Err(refused) => Err(refused.to_string()),
+            Ok(argv) => match self.write_transcript(&thread_path).await {
+                Ok(()) => Ok(self.execute(argv, &log_path, &thread_path).await),
+                Err(reason) => Err(reason),
+            },
         };
         let (fact, summary) = match result {
             Err(reason) => (
@@ -1133,18 +1137,14 @@ impl AttemptJob {
     /// Runs the process and writes `started` and `output` as they happen.
     async fn execute(
         &self,
+        argv: Vec<String>,
         log_path: &Path,
         thread_path: &Path,
     ) -> (Result<ExecOutcome, ExecError>, Reported) {
         let id = self.task.id;
         let attempt = self.attempt;
         let workspace = &self.settings.workspace;
-        let mut spec = ExecSpec::new(
-            self.exec.argv(&self.task.instruction),
-            workspace,
-            log_path,
-            self.settings.task_timeout,
-        );
+        let mut spec = ExecSpec::new(argv, workspace, log_path, self.settings.task_timeout);
         spec.env = vec![
             ("ERRAND_TASK_ID".into(), id.to_string()),
             (

@@ -220,6 +220,61 @@ async fn the_command_executor_gets_the_instruction_as_one_literal_argument_and_t
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_instruction_starting_with_a_dash_is_never_an_option_of_a_command_executor() {
+    // Root cause: a command template was filled argument by argument with no regard for where
+    // the program reads options, so with ["sort", "{instruction}"] the instruction
+    // "-o<file>" became sort's output option and sort (reading /dev/null) wrote <file>.
+    let d = desk();
+    let mut settings = d.settings();
+    settings.executors = vec![
+        ExecutorConfig::shell(),
+        ExecutorConfig::new(
+            "sort",
+            ExecutorKind::Command {
+                argv: vec!["sort".into(), "{instruction}".into()],
+            },
+        )
+        .unwrap(),
+        ExecutorConfig::new(
+            "sort-operands",
+            ExecutorKind::Command {
+                argv: vec!["sort".into(), "--".into(), "{instruction}".into()],
+            },
+        )
+        .unwrap(),
+    ];
+    let runner = Runner::start(d.peer.clone(), settings).await.unwrap();
+    let target = d._dir.path().join("written-by-sort");
+    let injected = format!("-o{}", target.display());
+
+    let refused = d.send_with(&injected, "sort", None).await;
+    let t = d.wait_ended(refused).await;
+    let v = fold(&t);
+    assert_eq!(v.status, TaskStatus::Failed, "{v:?}");
+    let reason = v.reason.unwrap_or_default();
+    assert!(
+        reason.contains("starts with '-'") && reason.contains(r#"add "--" before {instruction}"#),
+        "{reason}"
+    );
+    assert!(!kinds(&t).contains(&"started"), "{:?}", kinds(&t));
+    assert!(!target.exists(), "sort wrote {}", target.display());
+
+    // After "--" the same text is an operand: sort looks for a file of that name and fails.
+    let operand = d.send_with(&injected, "sort-operands", None).await;
+    let v = fold(&d.wait_ended(operand).await);
+    assert_eq!(v.status, TaskStatus::Failed, "{v:?}");
+    assert_eq!(v.exit_code, Some(2), "{v:?}");
+    assert!(!target.exists(), "sort wrote {}", target.display());
+
+    // The shell executor runs such an instruction as a command, not as sh's option.
+    let shell = d.send("-o 2>/dev/null; echo ran").await;
+    let v = fold(&d.wait_ended(shell).await);
+    assert_eq!(v.status, TaskStatus::Done, "{v:?}");
+    assert!(v.output.contains("ran"), "{v:?}");
+    runner.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unknown_executor_fails_without_running_anything() {
     let d = desk();
     let runner = Runner::start(d.peer.clone(), d.settings()).await.unwrap();

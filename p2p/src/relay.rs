@@ -14,6 +14,8 @@
 //!   to peers.
 //! - [`Relay::shutdown`] stops listening, closes connections, joins the task and returns the final
 //!   stats.
+//! - Rendezvous goes through [`namespace_gate`]: a discover must name its namespace, so nobody
+//!   can list every device registered here.
 //! - Nothing is written to disk except the identity file.
 
 use std::{
@@ -44,6 +46,8 @@ use tokio::{
     time::Instant,
 };
 use tracing::{Instrument as _, debug, info, info_span, warn};
+
+mod namespace_gate;
 
 /// Default listen address: every IPv4 interface on TCP port 4001, the port libp2p relays
 /// conventionally use, so firewall rules written for other libp2p relays apply unchanged.
@@ -644,7 +648,7 @@ struct RelayBehaviour {
     // the others allocate state for them.
     limits: connection_limits::Behaviour,
     relay: relay::Behaviour,
-    rendezvous: rendezvous::server::Behaviour,
+    rendezvous: namespace_gate::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
 }
@@ -665,7 +669,7 @@ fn build_swarm(
         .with_behaviour(|key| RelayBehaviour {
             limits: connection_limits::Behaviour::new(limits.connection_limits()),
             relay: relay::Behaviour::new(key.public().to_peer_id(), limits.relay_config()),
-            rendezvous: rendezvous::server::Behaviour::new(limits.rendezvous_config()),
+            rendezvous: namespace_gate::Behaviour::new(limits.rendezvous_config()),
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), key.public())
                     .with_agent_version(format!("errand-relay/{}", env!("CARGO_PKG_VERSION")))

@@ -576,6 +576,107 @@ async fn in_process_relay_counts_reservations_and_registrations_and_shuts_down()
     b_task.abort();
 }
 
+/// Registers `swarm` (which holds a reservation) under `namespace` on the relay.
+async fn register(swarm: &mut Swarm<Client>, namespace: rendezvous::Namespace, relay: PeerId) {
+    // A TTL of 2 min is below libp2p's 2 h minimum but above ours.
+    swarm
+        .behaviour_mut()
+        .rendezvous
+        .register(namespace, relay, Some(120))
+        .unwrap();
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(ClientEvent::Rendezvous(
+                    rendezvous::client::Event::Registered { .. },
+                )) => return,
+                SwarmEvent::Behaviour(ClientEvent::Rendezvous(
+                    rendezvous::client::Event::RegisterFailed { error, .. },
+                )) => panic!("registration refused: {error:?}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("registered within the deadline");
+}
+
+/// Sends one discover to the relay: the registrations found, or the error code of a refusal.
+async fn discover(
+    swarm: &mut Swarm<Client>,
+    namespace: Option<rendezvous::Namespace>,
+    relay: PeerId,
+) -> Result<Vec<rendezvous::Registration>, rendezvous::ErrorCode> {
+    swarm
+        .behaviour_mut()
+        .rendezvous
+        .discover(namespace, None, None, relay);
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(ClientEvent::Rendezvous(
+                    rendezvous::client::Event::Discovered { registrations, .. },
+                )) => return Ok(registrations),
+                SwarmEvent::Behaviour(ClientEvent::Rendezvous(
+                    rendezvous::client::Event::DiscoverFailed { error, .. },
+                )) => return Err(error),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("a discover answer or failure within the deadline")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_discover_without_a_namespace_is_refused_and_one_with_a_namespace_finds_it() {
+    // Root cause: libp2p-rendezvous's server answers a DISCOVER without a namespace with every
+    // registration it holds (namespace, PeerId, circuit address), and the relay served it as
+    // is, so anyone who connected could list every registered device.
+    let relay = Relay::spawn(RelayConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        ..RelayConfig::default()
+    })
+    .await
+    .unwrap();
+    let relay_addr = relay.addrs().first().cloned().expect("a bound address");
+    let namespace = rendezvous::Namespace::from_static("errand-private-pairing");
+
+    let mut a = client();
+    let a_id = *a.local_peer_id();
+    // The reservation gives A the /p2p-circuit address that a registration carries.
+    reserve(&mut a, &relay_addr).await;
+    register(&mut a, namespace.clone(), relay.peer_id()).await;
+    let (a_task, _) = drive(a);
+
+    let mut b = client();
+    connect_via(&mut b, relay_addr.clone(), relay.peer_id()).await;
+    // The relay closes the request unanswered; libp2p's client reports that as Unavailable.
+    let everything = discover(&mut b, None, relay.peer_id()).await;
+    assert!(
+        matches!(everything, Err(rendezvous::ErrorCode::Unavailable)),
+        "a discover without a namespace must be refused, got {everything:?}"
+    );
+
+    // The refusal leaves the relay serving: the same client, naming the namespace, finds A.
+    let found = discover(&mut b, Some(namespace.clone()), relay.peer_id())
+        .await
+        .expect("a discover with a namespace is answered");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].record.peer_id(), a_id);
+    assert_eq!(found[0].namespace, namespace);
+
+    // And a namespace nobody registered finds nothing.
+    let other = rendezvous::Namespace::from_static("errand-other-pairing");
+    let none = discover(&mut b, Some(other), relay.peer_id())
+        .await
+        .expect("a discover with a namespace is answered");
+    assert!(none.is_empty(), "{none:?}");
+
+    a_task.abort();
+    relay.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn run_returns_when_its_shutdown_future_completes() {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

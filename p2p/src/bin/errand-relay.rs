@@ -26,7 +26,9 @@ use tracing_subscriber::EnvFilter;
 /// Circuit relay v2 + rendezvous server for Errand devices.
 ///
 /// Give desktops and phones one of the addresses printed on stdout. The relay sees only
-/// Noise-encrypted traffic and keeps nothing on disk except its identity key.
+/// Noise-encrypted traffic and keeps nothing on disk except its identity key. A rendezvous
+/// discover must name its namespace; one without is refused, so nobody can list the devices
+/// registered here.
 #[derive(Debug, Parser)]
 #[command(name = "errand-relay", version)]
 struct Cli {
