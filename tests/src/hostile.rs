@@ -178,7 +178,7 @@ impl Thread {
             "errand-phone sync of {} exited with {}: {}",
             phone.dir.display(),
             out.status,
-            String::from_utf8_lossy(&out.stderr)
+            last_lines(&out.stderr, 2)
         );
         Ok(())
     }
@@ -248,6 +248,28 @@ impl Blocker {
         wait_status(&t.desktop, &self.id, "done", LONG)?;
         Ok(())
     }
+}
+
+/// The last `n` lines of a command's stderr (a failing sync logs the same warning on every
+/// retry), without terminal colours.
+pub fn last_lines(stderr: &[u8], n: usize) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let lines: Vec<&str> = plain.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
 fn path_str(p: &Path) -> Result<&str> {
@@ -731,8 +753,8 @@ pub fn run_guarded(
             let err = err.join().unwrap_or_default();
             bail!(
                 "{bin_name} {args:?} killed: still running after {deadline:?} or over its \
-                 memory cap ({rss} KiB resident); stderr:\n{}",
-                String::from_utf8_lossy(&err)
+                 memory cap ({rss} KiB resident); stderr ends: {}",
+                last_lines(&err, 2)
             );
         }
         std::thread::sleep(Duration::from_millis(50));

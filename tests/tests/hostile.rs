@@ -285,7 +285,7 @@ fn a_task_forged_under_the_desktops_actor_never_runs_once_its_writer_is_revoked(
     deliver_attack(&t);
     let v = t
         .desktop
-        .json(&["devices", "revoke", &t.hostile_id, "--json"])?;
+        .json(&["devices", "--json", "revoke", &t.hostile_id])?;
     ensure!(v["revoked"] == true, "revoking the hostile phone: {v}");
     blocker.release(&t)?;
 
