@@ -56,19 +56,31 @@ fn verdict(failures: Vec<String>) -> Result<()> {
 }
 
 /// Neither the desktop nor the honest phone (synced first) shows forged output for task `id`,
-/// or shows it done while its command (marker `marker`) never ran.
+/// or shows it done while its command (marker `marker`) never ran, in `task --json` or in
+/// `thread --json`.
 fn check_not_forged(t: &Thread, id: &str, marker: &str, when: &str) -> Result<()> {
     t.must_sync(&t.honest)?;
     for (who, home) in [("the desktop", &t.desktop), ("the honest phone", &t.honest)] {
-        let Some(v) = task(home, id) else { continue };
-        ensure!(
-            !shows_text(&v, FORGED),
-            "{who} shows output the desktop never produced ({when}): {v}"
-        );
-        ensure!(
-            v["status"] != "done" || t.runs(marker) > 0,
-            "{who} shows task {id} done although its command never ran ({when}): {v}"
-        );
+        let in_thread = home.thread()?["tasks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["id"] == id)
+            .cloned();
+        for (view, v) in [
+            ("task --json", task(home, id)),
+            ("thread --json", in_thread),
+        ] {
+            let Some(v) = v else { continue };
+            ensure!(
+                !shows_text(&v, FORGED),
+                "{who}'s {view} shows output the desktop never produced ({when}): {v}"
+            );
+            ensure!(
+                v["status"] != "done" || t.runs(marker) > 0,
+                "{who}'s {view} shows task {id} done although its command never ran ({when}): {v}"
+            );
+        }
     }
     Ok(())
 }
