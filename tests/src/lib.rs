@@ -5,6 +5,7 @@
 //! - [`Daemon`] runs a long-lived process and kills it (SIGKILL) when dropped.
 //! - [`cli`] / [`cli_json`] run one-shot commands.
 //! - [`wait_for`] polls a condition with a generous deadline, never a fixed sleep.
+//! - [`hostile`]: a paired phone whose home the test writes into with any actor.
 
 use std::{
     io::{BufRead, BufReader},
@@ -18,6 +19,8 @@ use anyhow::{Context, Result, bail};
 use errand_core::DeviceKind;
 use errand_crdt::NewTask;
 use errand_p2p::peer::{Peer, PeerConfig, now_ms};
+
+pub mod hostile;
 
 /// Generous deadline for things that take milliseconds on a quiet machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
