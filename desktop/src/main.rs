@@ -4,7 +4,7 @@ mod demo;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use errand_core::DeviceKind;
 use errand_desktop::{
     config::{self, Overrides, Settings},
@@ -139,7 +139,12 @@ enum DevicesCommand {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    cli::name_process("errand-desktop", &matches);
     let home = cli::home_dir(cli.home, "desktop");
     cli::finish(run(home, cli.command).await)
 }
@@ -176,7 +181,7 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
         }
         other => {
             cli::init_logging("warn");
-            let opened = cli::open(home, DeviceKind::Desktop)?;
+            let opened = cli::open(home, DeviceKind::Desktop).await?;
             let out = command_request(&opened, other).await;
             if let Opened::Local(peer) = &opened {
                 peer.shutdown().await;
@@ -351,22 +356,14 @@ async fn daemon(
     settings: Settings,
     run_tasks: bool,
 ) -> Result<(), ApiError> {
-    let peer = Peer::open(PeerConfig {
+    let peer = cli::open_daemon(PeerConfig {
         home: home.clone(),
         kind: DeviceKind::Desktop,
         name,
         listen: net.listen_addrs(),
         mdns: !net.no_mdns,
     })
-    .map_err(|e| match e {
-        errand_p2p::peer::PeerError::Store(errand_crdt::StoreError::Locked(_)) => {
-            ApiError::with_code(
-                exit::LOCKED,
-                format!("another errand-desktop already runs for {}", home.display()),
-            )
-        }
-        e => ApiError::new(e.to_string()),
-    })?;
+    .await?;
     net.apply(&peer);
     if let Err(e) = config::write_template_if_missing(&home) {
         tracing::warn!(error = %e, "could not write a config template");
@@ -441,8 +438,8 @@ async fn first_run_pairing(peer: &Peer) {
     }
 }
 
-/// `pair`: through the daemon when one runs, else with this process's own network until a
-/// phone pairs or the ticket expires.
+/// `pair`: through the daemon when one runs, else (saying so) with this process's own network
+/// in the foreground until a phone pairs or the ticket expires.
 async fn pair(
     home: PathBuf,
     ttl: std::time::Duration,
@@ -454,18 +451,23 @@ async fn pair(
     let req = Request::Pair {
         ttl_secs: ttl.as_secs().max(1),
     };
-    let (value, local) = match cli::open(home.clone(), DeviceKind::Desktop)? {
+    let opened = cli::open_with(PeerConfig {
+        home: home.clone(),
+        kind: DeviceKind::Desktop,
+        name: None,
+        listen: net.listen_addrs(),
+        mdns: !net.no_mdns,
+    })
+    .await?;
+    let (value, local) = match opened {
         opened @ Opened::Daemon(_) => (cli::execute(&opened, req).await?, None),
         Opened::Local(peer) => {
-            drop(peer);
-            let peer = Peer::open(PeerConfig {
-                home,
-                kind: DeviceKind::Desktop,
-                name: None,
-                listen: net.listen_addrs(),
-                mdns: !net.no_mdns,
-            })
-            .map_err(|e| ApiError::new(e.to_string()))?;
+            eprintln!(
+                "no errand-desktop daemon runs for {}, so this command serves the pairing \
+                 itself, in the foreground, until a phone uses the code or it expires \
+                 (Ctrl-C to stop). Start `errand-desktop run` to have the daemon do it.",
+                home.display()
+            );
             net.apply(&peer);
             peer.start()
                 .await
@@ -498,7 +500,7 @@ async fn pair(
     let _ = std::io::stdout().flush();
     if let Some(peer) = local {
         // No daemon: keep the network up until a phone pairs or the ticket expires.
-        eprintln!("waiting for the phone to pair (Ctrl-C to stop)…");
+        eprintln!("waiting for a phone to pair (Ctrl-C to stop)…");
         let before = peer.trusted_peers().await.map(|t| t.len()).unwrap_or(0);
         let mut events = peer.events();
         let wait = async {

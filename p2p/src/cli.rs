@@ -70,6 +70,15 @@ pub fn init_logging(default: &str) {
         .try_init();
 }
 
+/// How long a command waits for a home that another process holds without answering on its
+/// control socket. A one-shot command holds it for well under a second (open, answer, close),
+/// and a daemon serves its control socket within a second or two of taking it; 10 s covers
+/// both on a slow, busy machine, and is still short enough to sit through.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a waiting command looks at the home again: short next to a one-shot's hold.
+const LOCK_POLL: Duration = Duration::from_millis(25);
+
 /// Either this process holds the home, or a daemon does.
 #[derive(Debug)]
 pub enum Opened {
@@ -79,19 +88,131 @@ pub enum Opened {
     Daemon(PathBuf),
 }
 
-/// Opens the home, or finds that a daemon holds it.
-pub fn open(home: PathBuf, kind: DeviceKind) -> Result<Opened, ApiError> {
-    match Peer::open(PeerConfig {
-        home: home.clone(),
+/// Names this process in the holder record of the homes it opens, as `bin` and its
+/// subcommands (`errand-desktop devices revoke`), never their arguments: a pairing ticket in
+/// an argument is a secret.
+pub fn name_process(bin: &str, matches: &clap::ArgMatches) {
+    let mut command = bin.to_owned();
+    let mut m = matches;
+    while let Some((name, sub)) = m.subcommand() {
+        command.push(' ');
+        command.push_str(name);
+        m = sub;
+    }
+    errand_crdt::holder::set_command(command);
+}
+
+/// Opens the home for a one-shot command (no network), or finds the daemon that holds it.
+pub async fn open(home: PathBuf, kind: DeviceKind) -> Result<Opened, ApiError> {
+    open_with(PeerConfig {
+        home,
         kind,
         name: None,
         listen: Vec::new(),
         mdns: false,
-    }) {
-        Ok(p) => Ok(Opened::Local(p)),
-        Err(PeerError::Store(StoreError::Locked(_))) => Ok(Opened::Daemon(home)),
+    })
+    .await
+}
+
+/// Opens the home with `config` (for a command that goes online itself when no daemon runs),
+/// or finds the daemon that holds it. While another process holds the home without answering
+/// on its control socket (another one-shot command, or a daemon still starting), waits up to
+/// [`LOCK_WAIT`] for either to change.
+pub async fn open_with(config: PeerConfig) -> Result<Opened, ApiError> {
+    let home = config.home.clone();
+    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    loop {
+        if let Some(peer) = try_open(&config)? {
+            return Ok(Opened::Local(peer));
+        }
+        if daemon_answers(&home).await {
+            return Ok(Opened::Daemon(home));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(locked(&home));
+        }
+        tokio::time::sleep(LOCK_POLL).await;
+    }
+}
+
+/// Opens the home for a daemon (`errand-desktop run`, `errand-phone daemon`). A one-shot
+/// command that holds the home is waited for, up to [`LOCK_WAIT`]; another daemon is not.
+pub async fn open_daemon(config: PeerConfig) -> Result<Peer, ApiError> {
+    let home = config.home.clone();
+    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    let mut waiting = false;
+    loop {
+        if let Some(peer) = try_open(&config)? {
+            return Ok(peer);
+        }
+        if daemon_answers(&home).await {
+            return Err(ApiError::with_code(
+                exit::LOCKED,
+                format!(
+                    "a daemon already runs for {}: {}; stop it first, or use another --home",
+                    home.display(),
+                    holder_text(&home)
+                ),
+            ));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::with_code(
+                exit::LOCKED,
+                format!(
+                    "cannot start: the home {} is still held by {} after waiting {} s; stop \
+                     that process (or let it finish) and start again, or use another --home",
+                    home.display(),
+                    holder_text(&home),
+                    LOCK_WAIT.as_secs()
+                ),
+            ));
+        }
+        if !waiting {
+            waiting = true;
+            tracing::info!(
+                home = %home.display(),
+                holder = %holder_text(&home),
+                "the home is held by another process; waiting for it"
+            );
+        }
+        tokio::time::sleep(LOCK_POLL).await;
+    }
+}
+
+/// Opens the home, `None` while another process holds it.
+fn try_open(config: &PeerConfig) -> Result<Option<Peer>, ApiError> {
+    match Peer::open(config.clone()) {
+        Ok(p) => Ok(Some(p)),
+        Err(PeerError::Store(StoreError::Locked(_))) => Ok(None),
         Err(e) => Err(ApiError::new(e.to_string())),
     }
+}
+
+/// True if a daemon accepts connections on the home's control socket.
+async fn daemon_answers(home: &std::path::Path) -> bool {
+    tokio::net::UnixStream::connect(control::socket_path(home))
+        .await
+        .is_ok()
+}
+
+/// Who holds the home, for a message.
+fn holder_text(home: &std::path::Path) -> String {
+    errand_crdt::holder::Holder::read(home)
+        .map_or_else(|| "another process".to_owned(), |h| h.to_string())
+}
+
+/// The home is held by a process that does not answer on the control socket (exit 5).
+fn locked(home: &std::path::Path) -> ApiError {
+    ApiError::with_code(
+        exit::LOCKED,
+        format!(
+            "the home {} is locked by {}, which does not answer on {}; stop that process or \
+             use another --home",
+            home.display(),
+            holder_text(home),
+            control::socket_path(home).display()
+        ),
+    )
 }
 
 /// Runs a request locally or through the daemon.
@@ -111,14 +232,7 @@ pub async fn execute(opened: &Opened, req: Request) -> Result<serde_json::Value,
 pub fn daemon_error(home: &std::path::Path, e: ControlError) -> ApiError {
     match e {
         ControlError::Api(e) => e,
-        ControlError::Unreachable(sock) => ApiError::with_code(
-            exit::LOCKED,
-            format!(
-                "the home {} is locked by another process that does not answer on {}; stop that process or use another --home",
-                home.display(),
-                sock.display()
-            ),
-        ),
+        ControlError::Unreachable(_) => locked(home),
         ControlError::Io(m) => ApiError::with_code(exit::LOCKED, m),
     }
 }

@@ -2,13 +2,13 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use errand_core::DeviceKind;
 use errand_p2p::{
     api::{Action, Request, exit},
     cli::{self, NetArgs, Opened},
     control::ApiError,
-    peer::{Peer, PeerConfig, PeerEvent},
+    peer::{PeerConfig, PeerEvent},
 };
 
 /// Errand on your phone: send work to your desktop and follow it.
@@ -164,40 +164,46 @@ enum DevicesCommand {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    cli::name_process("errand-phone", &matches);
     let home = cli::home_dir(cli.home, "phone");
     cli::finish(run(home, cli.command).await)
 }
 
-fn open_peer(
-    home: &std::path::Path,
-    net: &NetArgs,
-    name: Option<String>,
-) -> Result<Peer, ApiError> {
-    Peer::open(PeerConfig {
+/// How to open this phone's home with the network flags given.
+fn peer_config(home: &std::path::Path, net: &NetArgs, name: Option<String>) -> PeerConfig {
+    PeerConfig {
         home: home.to_owned(),
         kind: DeviceKind::Phone,
         name,
         listen: net.listen_addrs(),
         mdns: !net.no_mdns,
-    })
-    .map_err(|e| match e {
-        errand_p2p::peer::PeerError::Store(errand_crdt::StoreError::Locked(_)) => {
-            ApiError::with_code(
-                exit::LOCKED,
-                format!("another errand-phone process holds {}", home.display()),
-            )
-        }
-        e => ApiError::new(e.to_string()),
-    })
-    .inspect(|p| net.apply(p))
+    }
+}
+
+/// Opens the home with this process's own network, or finds the daemon that holds it.
+async fn open_net(
+    home: &std::path::Path,
+    net: &NetArgs,
+    name: Option<String>,
+) -> Result<Opened, ApiError> {
+    let opened = cli::open_with(peer_config(home, net, name)).await?;
+    if let Opened::Local(peer) = &opened {
+        net.apply(peer);
+    }
+    Ok(opened)
 }
 
 async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
     match command {
         Command::Daemon { net, name } => {
             cli::init_logging("info");
-            let peer = open_peer(&home, &net, name)?;
+            let peer = cli::open_daemon(peer_config(&home, &net, name)).await?;
+            net.apply(&peer);
             peer.start()
                 .await
                 .map_err(|e| ApiError::new(e.to_string()))?;
@@ -265,11 +271,9 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
         } => {
             cli::init_logging("warn");
             let req = Request::PairWith { ticket };
-            let v = match cli::open(home.clone(), DeviceKind::Phone)? {
+            let v = match open_net(&home, &net, name).await? {
                 opened @ Opened::Daemon(_) => cli::execute(&opened, req).await?,
                 Opened::Local(peer) => {
-                    drop(peer);
-                    let peer = open_peer(&home, &net, name)?;
                     peer.start()
                         .await
                         .map_err(|e| ApiError::new(e.to_string()))?;
@@ -296,7 +300,7 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
         }
         other => {
             cli::init_logging("warn");
-            let opened = cli::open(home, DeviceKind::Phone)?;
+            let opened = cli::open(home, DeviceKind::Phone).await?;
             let out = request(&opened, other).await;
             if let Opened::Local(peer) = &opened {
                 peer.shutdown().await;
@@ -308,17 +312,13 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
 
 /// Opens the home with the network running here, or finds the daemon that holds it.
 async fn open_online(home: &std::path::Path, net: &NetArgs) -> Result<Opened, ApiError> {
-    match cli::open(home.to_owned(), DeviceKind::Phone)? {
-        opened @ Opened::Daemon(_) => Ok(opened),
-        Opened::Local(peer) => {
-            drop(peer);
-            let peer = open_peer(home, net, None)?;
-            peer.start()
-                .await
-                .map_err(|e| ApiError::new(e.to_string()))?;
-            Ok(Opened::Local(peer))
-        }
+    let opened = open_net(home, net, None).await?;
+    if let Opened::Local(peer) = &opened {
+        peer.start()
+            .await
+            .map_err(|e| ApiError::new(e.to_string()))?;
     }
+    Ok(opened)
 }
 
 async fn close(opened: Opened) {
@@ -421,7 +421,7 @@ async fn follow_thread(opened: &Opened, json: bool) -> Result<(), ApiError> {
 }
 
 async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Result<(), ApiError> {
-    let opened = cli::open(home.to_owned(), DeviceKind::Phone)?;
+    let opened = open_net(home, net, None).await?;
     let desktop = |v: &serde_json::Value| {
         v.get("peers").and_then(|p| p.as_array()).and_then(|ps| {
             ps.iter()
@@ -451,8 +451,6 @@ async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Resul
             }
         }
         Opened::Local(peer) => {
-            drop(peer);
-            let peer = open_peer(home, net, None)?;
             let trusted = peer
                 .trusted_peers()
                 .await
