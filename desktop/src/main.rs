@@ -75,12 +75,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List trusted devices, or add one by hand.
+    /// List trusted devices, or add or revoke one.
     Devices {
         #[command(subcommand)]
         action: Option<DevicesCommand>,
-        /// Print JSON.
-        #[arg(long)]
+        /// Print JSON (also after `add` or `revoke ID`).
+        #[arg(long, global = true)]
         json: bool,
     },
     /// Queue a task on this desktop itself (handy for trying it out).
@@ -528,4 +528,58 @@ async fn pair(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command form the README shows, with global flags where a person puts them.
+    const README_FORMS: &[&[&str]] = &[
+        &["run"],
+        &["run", "--relay", "/ip4/203.0.113.7/tcp/4001"],
+        &["pair"],
+        &["pair", "--json"],
+        &["demo"],
+        &["status", "--json"],
+        &["devices", "--json"],
+        &["devices", "revoke", "ID", "--json"],
+        &["devices", "--json", "revoke", "ID"],
+        &["devices", "add", "PHONE_PEER_ID"],
+        &["devices", "add", "PHONE_PEER_ID", "--json"],
+        &["send", "--json", "summarise the CSVs"],
+        &["send", "summarise the CSVs", "--json"],
+        &["task", "ID", "--json"],
+        &["thread", "--json"],
+        &["thread", "--all"],
+        &["status", "--home", "/tmp/h"],
+        &["devices", "revoke", "ID", "--home", "/tmp/h", "--json"],
+    ];
+
+    #[test]
+    fn every_readme_command_form_parses() {
+        for form in README_FORMS {
+            let argv = std::iter::once("errand-desktop").chain(form.iter().copied());
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("{form:?} does not parse: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_after_the_revoked_id_is_the_json_flag() {
+        let cli = Cli::try_parse_from(["errand-desktop", "devices", "revoke", "ID", "--json"]);
+        assert!(matches!(
+            cli.map(|c| c.command),
+            Ok(Command::Devices {
+                action: Some(DevicesCommand::Revoke { .. }),
+                json: true,
+            })
+        ));
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
 }

@@ -632,3 +632,52 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command form the README shows, with global flags where a person puts them.
+    const README_FORMS: &[&[&str]] = &[
+        &["pair", "errand:AAAA"],
+        &["pair", "-"],
+        &["pair", "-", "--json"],
+        &["send", "summarise the CSVs in ~/Downloads"],
+        &["send", "--json", "x"],
+        &["send", "x", "--json"],
+        &["send", "x", "--wait"],
+        &["sync"],
+        &["thread"],
+        &["thread", "--all"],
+        &["thread", "--json"],
+        &["status", "--json"],
+        &["task", "ID", "--json"],
+        &["devices", "--json"],
+        &[
+            "devices",
+            "add",
+            "DESKTOP_PEER_ID",
+            "--addr",
+            "/ip4/192.168.1.5/tcp/4001",
+        ],
+        &["devices", "add", "DESKTOP_PEER_ID", "--json"],
+        &["daemon"],
+        &["status", "--home", "/tmp/h"],
+        &["devices", "add", "ID", "--home", "/tmp/h", "--json"],
+    ];
+
+    #[test]
+    fn every_readme_command_form_parses() {
+        for form in README_FORMS {
+            let argv = std::iter::once("errand-phone").chain(form.iter().copied());
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("{form:?} does not parse: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}
