@@ -430,9 +430,10 @@ async fn first_run_pairing(peer: &Peer) {
                 println!("{qr}");
             }
             println!(
-                "No phone is paired yet. Scan this with Errand on your phone, or run there:\n"
+                "No phone is paired yet. Scan this with Errand on your phone, or run there\n\
+                 `errand-phone pair -` and paste:\n"
             );
-            println!("  errand-phone pair {text}\n");
+            println!("  {text}\n");
         }
         Err(e) => tracing::warn!(error = %e, "could not issue a pairing ticket"),
     }
@@ -489,8 +490,10 @@ async fn pair(
         let qr = errand_desktop::qr::render_unicode(&ticket)
             .map_err(|e| ApiError::new(e.to_string()))?;
         println!("{qr}");
-        println!("Scan this with Errand on your phone, or run on the phone:\n");
-        println!("  errand-phone pair {ticket}\n");
+        println!(
+            "Scan this with Errand on your phone, or run `errand-phone pair -` there and paste:\n"
+        );
+        println!("  {ticket}\n");
         println!(
             "Valid until {}.",
             value["expires_at"].as_str().unwrap_or("")

@@ -34,7 +34,8 @@ enum Command {
     },
     /// Pair with a desktop: scan its QR code, or paste the `errand:` text it printed.
     Pair {
-        /// The ticket text (starts with `errand:`).
+        /// The ticket text (starts with `errand:`), or `-` to read it from stdin, which keeps
+        /// it out of the process list.
         ticket: String,
         /// This phone's name, as the desktop shows it.
         #[arg(long)]
@@ -198,6 +199,35 @@ async fn open_net(
     Ok(opened)
 }
 
+/// Longest line `pair -` reads: a ticket is a few hundred bytes, even with several relays.
+const MAX_TICKET_LINE: u64 = 16 * 1024;
+
+/// The ticket argument, read from stdin when it is `-`.
+fn ticket_arg(arg: String) -> Result<String, ApiError> {
+    use std::io::{BufRead, IsTerminal, Read};
+    if arg != "-" {
+        return Ok(arg);
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("paste the pairing code (errand:…) and press Enter:");
+    }
+    let mut line = String::new();
+    stdin
+        .lock()
+        .take(MAX_TICKET_LINE)
+        .read_line(&mut line)
+        .map_err(|e| ApiError::new(format!("cannot read the ticket from stdin: {e}")))?;
+    let ticket = line.trim();
+    if ticket.is_empty() {
+        return Err(ApiError::with_code(
+            exit::USAGE,
+            "no ticket on stdin: pipe in the `errand:` text the desktop printed",
+        ));
+    }
+    Ok(ticket.to_owned())
+}
+
 async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
     match command {
         Command::Daemon { net, name } => {
@@ -270,7 +300,9 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             json,
         } => {
             cli::init_logging("warn");
-            let req = Request::PairWith { ticket };
+            let req = Request::PairWith {
+                ticket: ticket_arg(ticket)?,
+            };
             let v = match open_net(&home, &net, name).await? {
                 opened @ Opened::Daemon(_) => cli::execute(&opened, req).await?,
                 Opened::Local(peer) => {
