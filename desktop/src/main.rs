@@ -206,7 +206,7 @@ async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiErr
             } else {
                 println!(
                     "revoked {}; cancelled {} unstarted task(s)",
-                    v["id"].as_str().unwrap_or(""),
+                    cli::printable(v["id"].as_str().unwrap_or(""), false),
                     v["cancelled_tasks"]
                 );
             }
@@ -227,7 +227,9 @@ async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiErr
                 cli::print_json(&v);
             } else {
                 for d in v.as_array().into_iter().flatten() {
-                    let g = |k: &str| d.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned();
+                    let g = |k: &str| {
+                        cli::printable(d.get(k).and_then(|x| x.as_str()).unwrap_or("-"), false)
+                    };
                     let revoked = d.get("revoked").and_then(|x| x.as_bool()).unwrap_or(false);
                     println!(
                         "{}  {} ({}) paired {} last seen {}{}",
@@ -319,7 +321,7 @@ async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiErr
             } else {
                 cli::print_task(&v);
                 if let Some(out) = v.get("output_tail").and_then(|x| x.as_str()) {
-                    print!("{out}");
+                    cli::print_text(out);
                 }
             }
             Ok(())

@@ -319,8 +319,8 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             } else {
                 println!(
                     "paired with {} ({})",
-                    v["desktop_name"].as_str().unwrap_or(""),
-                    v["desktop_id"].as_str().unwrap_or("")
+                    cli::printable(v["desktop_name"].as_str().unwrap_or(""), false),
+                    cli::printable(v["desktop_id"].as_str().unwrap_or(""), false)
                 );
             }
             if v["synced"].as_bool() == Some(false) {
@@ -389,10 +389,8 @@ async fn follow_task(
                 eprintln!("[{status}]");
             }
             for o in outputs.iter().skip(printed) {
-                print!("{o}");
+                cli::print_text(o);
             }
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
         }
         printed = outputs.len();
         last_status = status.clone();
@@ -553,7 +551,10 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
                 cli::print_json(&v);
             } else {
                 for id in v["forgotten"].as_array().into_iter().flatten() {
-                    println!("forgot {}", id.as_str().unwrap_or(""));
+                    println!(
+                        "forgot {}",
+                        cli::printable(id.as_str().unwrap_or(""), false)
+                    );
                 }
             }
             Ok(())
@@ -615,7 +616,7 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
             } else {
                 cli::print_task(&v);
                 if let Some(out) = v.get("output_tail").and_then(|x| x.as_str()) {
-                    print!("{out}");
+                    cli::print_text(out);
                 }
             }
             Ok(())
@@ -630,11 +631,10 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
                 cli::print_json(&v)
             } else {
                 for d in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{}  {}",
-                        d.get("id").and_then(|x| x.as_str()).unwrap_or(""),
-                        d.get("name").and_then(|x| x.as_str()).unwrap_or("")
-                    );
+                    let g = |k: &str| {
+                        cli::printable(d.get(k).and_then(|x| x.as_str()).unwrap_or(""), false)
+                    };
+                    println!("{}  {}", g("id"), g("name"));
                 }
             }
             Ok(())
