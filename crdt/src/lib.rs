@@ -5,10 +5,12 @@
 //!   document as untrusted: authorship comes from each op's actor, and anything malformed is
 //!   skipped and counted.
 //! - [`SyncSession`] is the sans-IO Automerge sync state for one peer and one document.
-//! - [`Store`] keeps documents, sync states, trust and identity in one redb file per home.
+//! - [`Store`] keeps documents, sync states, trust and identity in one redb file per home;
+//!   [`holder`] records which process holds a home.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod doc;
+pub mod holder;
 pub mod ingest;
 pub mod store;
 pub mod sync;

@@ -149,8 +149,16 @@ impl fmt::Debug for Store {
     }
 }
 
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Before `db` closes and releases the lock, so a record never outlives its holder.
+        crate::holder::clear(&self.home);
+    }
+}
+
 impl Store {
-    /// Opens or creates the store in `home`, taking the home's single-owner lock.
+    /// Opens or creates the store in `home`, taking the home's single-owner lock, and records
+    /// this process as its holder ([`crate::holder`]).
     pub fn open(home: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(home).map_err(|source| StoreError::Home {
             path: home.to_owned(),
@@ -169,6 +177,7 @@ impl Store {
                 },
             })?;
         restrict_file(&path);
+        crate::holder::record(home);
         let tx = db.begin_write()?;
         {
             tx.open_table(SNAPSHOTS)?;

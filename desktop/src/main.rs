@@ -4,7 +4,7 @@ mod demo;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use errand_core::DeviceKind;
 use errand_desktop::{
     config::{self, Overrides, Settings},
@@ -75,12 +75,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List trusted devices, or add one by hand.
+    /// List trusted devices, or add or revoke one.
     Devices {
         #[command(subcommand)]
         action: Option<DevicesCommand>,
-        /// Print JSON.
-        #[arg(long)]
+        /// Print JSON (also after `add` or `revoke ID`).
+        #[arg(long, global = true)]
         json: bool,
     },
     /// Queue a task on this desktop itself (handy for trying it out).
@@ -139,7 +139,12 @@ enum DevicesCommand {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    cli::name_process("errand-desktop", &matches);
     let home = cli::home_dir(cli.home, "desktop");
     cli::finish(run(home, cli.command).await)
 }
@@ -176,7 +181,7 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
         }
         other => {
             cli::init_logging("warn");
-            let opened = cli::open(home, DeviceKind::Desktop)?;
+            let opened = cli::open(home, DeviceKind::Desktop).await?;
             let out = command_request(&opened, other).await;
             if let Opened::Local(peer) = &opened {
                 peer.shutdown().await;
@@ -201,7 +206,7 @@ async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiErr
             } else {
                 println!(
                     "revoked {}; cancelled {} unstarted task(s)",
-                    v["id"].as_str().unwrap_or(""),
+                    cli::printable(v["id"].as_str().unwrap_or(""), false),
                     v["cancelled_tasks"]
                 );
             }
@@ -222,7 +227,9 @@ async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiErr
                 cli::print_json(&v);
             } else {
                 for d in v.as_array().into_iter().flatten() {
-                    let g = |k: &str| d.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned();
+                    let g = |k: &str| {
+                        cli::printable(d.get(k).and_then(|x| x.as_str()).unwrap_or("-"), false)
+                    };
                     let revoked = d.get("revoked").and_then(|x| x.as_bool()).unwrap_or(false);
                     println!(
                         "{}  {} ({}) paired {} last seen {}{}",
@@ -314,7 +321,7 @@ async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiErr
             } else {
                 cli::print_task(&v);
                 if let Some(out) = v.get("output_tail").and_then(|x| x.as_str()) {
-                    print!("{out}");
+                    cli::print_text(out);
                 }
             }
             Ok(())
@@ -351,22 +358,14 @@ async fn daemon(
     settings: Settings,
     run_tasks: bool,
 ) -> Result<(), ApiError> {
-    let peer = Peer::open(PeerConfig {
+    let peer = cli::open_daemon(PeerConfig {
         home: home.clone(),
         kind: DeviceKind::Desktop,
         name,
         listen: net.listen_addrs(),
         mdns: !net.no_mdns,
     })
-    .map_err(|e| match e {
-        errand_p2p::peer::PeerError::Store(errand_crdt::StoreError::Locked(_)) => {
-            ApiError::with_code(
-                exit::LOCKED,
-                format!("another errand-desktop already runs for {}", home.display()),
-            )
-        }
-        e => ApiError::new(e.to_string()),
-    })?;
+    .await?;
     net.apply(&peer);
     if let Err(e) = config::write_template_if_missing(&home) {
         tracing::warn!(error = %e, "could not write a config template");
@@ -433,16 +432,17 @@ async fn first_run_pairing(peer: &Peer) {
                 println!("{qr}");
             }
             println!(
-                "No phone is paired yet. Scan this with Errand on your phone, or run there:\n"
+                "No phone is paired yet. Scan this with Errand on your phone, or run there\n\
+                 `errand-phone pair -` and paste:\n"
             );
-            println!("  errand-phone pair {text}\n");
+            println!("  {text}\n");
         }
         Err(e) => tracing::warn!(error = %e, "could not issue a pairing ticket"),
     }
 }
 
-/// `pair`: through the daemon when one runs, else with this process's own network until a
-/// phone pairs or the ticket expires.
+/// `pair`: through the daemon when one runs, else (saying so) with this process's own network
+/// in the foreground until a phone pairs or the ticket expires.
 async fn pair(
     home: PathBuf,
     ttl: std::time::Duration,
@@ -454,18 +454,23 @@ async fn pair(
     let req = Request::Pair {
         ttl_secs: ttl.as_secs().max(1),
     };
-    let (value, local) = match cli::open(home.clone(), DeviceKind::Desktop)? {
+    let opened = cli::open_with(PeerConfig {
+        home: home.clone(),
+        kind: DeviceKind::Desktop,
+        name: None,
+        listen: net.listen_addrs(),
+        mdns: !net.no_mdns,
+    })
+    .await?;
+    let (value, local) = match opened {
         opened @ Opened::Daemon(_) => (cli::execute(&opened, req).await?, None),
         Opened::Local(peer) => {
-            drop(peer);
-            let peer = Peer::open(PeerConfig {
-                home,
-                kind: DeviceKind::Desktop,
-                name: None,
-                listen: net.listen_addrs(),
-                mdns: !net.no_mdns,
-            })
-            .map_err(|e| ApiError::new(e.to_string()))?;
+            eprintln!(
+                "no errand-desktop daemon runs for {}, so this command serves the pairing \
+                 itself, in the foreground, until a phone uses the code or it expires \
+                 (Ctrl-C to stop). Start `errand-desktop run` to have the daemon do it.",
+                home.display()
+            );
             net.apply(&peer);
             peer.start()
                 .await
@@ -487,8 +492,10 @@ async fn pair(
         let qr = errand_desktop::qr::render_unicode(&ticket)
             .map_err(|e| ApiError::new(e.to_string()))?;
         println!("{qr}");
-        println!("Scan this with Errand on your phone, or run on the phone:\n");
-        println!("  errand-phone pair {ticket}\n");
+        println!(
+            "Scan this with Errand on your phone, or run `errand-phone pair -` there and paste:\n"
+        );
+        println!("  {ticket}\n");
         println!(
             "Valid until {}.",
             value["expires_at"].as_str().unwrap_or("")
@@ -498,7 +505,7 @@ async fn pair(
     let _ = std::io::stdout().flush();
     if let Some(peer) = local {
         // No daemon: keep the network up until a phone pairs or the ticket expires.
-        eprintln!("waiting for the phone to pair (Ctrl-C to stop)…");
+        eprintln!("waiting for a phone to pair (Ctrl-C to stop)…");
         let before = peer.trusted_peers().await.map(|t| t.len()).unwrap_or(0);
         let mut events = peer.events();
         let wait = async {
@@ -526,4 +533,58 @@ async fn pair(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command form the README shows, with global flags where a person puts them.
+    const README_FORMS: &[&[&str]] = &[
+        &["run"],
+        &["run", "--relay", "/ip4/203.0.113.7/tcp/4001"],
+        &["pair"],
+        &["pair", "--json"],
+        &["demo"],
+        &["status", "--json"],
+        &["devices", "--json"],
+        &["devices", "revoke", "ID", "--json"],
+        &["devices", "--json", "revoke", "ID"],
+        &["devices", "add", "PHONE_PEER_ID"],
+        &["devices", "add", "PHONE_PEER_ID", "--json"],
+        &["send", "--json", "summarise the CSVs"],
+        &["send", "summarise the CSVs", "--json"],
+        &["task", "ID", "--json"],
+        &["thread", "--json"],
+        &["thread", "--all"],
+        &["status", "--home", "/tmp/h"],
+        &["devices", "revoke", "ID", "--home", "/tmp/h", "--json"],
+    ];
+
+    #[test]
+    fn every_readme_command_form_parses() {
+        for form in README_FORMS {
+            let argv = std::iter::once("errand-desktop").chain(form.iter().copied());
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("{form:?} does not parse: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_after_the_revoked_id_is_the_json_flag() {
+        let cli = Cli::try_parse_from(["errand-desktop", "devices", "revoke", "ID", "--json"]);
+        assert!(matches!(
+            cli.map(|c| c.command),
+            Ok(Command::Devices {
+                action: Some(DevicesCommand::Revoke { .. }),
+                json: true,
+            })
+        ));
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
 }

@@ -2,13 +2,13 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use errand_core::DeviceKind;
 use errand_p2p::{
     api::{Action, Request, exit},
     cli::{self, NetArgs, Opened},
     control::ApiError,
-    peer::{Peer, PeerConfig, PeerEvent},
+    peer::{PeerConfig, PeerEvent},
 };
 
 /// Errand on your phone: send work to your desktop and follow it.
@@ -34,7 +34,8 @@ enum Command {
     },
     /// Pair with a desktop: scan its QR code, or paste the `errand:` text it printed.
     Pair {
-        /// The ticket text (starts with `errand:`).
+        /// The ticket text (starts with `errand:`), or `-` to read it from stdin, which keeps
+        /// it out of the process list.
         ticket: String,
         /// This phone's name, as the desktop shows it.
         #[arg(long)]
@@ -164,40 +165,75 @@ enum DevicesCommand {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    cli::name_process("errand-phone", &matches);
     let home = cli::home_dir(cli.home, "phone");
     cli::finish(run(home, cli.command).await)
 }
 
-fn open_peer(
-    home: &std::path::Path,
-    net: &NetArgs,
-    name: Option<String>,
-) -> Result<Peer, ApiError> {
-    Peer::open(PeerConfig {
+/// How to open this phone's home with the network flags given.
+fn peer_config(home: &std::path::Path, net: &NetArgs, name: Option<String>) -> PeerConfig {
+    PeerConfig {
         home: home.to_owned(),
         kind: DeviceKind::Phone,
         name,
         listen: net.listen_addrs(),
         mdns: !net.no_mdns,
-    })
-    .map_err(|e| match e {
-        errand_p2p::peer::PeerError::Store(errand_crdt::StoreError::Locked(_)) => {
-            ApiError::with_code(
-                exit::LOCKED,
-                format!("another errand-phone process holds {}", home.display()),
-            )
-        }
-        e => ApiError::new(e.to_string()),
-    })
-    .inspect(|p| net.apply(p))
+    }
+}
+
+/// Opens the home with this process's own network, or finds the daemon that holds it.
+async fn open_net(
+    home: &std::path::Path,
+    net: &NetArgs,
+    name: Option<String>,
+) -> Result<Opened, ApiError> {
+    let opened = cli::open_with(peer_config(home, net, name)).await?;
+    if let Opened::Local(peer) = &opened {
+        net.apply(peer);
+    }
+    Ok(opened)
+}
+
+/// Longest line `pair -` reads: a ticket is a few hundred bytes, even with several relays.
+const MAX_TICKET_LINE: u64 = 16 * 1024;
+
+/// The ticket argument, read from stdin when it is `-`.
+fn ticket_arg(arg: String) -> Result<String, ApiError> {
+    use std::io::{BufRead, IsTerminal, Read};
+    if arg != "-" {
+        return Ok(arg);
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("paste the pairing code (errand:…) and press Enter:");
+    }
+    let mut line = String::new();
+    stdin
+        .lock()
+        .take(MAX_TICKET_LINE)
+        .read_line(&mut line)
+        .map_err(|e| ApiError::new(format!("cannot read the ticket from stdin: {e}")))?;
+    let ticket = line.trim();
+    if ticket.is_empty() {
+        return Err(ApiError::with_code(
+            exit::USAGE,
+            "no ticket on stdin: pipe in the `errand:` text the desktop printed",
+        ));
+    }
+    Ok(ticket.to_owned())
 }
 
 async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
     match command {
         Command::Daemon { net, name } => {
             cli::init_logging("info");
-            let peer = open_peer(&home, &net, name)?;
+            let peer = cli::open_daemon(peer_config(&home, &net, name)).await?;
+            net.apply(&peer);
             peer.start()
                 .await
                 .map_err(|e| ApiError::new(e.to_string()))?;
@@ -264,12 +300,12 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             json,
         } => {
             cli::init_logging("warn");
-            let req = Request::PairWith { ticket };
-            let v = match cli::open(home.clone(), DeviceKind::Phone)? {
+            let req = Request::PairWith {
+                ticket: ticket_arg(ticket)?,
+            };
+            let v = match open_net(&home, &net, name).await? {
                 opened @ Opened::Daemon(_) => cli::execute(&opened, req).await?,
                 Opened::Local(peer) => {
-                    drop(peer);
-                    let peer = open_peer(&home, &net, name)?;
                     peer.start()
                         .await
                         .map_err(|e| ApiError::new(e.to_string()))?;
@@ -283,8 +319,8 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             } else {
                 println!(
                     "paired with {} ({})",
-                    v["desktop_name"].as_str().unwrap_or(""),
-                    v["desktop_id"].as_str().unwrap_or("")
+                    cli::printable(v["desktop_name"].as_str().unwrap_or(""), false),
+                    cli::printable(v["desktop_id"].as_str().unwrap_or(""), false)
                 );
             }
             if v["synced"].as_bool() == Some(false) {
@@ -296,7 +332,7 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
         }
         other => {
             cli::init_logging("warn");
-            let opened = cli::open(home, DeviceKind::Phone)?;
+            let opened = cli::open(home, DeviceKind::Phone).await?;
             let out = request(&opened, other).await;
             if let Opened::Local(peer) = &opened {
                 peer.shutdown().await;
@@ -308,17 +344,13 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
 
 /// Opens the home with the network running here, or finds the daemon that holds it.
 async fn open_online(home: &std::path::Path, net: &NetArgs) -> Result<Opened, ApiError> {
-    match cli::open(home.to_owned(), DeviceKind::Phone)? {
-        opened @ Opened::Daemon(_) => Ok(opened),
-        Opened::Local(peer) => {
-            drop(peer);
-            let peer = open_peer(home, net, None)?;
-            peer.start()
-                .await
-                .map_err(|e| ApiError::new(e.to_string()))?;
-            Ok(Opened::Local(peer))
-        }
+    let opened = open_net(home, net, None).await?;
+    if let Opened::Local(peer) = &opened {
+        peer.start()
+            .await
+            .map_err(|e| ApiError::new(e.to_string()))?;
     }
+    Ok(opened)
 }
 
 async fn close(opened: Opened) {
@@ -357,10 +389,8 @@ async fn follow_task(
                 eprintln!("[{status}]");
             }
             for o in outputs.iter().skip(printed) {
-                print!("{o}");
+                cli::print_text(o);
             }
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
         }
         printed = outputs.len();
         last_status = status.clone();
@@ -421,7 +451,7 @@ async fn follow_thread(opened: &Opened, json: bool) -> Result<(), ApiError> {
 }
 
 async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Result<(), ApiError> {
-    let opened = cli::open(home.to_owned(), DeviceKind::Phone)?;
+    let opened = open_net(home, net, None).await?;
     let desktop = |v: &serde_json::Value| {
         v.get("peers").and_then(|p| p.as_array()).and_then(|ps| {
             ps.iter()
@@ -451,8 +481,6 @@ async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Resul
             }
         }
         Opened::Local(peer) => {
-            drop(peer);
-            let peer = open_peer(home, net, None)?;
             let trusted = peer
                 .trusted_peers()
                 .await
@@ -523,7 +551,10 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
                 cli::print_json(&v);
             } else {
                 for id in v["forgotten"].as_array().into_iter().flatten() {
-                    println!("forgot {}", id.as_str().unwrap_or(""));
+                    println!(
+                        "forgot {}",
+                        cli::printable(id.as_str().unwrap_or(""), false)
+                    );
                 }
             }
             Ok(())
@@ -585,7 +616,7 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
             } else {
                 cli::print_task(&v);
                 if let Some(out) = v.get("output_tail").and_then(|x| x.as_str()) {
-                    print!("{out}");
+                    cli::print_text(out);
                 }
             }
             Ok(())
@@ -600,11 +631,10 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
                 cli::print_json(&v)
             } else {
                 for d in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{}  {}",
-                        d.get("id").and_then(|x| x.as_str()).unwrap_or(""),
-                        d.get("name").and_then(|x| x.as_str()).unwrap_or("")
-                    );
+                    let g = |k: &str| {
+                        cli::printable(d.get(k).and_then(|x| x.as_str()).unwrap_or(""), false)
+                    };
+                    println!("{}  {}", g("id"), g("name"));
                 }
             }
             Ok(())
@@ -632,5 +662,54 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command form the README shows, with global flags where a person puts them.
+    const README_FORMS: &[&[&str]] = &[
+        &["pair", "errand:AAAA"],
+        &["pair", "-"],
+        &["pair", "-", "--json"],
+        &["send", "summarise the CSVs in ~/Downloads"],
+        &["send", "--json", "x"],
+        &["send", "x", "--json"],
+        &["send", "x", "--wait"],
+        &["sync"],
+        &["thread"],
+        &["thread", "--all"],
+        &["thread", "--json"],
+        &["status", "--json"],
+        &["task", "ID", "--json"],
+        &["devices", "--json"],
+        &[
+            "devices",
+            "add",
+            "DESKTOP_PEER_ID",
+            "--addr",
+            "/ip4/192.168.1.5/tcp/4001",
+        ],
+        &["devices", "add", "DESKTOP_PEER_ID", "--json"],
+        &["daemon"],
+        &["status", "--home", "/tmp/h"],
+        &["devices", "add", "ID", "--home", "/tmp/h", "--json"],
+    ];
+
+    #[test]
+    fn every_readme_command_form_parses() {
+        for form in README_FORMS {
+            let argv = std::iter::once("errand-phone").chain(form.iter().copied());
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("{form:?} does not parse: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
     }
 }
