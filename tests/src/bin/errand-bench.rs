@@ -11,6 +11,9 @@
 //! - Runs real peers as separate processes on loopback: `errand-benchpeer peer` (the `Peer` the
 //!   binaries run, driven over stdin, reporting events with `CLOCK_MONOTONIC` stamps) for
 //!   P1–P3 and P6, the real binaries for P4, P6 (CLI), P7 and P8, `errand-relay` for P5.
+//! - Times P3's ingest check in-process (`--only ingest` alone): on the owner desktop's copy
+//!   of each fixture thread, `authority_for` + `check_pushed` of one new task change pushed by
+//!   the fixture's phone, change after change.
 //! - Runs `tests/bench/automerge-repo-bench.mjs` for the P1/P2 comparison, if Node.js is there.
 //! - Prints a Markdown table; `--json FILE` writes every figure and sample.
 //!
@@ -30,8 +33,11 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
-use errand_core::{DeviceKind, EventKind};
-use errand_crdt::{ActorId, NewTask, ThreadDoc, ThreadGenesis, ThreadSync, TrustedPeer};
+use errand_core::{DeviceId, DeviceKind, EventKind};
+use errand_crdt::{
+    ActorId, NewTask, ThreadDoc, ThreadGenesis, ThreadSync, TrustedPeer,
+    ingest::{self, Bounds},
+};
 use errand_p2p::peer::{Peer, PeerConfig, now_ms};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -83,6 +89,7 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
     /// Run only these metrics, e.g. `--only P1,P3` (P3 needs P1's session; it runs with it).
+    /// `ingest` runs only P3's in-process row, the ingest check of one pushed change.
     #[arg(long, value_delimiter = ',', value_name = "IDS")]
     only: Vec<String>,
     /// Skip the automerge-repo comparison.
@@ -111,6 +118,7 @@ struct Plan {
     p2_sizes: Vec<usize>,
     p2_runs: usize,
     p3_runs: usize,
+    ingest_runs: usize,
     p4_runs: usize,
     p5_reservations: usize,
     p5_circuits: usize,
@@ -139,6 +147,7 @@ impl Plan {
                 p2_sizes: vec![1_000],
                 p2_runs: 1,
                 p3_runs: 5,
+                ingest_runs: 2_000,
                 p4_runs: 2,
                 p5_reservations: 100,
                 p5_circuits: 50,
@@ -164,6 +173,7 @@ impl Plan {
                 p2_sizes: vec![1_000, 10_000],
                 p2_runs: 3,
                 p3_runs: 20,
+                ingest_runs: 2_000,
                 p4_runs: 5,
                 p5_reservations: 1_000,
                 p5_circuits: 500,
@@ -1594,6 +1604,135 @@ fn p3_rows(out: &P3Out, fx: &Fixture, quick: bool) -> Vec<Row> {
     rows
 }
 
+/// P3's ingest check, in-process: what the owner desktop's replica runs on every change a
+/// phone pushes before it applies it (`Replica::receive_changes`): `ThreadDoc::authority_for`
+/// of the sending phone, then `ingest::check_pushed` with the phone's bounds, against the part
+/// the change is for.
+struct IngestOut {
+    /// Milliseconds per change: `authority_for` + `check_pushed`.
+    check_ms: Vec<f64>,
+    /// Milliseconds per change: applying it afterwards, as the replica does next.
+    apply_ms: Vec<f64>,
+    /// Bytes of each pushed change.
+    change_bytes: Vec<f64>,
+}
+
+fn ingest_samples(fx: &Fixture, runs: usize) -> Result<IngestOut> {
+    let owner_actor = ActorId::try_from(fx.genesis.owner_actor.as_str())
+        .map_err(|e| anyhow!("the fixture's owner actor: {e}"))?;
+    // The desktop's replica owns the thread: its document writes with the owner's actor, so
+    // `authority_for` applies the rules for a phone.
+    let mut desktop = fx.load(owner_actor)?;
+    if !desktop.owns_thread() {
+        bail!("the desktop's copy of the fixture does not own the thread");
+    }
+    let phone_id: DeviceId = fx
+        .phone_id
+        .parse()
+        .map_err(|e| anyhow!("the fixture's phone id: {e}"))?;
+    // The phone writes with the actor the desktop bound to it, so the check admits its changes.
+    let authority = desktop.authority_for(&phone_id);
+    let phone_actor = desktop
+        .devices()
+        .into_iter()
+        .find(|d| d.id == phone_id)
+        .context("the fixture's phone is not in the thread's device map")?
+        .actors
+        .iter()
+        .filter_map(|a| ActorId::try_from(a.as_str()).ok())
+        .find(|a| authority.allows(a))
+        .context("no actor of the fixture's phone is admitted from it")?;
+    let mut phone = fx.load(phone_actor)?;
+    // The changes, as the phone's replica pushes them (`Replica::commit`): one task each.
+    let target = fx.genesis.owner.clone();
+    let mut pushed: Vec<(u32, Vec<u8>)> = Vec::with_capacity(runs);
+    for i in 0..runs {
+        phone.enqueue_task(
+            &NewTask {
+                instruction: format!("ingest task {i}: {TASK_TEXT}"),
+                executor: "shell".into(),
+                target: target.clone(),
+                not_after: None,
+            },
+            now_ms(),
+        )?;
+        for n in phone.take_dirty() {
+            let part = phone.part_mut(n).context("the part just written")?;
+            let bytes: Vec<u8> = part
+                .take_local_changes()
+                .into_iter()
+                .flat_map(|mut c| c.bytes().into_owned())
+                .collect();
+            if !bytes.is_empty() {
+                pushed.push((n, bytes));
+            }
+        }
+    }
+    let mut out = IngestOut {
+        check_ms: Vec::with_capacity(pushed.len()),
+        apply_ms: Vec::with_capacity(pushed.len()),
+        change_bytes: Vec::with_capacity(pushed.len()),
+    };
+    for (n, bytes) in &pushed {
+        // A segment the phone just started: the desktop creates it on demand, from its genesis.
+        desktop.attach_segment(*n, [])?;
+        let t = Instant::now();
+        let authority = desktop.authority_for(&phone_id);
+        let part = desktop.part_mut(*n).context("the part the change is for")?;
+        let checked = ingest::check_pushed(
+            bytes,
+            part.automerge().document(),
+            &authority,
+            Bounds::PHONE,
+        );
+        let check = t.elapsed();
+        let checked = checked.context("the ingest check refused the phone's change")?;
+        if checked.changes.len() != 1 {
+            bail!(
+                "the ingest check admitted {} changes of one push (the desktop already held it?)",
+                checked.changes.len()
+            );
+        }
+        // Applied afterwards, so the next change is checked against the thread as it would be
+        // by then (not timed as part of the check).
+        let t = Instant::now();
+        part.automerge().apply_changes(checked.changes)?;
+        let apply = t.elapsed();
+        out.check_ms.push(check.as_secs_f64() * 1e3);
+        out.apply_ms.push(apply.as_secs_f64() * 1e3);
+        out.change_bytes.push(bytes.len() as f64);
+    }
+    Ok(out)
+}
+
+fn run_ingest(ctx: &Ctx, small: &Fixture, large: Option<&Fixture>) -> Vec<Row> {
+    let mut threads = vec![small];
+    threads.extend(large);
+    let metric = |fx: &Fixture| {
+        format!(
+            "ingest check of one pushed change (authority + parse + bounds), thread {}",
+            fx.label()
+        )
+    };
+    threads
+        .into_iter()
+        .map(|fx| {
+            progress!("P3 ingest check, thread {}", fx.label());
+            match ingest_samples(fx, ctx.plan.ingest_runs) {
+                Ok(o) => Row::new("P3", metric(fx), Unit::Ms)
+                    .samples(o.check_ms)
+                    .reference("applying the change afterwards (apply_changes)", median(&o.apply_ms))
+                    .goals(vec![Check::P50AtMost(0.1)])
+                    .note(format!(
+                        "in-process, per change, on the owner desktop's copy: ThreadDoc::authority_for(phone) + ingest::check_pushed(bytes, part, authority, Bounds::PHONE) (split, parse with checksum, held-change lookup, actor, op and string bounds) of one new task the phone pushed ({} median, as Replica::commit sends it), against a part that does not hold it yet; each is applied after it is timed, as one push after another",
+                        fmt_value(median(&o.change_bytes), Unit::Bytes)
+                    )),
+                Err(e) => Row::missing("P3", metric(fx), Unit::Ms, format!("{e:#}")),
+            }
+        })
+        .collect()
+}
+
 /// automerge-repo's figure at `path` (`p1.small.median_ms`…), or why it is missing.
 fn repo_value(repo: &Result<Value, String>, path: &[&str]) -> Option<Result<f64, String>> {
     Some(match repo {
@@ -2698,7 +2837,8 @@ fn run() -> Result<()> {
     } else {
         notes.push(
             "quick mode: the large thread (20,000 tasks) is skipped; P3 and P4 run on the small thread, \
-             so their goals (written for the large thread) are marked n/a"
+             so their goals (written for the large thread) are marked n/a, except the ingest check's \
+             (per change, on any thread)"
                 .into(),
         );
         None
@@ -2718,6 +2858,9 @@ fn run() -> Result<()> {
     if want("P1") || want("P3") {
         rows.extend(run_p1_p3(&mut ctx, &small, large.as_ref(), want("P3")));
         attach_repo(&mut rows, &repo);
+    }
+    if want("P3") || want("ingest") {
+        rows.extend(run_ingest(&ctx, &small, large.as_ref()));
     }
     if want("P2") {
         rows.extend(run_p2(&mut ctx, &small, &repo));
