@@ -168,11 +168,11 @@ pub const META_FORMAT: &str = "format";
 const FORMAT: &[u8] = b"2";
 
 /// Heads of every stored document of the thread (meta and segments, loaded or not).
-const DOC_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_heads");
+pub const DOC_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_heads");
 /// Which segment holds each task.
-const TASK_SEGMENT: TableDefinition<&str, u32> = TableDefinition::new("task_segment");
+pub const TASK_SEGMENT: TableDefinition<&str, u32> = TableDefinition::new("task_segment");
 /// Tasks that are not finished, with their segment: such segments stay in memory.
-const OPEN_TASKS: TableDefinition<&str, u32> = TableDefinition::new("open_tasks");
+pub const OPEN_TASKS: TableDefinition<&str, u32> = TableDefinition::new("open_tasks");
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Sizes {

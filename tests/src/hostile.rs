@@ -33,11 +33,12 @@ use automerge::{
 };
 use errand_core::{DeviceId, TaskId};
 use errand_crdt::{NewTask, Store, StoreError, ThreadDoc, ThreadGenesis, Touched, WriteError};
+use errand_p2p::replica::{DOC_HEADS, OPEN_TASKS, TASK_SEGMENT};
 use errand_p2p::{
     peer::now_ms,
     replica::{META_ACTOR, META_GENESIS},
 };
-use redb::{ReadableTable, TableDefinition};
+use redb::ReadableTable;
 use serde_json::Value;
 
 use crate::{DEADLINE, Daemon, Home, bin, signal, wait_for};
@@ -64,14 +65,6 @@ pub const KILL_RSS_KIB: u64 = 2 * 1024 * 1024;
 /// The home's node identity in the store (`errand_p2p::peer`'s `META_IDENTITY`): a libp2p
 /// keypair, protobuf-encoded.
 const META_IDENTITY: &str = "identity";
-
-// The replica's tables (`errand_p2p::replica`), with the same names and types.
-/// Heads of every stored document of the thread.
-const DOC_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_heads");
-/// Which segment holds each task.
-const TASK_SEGMENT: TableDefinition<&str, u32> = TableDefinition::new("task_segment");
-/// Unfinished tasks, with their segment.
-const OPEN_TASKS: TableDefinition<&str, u32> = TableDefinition::new("open_tasks");
 
 // ---- the thread: a desktop and two paired phones --------------------------------------------
 
