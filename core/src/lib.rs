@@ -2,11 +2,13 @@
 //!
 //! - [`ids`]: ULID-based [`TaskId`] / [`MessageId`], and [`DeviceId`] (a validated libp2p PeerId).
 //! - [`task`]: [`Task`], [`TaskEvent`], and the pure status [`fold`](task::fold).
+//! - [`action`]: which [`Action`] a device may take on a task ([`check_action`]).
 //! - [`message`] and [`device`]: the other records of a thread.
 //! - [`limits`]: every size cap, each with its reason.
 //! - [`ticket`]: the pairing ticket that a QR code carries.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod action;
 pub mod device;
 pub mod ids;
 pub mod limits;
@@ -15,6 +17,7 @@ pub mod task;
 pub mod ticket;
 pub mod time;
 
+pub use action::{Action, ActionRefused, Permitted, allowed_actions, check_action};
 pub use device::{Device, DeviceKind};
 pub use ids::{DeviceId, IdError, MessageId, TaskId, ThreadId};
 pub use message::{Message, MessageKind};

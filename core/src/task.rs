@@ -335,20 +335,20 @@ pub fn fold(task: &Task) -> TaskView {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ids::tests::{PEER_A, PEER_B, PEER_QM};
 
-    fn desktop() -> DeviceId {
+    pub(crate) fn desktop() -> DeviceId {
         PEER_A.parse().unwrap()
     }
-    fn phone() -> DeviceId {
+    pub(crate) fn phone() -> DeviceId {
         PEER_B.parse().unwrap()
     }
     fn other() -> DeviceId {
         PEER_QM.parse().unwrap()
     }
-    fn ev(author: DeviceId, attempt: u32, at: i64, kind: EventKind) -> TaskEvent {
+    pub(crate) fn ev(author: DeviceId, attempt: u32, at: i64, kind: EventKind) -> TaskEvent {
         TaskEvent {
             at,
             attempt,
@@ -356,7 +356,8 @@ mod tests {
             kind,
         }
     }
-    fn task(events: Vec<TaskEvent>) -> Task {
+    /// A task from the phone to the desktop with these events.
+    pub(crate) fn task(events: Vec<TaskEvent>) -> Task {
         Task {
             id: TaskId::new_at(1),
             instruction: "echo hi".into(),

@@ -1013,25 +1013,34 @@ impl ThreadDoc {
     /// Who may have written the changes `from` sends: see [`crate::ingest`].
     ///
     /// On the owner desktop, a phone sends only what its own bound actors wrote, and nothing
-    /// once it is revoked. On a phone, the desktop relays what the owner and the devices it
-    /// recorded wrote (a revoked device's changes too: the desktop took them while it was
-    /// trusted, and reads skip what it never acted on). Anything else sends nothing.
+    /// once it is revoked. On a phone, the owner desktop relays what it took: anything but a
+    /// new change under the genesis actor (the desktop checked every change at its ingest;
+    /// reads attribute a change only through the device records). Anyone else sends nothing.
     pub fn authority_for(&self, from: &DeviceId) -> crate::ingest::Authority {
-        let authors = self.authors();
-        let actors = if self.owns_thread() {
-            authors
+        if self.owns_thread() {
+            let actors = self
+                .authors()
                 .iter()
                 .filter(|(_, (id, revoked))| {
                     id == from && revoked.is_none() && id != &self.genesis.owner
                 })
                 .map(|(a, _)| a.clone())
-                .collect()
+                .collect();
+            crate::ingest::Authority {
+                actors,
+                all_but: None,
+            }
         } else if *from == self.genesis.owner {
-            authors.keys().cloned().collect()
+            // The desktop checked each phone's changes as they came in. Its sync messages are
+            // per document, so a phone's task (in a segment) can arrive before the device
+            // record that binds its actor (in the meta document); reads skip it until then.
+            crate::ingest::Authority {
+                actors: BTreeSet::new(),
+                all_but: Some(genesis_actor()),
+            }
         } else {
-            BTreeSet::new()
-        };
-        crate::ingest::Authority { actors }
+            crate::ingest::Authority::default()
+        }
     }
 
     /// True if an actor may be bound to `device`: it is not the genesis actor, not the

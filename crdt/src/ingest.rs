@@ -102,12 +102,18 @@ pub enum IngestError {
 pub struct Authority {
     /// Actors whose new changes are accepted from this peer.
     pub actors: BTreeSet<ActorId>,
+    /// Accept every actor but this one instead (a phone, from its owner desktop: every
+    /// actor but the genesis actor).
+    pub all_but: Option<ActorId>,
 }
 
 impl Authority {
     /// True if `actor`'s changes are accepted.
     pub fn allows(&self, actor: &ActorId) -> bool {
-        self.actors.contains(actor)
+        match &self.all_but {
+            Some(refused) => actor != refused,
+            None => self.actors.contains(actor),
+        }
     }
 }
 
@@ -415,6 +421,7 @@ mod tests {
     fn allow(docs: &[&AutoCommit]) -> Authority {
         Authority {
             actors: docs.iter().map(|d| d.get_actor().clone()).collect(),
+            all_but: None,
         }
     }
 

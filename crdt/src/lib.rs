@@ -10,6 +10,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod doc;
+pub mod engine;
 pub mod holder;
 pub mod ingest;
 pub mod store;
@@ -20,7 +21,7 @@ pub use doc::{
     ThreadDoc, ThreadGenesis, Touched, WriteError, is_document_chunk,
 };
 pub use ingest::IngestError;
-pub use store::{LoadedDoc, Store, StoreError, StoreTxn, TrustedPeer};
+pub use store::{LoadedDoc, MemoryImage, Store, StoreError, StoreTxn, TrustedPeer};
 pub use sync::{SyncError, SyncSession, ThreadSync};
 
 /// Re-exported so callers can name heads and actors without depending on automerge directly.

@@ -141,6 +141,8 @@ impl LoadedDoc {
 pub struct Store {
     db: Database,
     home: PathBuf,
+    /// The store is a file in `home`, recorded in its holder file (not an in-memory image).
+    on_disk: bool,
 }
 
 impl fmt::Debug for Store {
@@ -152,7 +154,9 @@ impl fmt::Debug for Store {
 impl Drop for Store {
     fn drop(&mut self) {
         // Before `db` closes and releases the lock, so a record never outlives its holder.
-        crate::holder::clear(&self.home);
+        if self.on_disk {
+            crate::holder::clear(&self.home);
+        }
     }
 }
 
@@ -178,6 +182,24 @@ impl Store {
             })?;
         restrict_file(&path);
         crate::holder::record(home);
+        Self::with_tables(db, home.to_owned(), true)
+    }
+
+    /// Opens a store kept in memory, in `image` (empty for a new store). A store opened again
+    /// over the same image sees exactly what was committed before, as a restarted process
+    /// sees its file: tests of the engine restart peers this way, with no disk.
+    pub fn in_memory(image: &MemoryImage) -> Result<Self, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create_with_backend(image.clone())
+            .map_err(|source| StoreError::Open {
+                path: PathBuf::from("<memory>"),
+                source,
+            })?;
+        Self::with_tables(db, PathBuf::new(), false)
+    }
+
+    fn with_tables(db: Database, home: PathBuf, on_disk: bool) -> Result<Self, StoreError> {
         let tx = db.begin_write()?;
         {
             tx.open_table(SNAPSHOTS)?;
@@ -187,10 +209,7 @@ impl Store {
             tx.open_table(TRUSTED)?;
         }
         tx.commit()?;
-        Ok(Self {
-            db,
-            home: home.to_owned(),
-        })
+        Ok(Self { db, home, on_disk })
     }
 
     /// The home directory.
@@ -479,3 +498,69 @@ fn restrict_file(path: &Path) {
 fn restrict_dir(_: &Path) {}
 #[cfg(not(unix))]
 fn restrict_file(_: &Path) {}
+
+/// The bytes of an in-memory store ([`Store::in_memory`]), shared so that a store opened
+/// again over the same image finds what the previous one committed.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryImage(std::sync::Arc<std::sync::RwLock<Vec<u8>>>);
+
+impl MemoryImage {
+    /// An empty image: a new store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn bytes(&self) -> std::sync::RwLockReadGuard<'_, Vec<u8>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn bytes_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<u8>> {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn out_of_range() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "past the end of the image",
+    )
+}
+
+impl redb::StorageBackend for MemoryImage {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        Ok(self.bytes().len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let bytes = self.bytes();
+        let start = usize::try_from(offset).map_err(|_| out_of_range())?;
+        let end = start.checked_add(out.len()).ok_or_else(out_of_range)?;
+        out.copy_from_slice(bytes.get(start..end).ok_or_else(out_of_range)?);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        let len = usize::try_from(len).map_err(|_| out_of_range())?;
+        self.bytes_mut().resize(len, 0);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let mut bytes = self.bytes_mut();
+        let start = usize::try_from(offset).map_err(|_| out_of_range())?;
+        let end = start.checked_add(data.len()).ok_or_else(out_of_range)?;
+        bytes
+            .get_mut(start..end)
+            .ok_or_else(out_of_range)?
+            .copy_from_slice(data);
+        Ok(())
+    }
+}

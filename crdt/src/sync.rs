@@ -123,6 +123,8 @@ impl SyncSession {
     /// Applies a message from the peer. Panics inside Automerge are caught and reported.
     pub fn receive(&mut self, doc: &mut Part, bytes: &[u8]) -> Result<Received, SyncError> {
         let msg = sync::Message::decode(bytes)?;
+        let their_last_sync: Vec<Vec<ChangeHash>> =
+            msg.have.iter().map(|h| h.last_sync.clone()).collect();
         let am = doc.automerge();
         let heads_before = am.get_heads();
         let state = &mut self.state;
@@ -132,7 +134,15 @@ impl SyncSession {
         self.unconfirmed = false;
         match result {
             Ok(Ok(())) => {
-                let changed = am.get_heads() != heads_before;
+                let heads = am.get_heads();
+                // A peer that does not yet know it shares our heads waits for us to say so.
+                // Without this, a session that started assumed in sync (a hello digest, or a
+                // segment the peer never listed) stays silent: Automerge counts it as having
+                // responded, and the peer, which started afresh, never reaches in-sync.
+                if !their_last_sync.iter().any(|l| same(l, &heads)) {
+                    self.state.have_responded = false;
+                }
+                let changed = heads != heads_before;
                 Ok(Received {
                     heads_before,
                     changed,
@@ -167,6 +177,7 @@ impl SyncSession {
             .as_ref()
             .is_some_and(|theirs| same(theirs, ours))
             && same(&self.state.last_sent_heads, ours)
+            && self.state.have_responded
     }
 
     /// Takes the peer to be at `heads`, which are ours too (their digest matched ours in the

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use common::{sync_pair, world};
 use errand_core::{EventKind, MessageKind, fold};
-use errand_crdt::{DocId, NewTask, ThreadDoc, ThreadSync};
+use errand_crdt::{DocId, NewTask, SyncSession, ThreadDoc, ThreadSync};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 
@@ -237,4 +237,38 @@ fn tasks_changed_since_reports_new_tasks_and_new_events() {
     let now = desktop.part_mut(1).unwrap().heads();
     assert!(desktop.tasks_changed_since(1, &now).is_empty());
     let _ = b;
+}
+
+#[test]
+fn a_session_assumed_in_sync_answers_a_peer_that_starts_afresh() {
+    // The desktop holds a segment with only its genesis and takes a phone that never listed
+    // it to hold the same (it assumes the session in sync). The phone, which learnt of the
+    // segment from the desktop's hello, starts a fresh session and waits for the desktop's
+    // heads. The desktop must answer once, or the phone never gets in sync (issue 14: an
+    // honest phone's sync hung after a refused attack had made the desktop load a segment).
+    let w = world(1);
+    let mut desktop = w.desktop();
+    let mut phone = w.replica(1);
+    let id = w.genesis.segment_doc_id(1);
+    desktop.attach_segment(1, std::iter::empty()).unwrap();
+    phone.attach_segment(1, std::iter::empty()).unwrap();
+    let mut ours = SyncSession::new(id.clone());
+    ours.assume_in_sync(&desktop.segment_genesis_heads(1));
+    let mut theirs = SyncSession::new(id);
+    let ask = theirs.next_message(phone.part_mut(1).unwrap()).unwrap();
+    ours.receive(desktop.part_mut(1).unwrap(), &ask).unwrap();
+    let heads = desktop.part_mut(1).unwrap().heads();
+    assert!(
+        !ours.settled_at(&heads),
+        "the phone is still owed an answer"
+    );
+    let answer = ours
+        .next_message(desktop.part_mut(1).unwrap())
+        .expect("the desktop answers the phone");
+    theirs.receive(phone.part_mut(1).unwrap(), &answer).unwrap();
+    let phone_heads = phone.part_mut(1).unwrap().heads();
+    assert!(theirs.in_sync_at(&phone_heads), "the phone is in sync");
+    // And then both are quiet: no ping-pong.
+    assert!(theirs.next_message(phone.part_mut(1).unwrap()).is_none());
+    assert!(ours.next_message(desktop.part_mut(1).unwrap()).is_none());
 }

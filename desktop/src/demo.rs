@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use errand_core::{DeviceKind, Task, TaskId, TaskStatus, fold};
 use errand_desktop::{config::Settings, runner::Runner};
 use errand_p2p::{
-    api::{self, Request},
+    api::{self, Call as _},
     pairing,
     peer::{Peer, PeerConfig, PeerEvent},
 };
@@ -137,19 +137,17 @@ async fn tour(root: &Path) -> Result<()> {
     step(t0, "phone goes offline");
     let mut ids = Vec::new();
     for text in TASKS {
-        let v = api::handle(
-            &phone,
-            Request::Send {
-                text: text.into(),
-                executor: None,
-                not_after: None,
-            },
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!(e.message))
-        .context("while queueing a task on the phone")?;
-        let id: TaskId = v["task_id"].as_str().context("task id")?.parse()?;
-        ids.push(id);
+        let send = api::SendTask {
+            text: text.into(),
+            executor: None,
+            not_after: None,
+        };
+        let sent = send
+            .run(&phone)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))
+            .context("while queueing a task on the phone")?;
+        ids.push(sent.task_id);
         step(t0, &format!("phone queued task {}: {text}", ids.len()));
     }
 

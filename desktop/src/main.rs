@@ -11,7 +11,7 @@ use errand_desktop::{
     runner::Runner,
 };
 use errand_p2p::{
-    api::{Request, exit},
+    api::{self, Call as _, exit},
     cli::{self, NetArgs, Opened},
     control::ApiError,
     peer::{Peer, PeerConfig, now_ms},
@@ -180,98 +180,40 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             pair(home, ttl, png, svg, json, net).await
         }
         other => {
-            cli::init_logging("warn");
-            let opened = cli::open(home, DeviceKind::Desktop).await?;
-            let out = command_request(&opened, other).await;
-            if let Opened::Local(peer) = &opened {
-                peer.shutdown().await;
-            }
-            out
+            cli::one_shot(home, DeviceKind::Desktop, async |opened| {
+                request(opened, other).await
+            })
+            .await
         }
     }
 }
 
-async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiError> {
+/// A one-shot command: one request, its response printed.
+async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
+    const CLI: DeviceKind = DeviceKind::Desktop;
     match command {
         Command::Run { .. } | Command::Pair { .. } | Command::Config { .. } | Command::Demo(_) => {
             Err(ApiError::with_code(exit::USAGE, "not a request"))
         }
-        Command::Devices {
-            action: Some(DevicesCommand::Revoke { id }),
-            json,
-        } => {
-            let v = cli::execute(opened, Request::Revoke { id }).await?;
-            if json {
-                cli::print_json(&v)
-            } else {
-                println!(
-                    "revoked {}; cancelled {} unstarted task(s)",
-                    cli::printable(v["id"].as_str().unwrap_or(""), false),
-                    v["cancelled_tasks"]
-                );
+        Command::Status { json } => cli::show(opened, api::GetStatus, json, CLI).await,
+        Command::Devices { action, json } => match action {
+            None => cli::show(opened, api::ListDevices, json, CLI).await,
+            Some(DevicesCommand::Revoke { id }) => {
+                cli::show(opened, api::Revoke { id }, json, CLI).await
             }
-            Ok(())
-        }
-        Command::Status { json } => {
-            let v = cli::execute(opened, Request::Status).await?;
-            if json {
-                cli::print_json(&v)
-            } else {
-                cli::print_status(&v)
-            }
-            Ok(())
-        }
-        Command::Devices { action: None, json } => {
-            let v = cli::execute(opened, Request::Devices).await?;
-            if json {
-                cli::print_json(&v);
-            } else {
-                for d in v.as_array().into_iter().flatten() {
-                    let g = |k: &str| {
-                        cli::printable(d.get(k).and_then(|x| x.as_str()).unwrap_or("-"), false)
-                    };
-                    let revoked = d.get("revoked").and_then(|x| x.as_bool()).unwrap_or(false);
-                    println!(
-                        "{}  {} ({}) paired {} last seen {}{}",
-                        g("id"),
-                        g("name"),
-                        g("kind"),
-                        g("paired_at"),
-                        g("last_seen"),
-                        if revoked { "  REVOKED" } else { "" }
-                    );
-                }
-            }
-            Ok(())
-        }
-        Command::Devices {
-            action:
-                Some(DevicesCommand::Add {
-                    peer_id,
-                    addrs,
-                    name,
-                }),
-            json,
-        } => {
-            let v = cli::execute(
-                opened,
-                Request::DevicesAdd {
+            Some(DevicesCommand::Add {
+                peer_id,
+                addrs,
+                name,
+            }) => {
+                let add = api::AddDevice {
                     id: peer_id,
                     addrs,
                     name,
-                },
-            )
-            .await?;
-            if json {
-                cli::print_json(&v)
-            } else {
-                println!(
-                    "trusted {}",
-                    v.get("id").and_then(|x| x.as_str()).unwrap_or("")
-                )
+                };
+                cli::show(opened, add, json, CLI).await
             }
-            Ok(())
-        }
+        },
         Command::Send {
             text,
             executor,
@@ -279,52 +221,17 @@ async fn command_request(opened: &Opened, command: Command) -> Result<(), ApiErr
             json,
         } => {
             let not_after = expires_in.map(|d| now_ms().saturating_add(d.as_millis() as i64));
-            let v = cli::execute(
-                opened,
-                Request::Send {
-                    text,
-                    executor,
-                    not_after,
-                },
-            )
-            .await?;
-            if json {
-                cli::print_json(&v)
-            } else {
-                println!(
-                    "{}",
-                    v.get("task_id").and_then(|x| x.as_str()).unwrap_or("")
-                )
-            }
-            Ok(())
+            let send = api::SendTask {
+                text,
+                executor,
+                not_after,
+            };
+            cli::show(opened, send, json, CLI).await
         }
-        Command::Thread { json, all } => {
-            let v = cli::execute(opened, Request::Thread { all }).await?;
-            if json {
-                cli::print_json(&v)
-            } else {
-                for t in v
-                    .get("tasks")
-                    .and_then(|x| x.as_array())
-                    .into_iter()
-                    .flatten()
-                {
-                    cli::print_task(t);
-                }
-            }
-            Ok(())
-        }
+        Command::Thread { json, all } => cli::show(opened, api::GetThread { all }, json, CLI).await,
         Command::Task { id, json } => {
-            let v = cli::execute(opened, Request::Task { id }).await?;
-            if json {
-                cli::print_json(&v)
-            } else {
-                cli::print_task(&v);
-                if let Some(out) = v.get("output_tail").and_then(|x| x.as_str()) {
-                    cli::print_text(out);
-                }
-            }
-            Ok(())
+            let id = api::ops::parse_task_id(&id)?;
+            cli::show(opened, api::GetTask { id }, json, CLI).await
         }
     }
 }
@@ -451,7 +358,7 @@ async fn pair(
     json: bool,
     net: NetArgs,
 ) -> Result<(), ApiError> {
-    let req = Request::Pair {
+    let issue = api::IssueTicket {
         ttl_secs: ttl.as_secs().max(1),
     };
     let opened = cli::open_with(PeerConfig {
@@ -462,8 +369,8 @@ async fn pair(
         mdns: !net.no_mdns,
     })
     .await?;
-    let (value, local) = match opened {
-        opened @ Opened::Daemon(_) => (cli::execute(&opened, req).await?, None),
+    let (issued, local) = match opened {
+        opened @ Opened::Daemon(_) => (opened.call(issue).await?, None),
         Opened::Local(peer) => {
             eprintln!(
                 "no errand-desktop daemon runs for {}, so this command serves the pairing \
@@ -475,31 +382,27 @@ async fn pair(
             peer.start()
                 .await
                 .map_err(|e| ApiError::new(e.to_string()))?;
-            let v = errand_p2p::api::handle(&peer, req).await?;
-            (v, Some(peer))
+            (issue.run(&peer).await?, Some(peer))
         }
     };
-    let ticket = value["ticket"].as_str().unwrap_or_default().to_owned();
+    let ticket = &issued.ticket;
     if let Some(path) = &png {
-        errand_desktop::qr::write_png(&ticket, path).map_err(|e| ApiError::new(e.to_string()))?;
+        errand_desktop::qr::write_png(ticket, path).map_err(|e| ApiError::new(e.to_string()))?;
     }
     if let Some(path) = &svg {
-        errand_desktop::qr::write_svg(&ticket, path).map_err(|e| ApiError::new(e.to_string()))?;
+        errand_desktop::qr::write_svg(ticket, path).map_err(|e| ApiError::new(e.to_string()))?;
     }
     if json {
-        cli::print_json(&value);
+        cli::print_json(&issued);
     } else {
-        let qr = errand_desktop::qr::render_unicode(&ticket)
-            .map_err(|e| ApiError::new(e.to_string()))?;
+        let qr =
+            errand_desktop::qr::render_unicode(ticket).map_err(|e| ApiError::new(e.to_string()))?;
         println!("{qr}");
         println!(
             "Scan this with Errand on your phone, or run `errand-phone pair -` there and paste:\n"
         );
         println!("  {ticket}\n");
-        println!(
-            "Valid until {}.",
-            value["expires_at"].as_str().unwrap_or("")
-        );
+        println!("Valid until {}.", issued.expires_at);
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();

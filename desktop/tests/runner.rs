@@ -130,19 +130,30 @@ async fn a_task_runs_and_its_output_and_exit_code_reach_the_thread() {
     assert!(messages.iter().any(|m| m.task == Some(ok)
         && m.kind == MessageKind::System
         && m.text.contains(&log.display().to_string())));
-    // The ledger ended both attempts.
-    let entries = d
-        .peer
-        .replica()
-        .store_blocking(move |s| ledger::entries_for(s, [ok, bad]))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        entries
-            .values()
-            .all(|e| matches!(e.state, LedgerState::Ended { .. }))
-    );
+    // The ledger ended both attempts. The runner ends the ledger entry after the thread's
+    // terminal fact is durable, so it may trail the fact by a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let entries = d
+            .peer
+            .replica()
+            .store_blocking(move |s| ledger::entries_for(s, [ok, bad]))
+            .await
+            .unwrap()
+            .unwrap();
+        let ended = entries.len() == 2
+            && entries
+                .values()
+                .all(|e| matches!(e.state, LedgerState::Ended { .. }));
+        if ended {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ledger did not end both attempts: {entries:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     runner.shutdown().await;
 }
 

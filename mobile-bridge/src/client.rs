@@ -15,8 +15,7 @@ use std::{
 
 use errand_core::{DeviceKind, TaskId};
 use errand_p2p::{
-    api::{self, Action, Request},
-    pairing,
+    api::{self, Action, Call as _},
     peer::{Peer, PeerConfig, parse_addr, parse_peer_id},
 };
 use tokio::{runtime::Runtime, sync::broadcast::error::RecvError};
@@ -26,8 +25,7 @@ use crate::{
     error::ErrandError,
     listener::{self, Subscription, ThreadListener},
     types::{
-        ConnectionPath, DesktopStatus, MessageView, OpenOptions, PairResult, StatusView, TaskView,
-        ThreadView,
+        DesktopStatus, MessageView, OpenOptions, PairResult, StatusView, TaskView, ThreadView,
     },
 };
 
@@ -129,7 +127,7 @@ impl PhoneClient {
             .map_err(|e| ErrandError::invalid(format!("bad ticket: {e}")))?;
         self.run(move |peer| async move {
             peer.start().await?;
-            Ok(pairing::pair_phone(&peer, &ticket).await?.into())
+            Ok(api::PairWith::pair(&peer, &ticket).await?)
         })
     }
 
@@ -141,45 +139,36 @@ impl PhoneClient {
         text: String,
         executor: Option<String>,
         not_after_ms: Option<i64>,
-    ) -> Result<String, ErrandError> {
-        if text.trim().is_empty() {
-            return Err(ErrandError::invalid("the instruction is empty"));
-        }
-        if text.len() > errand_core::limits::MAX_INSTRUCTION_BYTES {
-            return Err(ErrandError::invalid(format!(
-                "the instruction is {} bytes, over the limit of {}",
-                text.len(),
-                errand_core::limits::MAX_INSTRUCTION_BYTES
-            )));
-        }
+    ) -> Result<TaskId, ErrandError> {
+        let send = api::SendTask {
+            text,
+            executor,
+            not_after: not_after_ms,
+        };
+        send.validate()
+            .map_err(|e| ErrandError::from_api(e, ErrandError::invalid_kind))?;
         self.run(move |peer| async move {
             require_thread(&peer)?;
-            let req = Request::Send {
-                text,
-                executor,
-                not_after: not_after_ms,
-            };
-            let v = api::handle(&peer, req)
+            let sent = send
+                .run(&peer)
                 .await
                 .map_err(|e| ErrandError::from_api(e, ErrandError::storage_kind))?;
-            v.get("task_id")
-                .and_then(|t| t.as_str())
-                .map(str::to_owned)
-                .ok_or_else(|| ErrandError::internal("send returned no task id"))
+            Ok(sent.task_id)
         })
     }
 
     /// The whole thread: every task and message.
     pub fn thread(&self) -> Result<ThreadView, ErrandError> {
         self.run(|peer| async move {
-            let (thread_id, tasks, messages) = peer
-                .replica()
-                .read(|d| (d.genesis().thread_id.to_string(), d.tasks(), d.messages()))
-                .await?;
+            require_thread(&peer)?;
+            let thread = api::GetThread { all: false }
+                .read(&peer)
+                .await
+                .map_err(|e| ErrandError::from_api(e, ErrandError::storage_kind))?;
             Ok(ThreadView {
-                thread_id,
-                tasks: tasks.iter().map(TaskView::from).collect(),
-                messages: messages.iter().map(MessageView::from).collect(),
+                thread_id: thread.thread_id,
+                tasks: thread.tasks.iter().map(TaskView::from).collect(),
+                messages: thread.messages.iter().map(MessageView::from).collect(),
             })
         })
     }
@@ -203,16 +192,12 @@ impl PhoneClient {
     pub fn task(&self, id: String) -> Result<TaskView, ErrandError> {
         let id = parse_task_id(&id)?;
         self.run(move |peer| async move {
-            peer.replica().ensure_task_loaded(id).await?;
-            peer.replica()
-                .read(move |d| d.task(&id))
-                .await?
-                .map(|t| TaskView::from(&t))
-                .ok_or_else(|| {
-                    ErrandError::invalid(format!(
-                        "no task {id} in this thread (it may not have synced here yet)"
-                    ))
-                })
+            // Exit 1 from a read of one task is mostly "no such task (yet)".
+            let task = api::GetTask { id }
+                .read(&peer)
+                .await
+                .map_err(|e| ErrandError::from_api(e, ErrandError::invalid_kind))?;
+            Ok(TaskView::from(&task))
         })
     }
 
@@ -239,7 +224,10 @@ impl PhoneClient {
     /// This phone, its thread and its desktop: connected, how, in sync, last sync.
     pub fn status(&self) -> Result<StatusView, ErrandError> {
         self.run(|peer| async move {
-            let status = peer.status().await?;
+            let status = api::GetStatus
+                .run(&peer)
+                .await
+                .map_err(|e| ErrandError::from_api(e, ErrandError::storage_kind))?;
             let trusted = peer.trusted_peers().await?;
             let mut desktops = Vec::new();
             for p in status
@@ -258,10 +246,7 @@ impl PhoneClient {
                     _ => false,
                 };
                 desktops.push(DesktopStatus {
-                    path: p.path.map(|path| match path {
-                        "relayed" => ConnectionPath::Relayed,
-                        _ => ConnectionPath::Direct,
-                    }),
+                    path: p.path,
                     id: p.id,
                     name: p.name,
                     connected: p.connected,
@@ -285,13 +270,11 @@ impl PhoneClient {
     /// Returns the forgotten desktops' ids.
     pub fn forget(&self) -> Result<Vec<String>, ErrandError> {
         self.run(|peer| async move {
-            let v = pairing::forget(&peer).await?;
-            Ok(v.get("forgotten")
-                .and_then(|f| f.as_array())
-                .into_iter()
-                .flatten()
-                .filter_map(|id| id.as_str().map(str::to_owned))
-                .collect())
+            let forgotten = api::Forget
+                .run(&peer)
+                .await
+                .map_err(|e| ErrandError::from_api(e, ErrandError::storage_kind))?;
+            Ok(forgotten.forgotten)
         })
     }
 
@@ -424,15 +407,10 @@ impl PhoneClient {
             require_thread(&peer)?;
             // Exit 1 from an action is the task's state ("already ended", "not ended",
             // "no such task"): the caller asked for something this task does not allow.
-            api::handle(
-                &peer,
-                Request::Act {
-                    id: id.to_string(),
-                    action,
-                },
-            )
-            .await
-            .map_err(|e| ErrandError::from_api(e, ErrandError::invalid_kind))?;
+            api::Act { id, action }
+                .run(&peer)
+                .await
+                .map_err(|e| ErrandError::from_api(e, ErrandError::invalid_kind))?;
             Ok(())
         })
     }

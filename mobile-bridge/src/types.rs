@@ -1,7 +1,7 @@
 //! The records and enums the bridge exports, and their conversions from the domain types.
 //! Times are UTC milliseconds since the Unix epoch (`*_ms`), as in the document.
 
-use errand_core::{EventKind, Message, Task, TaskEvent, fold};
+use errand_core::{DeviceId, Message, Task, TaskId, fold};
 use errand_p2p::api::{OUTPUT_TAIL_BYTES, tail};
 
 /// How to open a phone home.
@@ -24,170 +24,105 @@ impl Default for OpenOptions {
     }
 }
 
-/// Where a task stands (DESIGN.md section 3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, uniffi::Enum)]
-pub enum TaskStatus {
-    /// Only on this phone, as far as anyone knows: the desktop has not confirmed it.
-    Queued,
-    /// The desktop has it.
-    Delivered,
-    /// The desktop waits for this phone's approval.
-    AwaitingApproval,
-    /// It runs.
-    Running,
-    /// It finished with exit code 0.
-    Done,
-    /// It finished non-zero, or could not run.
-    Failed,
-    /// Cancelled by request, expiry or revocation.
-    Cancelled,
-    /// Denied.
-    Denied,
-    /// The desktop restarted while it ran; it does not run again by itself.
-    Interrupted,
-}
+// The domain's own enums and event record, exported as they are. UniFFI needs each one's
+// shape restated here (`uniffi::remote`); it checks the restatement against the real type, so
+// a variant or field added in `errand_core` fails to compile here instead of drifting. The
+// `as` names keep the names the bindings have always had.
+pub use errand_core::{
+    EventKind as TaskEventKind, MessageKind, Request as TaskRequest, TaskEvent as TaskEventView,
+    TaskStatus,
+};
+pub use errand_p2p::api::{ConnectionPath, Paired as PairResult};
 
-impl From<errand_core::TaskStatus> for TaskStatus {
-    fn from(s: errand_core::TaskStatus) -> Self {
-        use errand_core::TaskStatus as S;
-        match s {
-            S::Queued => Self::Queued,
-            S::Delivered => Self::Delivered,
-            S::AwaitingApproval => Self::AwaitingApproval,
-            S::Running => Self::Running,
-            S::Done => Self::Done,
-            S::Failed => Self::Failed,
-            S::Cancelled => Self::Cancelled,
-            S::Denied => Self::Denied,
-            S::Interrupted => Self::Interrupted,
-        }
-    }
+/// Where a task stands (DESIGN.md section 3); `queued`: the desktop has not confirmed it yet.
+#[uniffi::remote(Enum)]
+pub enum TaskStatus {
+    Queued,
+    Delivered,
+    AwaitingApproval,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+    Denied,
+    Interrupted,
 }
 
 /// A request from a phone that the desktop has not answered yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, uniffi::Enum)]
+#[uniffi::remote(Enum)]
 pub enum TaskRequest {
-    /// Cancel requested.
     CancelRequested,
-    /// Approved.
     Approved,
-    /// Denied.
     Denied,
 }
 
-impl From<errand_core::Request> for TaskRequest {
-    fn from(r: errand_core::Request) -> Self {
-        match r {
-            errand_core::Request::CancelRequested => Self::CancelRequested,
-            errand_core::Request::Approved => Self::Approved,
-            errand_core::Request::Denied => Self::Denied,
-        }
-    }
-}
-
-/// What an event says.
-#[derive(Debug, Clone, PartialEq, Eq, uniffi::Enum)]
+/// What an event says: a fact from the desktop, or a request from a phone.
+#[uniffi::remote(Enum)]
 pub enum TaskEventKind {
-    /// Fact: the desktop has the task.
     Delivered,
-    /// Fact: the desktop waits for approval.
     ApprovalRequested,
-    /// Fact: the process started.
     Started,
-    /// Fact: a batch of output.
-    Output {
-        /// The text.
-        text: String,
-    },
-    /// Fact: the process exited.
-    Finished {
-        /// Its exit code.
-        exit_code: i64,
-    },
-    /// Fact: it could not run or complete.
-    Failed {
-        /// Why.
-        reason: String,
-    },
-    /// Fact: the desktop cancelled it.
-    Cancelled {
-        /// Why.
-        reason: String,
-    },
-    /// Fact from the desktop, or a request from a phone.
+    Output { text: String },
+    Finished { exit_code: i64 },
+    Failed { reason: String },
+    Cancelled { reason: String },
     Denied,
-    /// Fact: the desktop restarted while it ran.
     Interrupted,
-    /// Request: run it.
     Approved,
-    /// Request: stop it.
     CancelRequested,
-    /// Request: run it again.
     Retried,
 }
 
-impl From<&EventKind> for TaskEventKind {
-    fn from(k: &EventKind) -> Self {
-        match k {
-            EventKind::Delivered => Self::Delivered,
-            EventKind::ApprovalRequested => Self::ApprovalRequested,
-            EventKind::Started => Self::Started,
-            EventKind::Output { text } => Self::Output { text: text.clone() },
-            EventKind::Finished { exit_code } => Self::Finished {
-                exit_code: *exit_code,
-            },
-            EventKind::Failed { reason } => Self::Failed {
-                reason: reason.clone(),
-            },
-            EventKind::Cancelled { reason } => Self::Cancelled {
-                reason: reason.clone(),
-            },
-            EventKind::Denied => Self::Denied,
-            EventKind::Interrupted => Self::Interrupted,
-            EventKind::Approved => Self::Approved,
-            EventKind::CancelRequested => Self::CancelRequested,
-            EventKind::Retried => Self::Retried,
-        }
-    }
-}
-
-/// One entry of a task's history.
-#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+/// One entry of a task's history: `at` in UTC ms by its author's clock, the attempt it
+/// belongs to (1-based), the device that wrote it.
+#[uniffi::remote(Record)]
 pub struct TaskEventView {
-    /// When, by its author's clock.
-    pub at_ms: i64,
-    /// The attempt it belongs to (1-based).
-    pub attempt: u32,
-    /// The device that wrote it (PeerId).
-    pub author: String,
-    /// What it says.
-    pub kind: TaskEventKind,
+    at: i64,
+    attempt: u32,
+    author: DeviceId,
+    kind: TaskEventKind,
 }
 
-impl From<&TaskEvent> for TaskEventView {
-    fn from(e: &TaskEvent) -> Self {
-        Self {
-            at_ms: e.at,
-            attempt: e.attempt,
-            author: e.author.to_string(),
-            kind: (&e.kind).into(),
-        }
-    }
+/// Who a message speaks for.
+#[uniffi::remote(Enum)]
+pub enum MessageKind {
+    User,
+    Agent,
+    System,
 }
+
+/// How a connection reaches the desktop.
+#[uniffi::remote(Enum)]
+pub enum ConnectionPath {
+    Direct,
+    Relayed,
+}
+
+// Ids cross the FFI as their text (a PeerId, a ULID); text from the app is parsed back.
+uniffi::custom_type!(DeviceId, String, {
+    remote,
+    lower: |id| id.to_string(),
+    try_lift: |s| Ok(s.parse()?),
+});
+uniffi::custom_type!(TaskId, String, {
+    remote,
+    lower: |id| id.to_string(),
+    try_lift: |s| Ok(s.parse()?),
+});
 
 /// A task as this phone sees it now.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
 pub struct TaskView {
     /// Task id (a ULID).
-    pub id: String,
+    pub id: TaskId,
     /// What to do.
     pub instruction: String,
     /// The executor that runs it.
     pub executor: String,
     /// The desktop that runs it (PeerId).
-    pub target: String,
+    pub target: DeviceId,
     /// The device that created it (PeerId).
-    pub author: String,
+    pub author: DeviceId,
     /// When it was created.
     pub created_at_ms: i64,
     /// After this the desktop cancels it instead of running it.
@@ -212,41 +147,20 @@ impl From<&Task> for TaskView {
     fn from(t: &Task) -> Self {
         let v = fold(t);
         Self {
-            id: t.id.to_string(),
+            id: t.id,
             instruction: t.instruction.clone(),
             executor: t.executor.clone(),
-            target: t.target.to_string(),
-            author: t.author.to_string(),
+            target: t.target.clone(),
+            author: t.author.clone(),
             created_at_ms: t.created_at,
             not_after_ms: t.not_after,
-            status: v.status.into(),
+            status: v.status,
             attempt: v.attempt,
             exit_code: v.exit_code,
             reason: v.reason,
             output_tail: tail(&v.output, OUTPUT_TAIL_BYTES),
-            requests: v.requests.into_iter().map(Into::into).collect(),
-            events: t.events.iter().map(Into::into).collect(),
-        }
-    }
-}
-
-/// Who a message speaks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
-pub enum MessageKind {
-    /// A person.
-    User,
-    /// An agent on the desktop.
-    Agent,
-    /// Errand itself.
-    System,
-}
-
-impl From<errand_core::MessageKind> for MessageKind {
-    fn from(k: errand_core::MessageKind) -> Self {
-        match k {
-            errand_core::MessageKind::User => Self::User,
-            errand_core::MessageKind::Agent => Self::Agent,
-            errand_core::MessageKind::System => Self::System,
+            requests: v.requests,
+            events: t.events.clone(),
         }
     }
 }
@@ -257,7 +171,7 @@ pub struct MessageView {
     /// Message id (a ULID).
     pub id: String,
     /// The device that wrote it (PeerId).
-    pub author: String,
+    pub author: DeviceId,
     /// Who it speaks for.
     pub kind: MessageKind,
     /// The text.
@@ -265,18 +179,18 @@ pub struct MessageView {
     /// When it was written.
     pub at_ms: i64,
     /// The task it is about.
-    pub task: Option<String>,
+    pub task: Option<TaskId>,
 }
 
 impl From<&Message> for MessageView {
     fn from(m: &Message) -> Self {
         Self {
             id: m.id.to_string(),
-            author: m.author.to_string(),
-            kind: m.kind.into(),
+            author: m.author.clone(),
+            kind: m.kind,
             text: m.text.clone(),
             at_ms: m.at,
-            task: m.task.map(|t| t.to_string()),
+            task: m.task,
         }
     }
 }
@@ -290,15 +204,6 @@ pub struct ThreadView {
     pub tasks: Vec<TaskView>,
     /// Every message, in thread order.
     pub messages: Vec<MessageView>,
-}
-
-/// How a connection reaches the desktop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
-pub enum ConnectionPath {
-    /// Straight to the desktop.
-    Direct,
-    /// Through a relay.
-    Relayed,
 }
 
 /// One paired desktop in [`StatusView`].
@@ -337,26 +242,12 @@ pub struct StatusView {
     pub desktops: Vec<DesktopStatus>,
 }
 
-/// What pairing did.
-#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+/// What pairing did: the desktop's PeerId and name, the thread this phone now follows, and
+/// whether the first full sync finished (if not, it goes on in the background).
+#[uniffi::remote(Record)]
 pub struct PairResult {
-    /// The desktop's PeerId.
-    pub desktop_id: String,
-    /// The desktop's name.
-    pub desktop_name: String,
-    /// The thread this phone now follows.
-    pub thread_id: String,
-    /// The first full sync finished (if not, it goes on in the background).
-    pub synced: bool,
-}
-
-impl From<errand_p2p::pairing::PairOutcome> for PairResult {
-    fn from(p: errand_p2p::pairing::PairOutcome) -> Self {
-        Self {
-            desktop_id: p.desktop_id,
-            desktop_name: p.desktop_name,
-            thread_id: p.thread_id,
-            synced: p.synced,
-        }
-    }
+    desktop_id: String,
+    desktop_name: String,
+    thread_id: String,
+    synced: bool,
 }

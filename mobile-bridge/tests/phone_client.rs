@@ -231,9 +231,10 @@ fn a_paired_phone_queues_syncs_and_hears_the_desktops_facts() {
         "{d:?}"
     );
 
-    let id = phone
+    let task_id = phone
         .send_task("echo hi".into(), None, Some(i64::MAX))
         .unwrap();
+    let id = task_id.to_string();
     let view = phone.task(id.clone()).unwrap();
     assert_eq!(view.status, TaskStatus::Queued);
     assert_eq!(view.executor, "shell");
@@ -246,7 +247,7 @@ fn a_paired_phone_queues_syncs_and_hears_the_desktops_facts() {
     rec.wait("delivered", |s| {
         s.tasks
             .iter()
-            .any(|t| t.id == id && t.status == TaskStatus::Delivered)
+            .any(|t| t.id == task_id && t.status == TaskStatus::Delivered)
             .then_some(())
     });
     desktop.fact(&id, EventKind::Started);
@@ -260,7 +261,7 @@ fn a_paired_phone_queues_syncs_and_hears_the_desktops_facts() {
     let done = rec.wait("done", |s| {
         s.tasks
             .iter()
-            .find(|t| t.id == id && t.status == TaskStatus::Done)
+            .find(|t| t.id == task_id && t.status == TaskStatus::Done)
             .cloned()
     });
     assert_eq!(done.exit_code, Some(0));
@@ -318,8 +319,8 @@ fn a_listener_that_throws_keeps_getting_calls_until_dropped() {
     let first = phone.send_task("echo one".into(), None, None).unwrap();
     let second = phone.send_task("echo two".into(), None, None).unwrap();
     rec.wait("both tasks, despite the first call throwing", |s| {
-        let ids: Vec<_> = s.tasks.iter().map(|t| t.id.as_str()).collect();
-        (ids.contains(&first.as_str()) && ids.contains(&second.as_str())).then_some(())
+        let ids: Vec<_> = s.tasks.iter().map(|t| t.id).collect();
+        (ids.contains(&first) && ids.contains(&second)).then_some(())
     });
 
     drop(sub);

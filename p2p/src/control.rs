@@ -1,5 +1,7 @@
 //! The local control socket: a daemon serves its own home's CLI over a Unix socket that only
-//! the home's owner can use. One JSON request per connection, one JSON reply.
+//! the home's owner can use. One JSON request per connection, one JSON reply. The transport
+//! is typed: [`serve`] hands its handler the request already parsed (`api::Request`), and
+//! [`call`] returns the reply as the response type the caller asked for.
 //!
 //! - [`socket_location`] picks the path: `control.sock` in the home, or, when the home's path is
 //!   too long for a socket address, a file in a *private* directory: `$XDG_RUNTIME_DIR/errand`,
@@ -21,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
@@ -50,11 +52,11 @@ const MAX_LINE: usize = 64 * 1024 * 1024;
 /// short).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A reply on the wire.
+/// A reply on the wire: `{"ok": <response>}` or `{"err": {code, message}}`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum Reply {
-    Ok(serde_json::Value),
+enum Reply<T> {
+    Ok(T),
     Err { code: i32, message: String },
 }
 
@@ -180,14 +182,9 @@ pub enum ControlError {
     Io(String),
 }
 
-/// Handles one request.
-pub type Handler = Arc<
-    dyn Fn(
-            serde_json::Value,
-        ) -> Pin<Box<dyn Future<Output = Result<serde_json::Value, ApiError>> + Send>>
-        + Send
-        + Sync,
->;
+/// Handles one request of type `Q` with a response of type `R`.
+pub type Handler<Q, R> =
+    Arc<dyn Fn(Q) -> Pin<Box<dyn Future<Output = Result<R, ApiError>> + Send>> + Send + Sync>;
 
 /// Where a home's control socket lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -353,7 +350,11 @@ impl Drop for SocketFile {
 /// Serves the control socket of `home` until the returned task is aborted (or the runtime shuts
 /// down); the socket file is removed then. Fails with the text of a [`SocketDirError`] when the
 /// private socket directory is not ours alone.
-pub fn serve(home: &Path, handler: Handler) -> io::Result<tokio::task::JoinHandle<()>> {
+pub fn serve<Q, R>(home: &Path, handler: Handler<Q, R>) -> io::Result<tokio::task::JoinHandle<()>>
+where
+    Q: DeserializeOwned + Send + 'static,
+    R: Serialize + Send + 'static,
+{
     let location = socket_location(home);
     if let SocketLocation::Private { dir, .. } = &location {
         ensure_private_dir(dir)?;
@@ -392,13 +393,17 @@ pub fn serve(home: &Path, handler: Handler) -> io::Result<tokio::task::JoinHandl
     }))
 }
 
-async fn serve_one(stream: UnixStream, handler: Handler) -> std::io::Result<()> {
+async fn serve_one<Q, R>(stream: UnixStream, handler: Handler<Q, R>) -> std::io::Result<()>
+where
+    Q: DeserializeOwned,
+    R: Serialize,
+{
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
     let mut rd = BufReader::new(rd).take(MAX_LINE as u64);
     use tokio::io::AsyncReadExt;
     rd.read_line(&mut line).await?;
-    let reply = match serde_json::from_str::<serde_json::Value>(&line) {
+    let reply = match serde_json::from_str::<Q>(&line) {
         Ok(req) => match handler(req).await {
             Ok(v) => Reply::Ok(v),
             Err(e) => Reply::Err {
@@ -417,12 +422,12 @@ async fn serve_one(stream: UnixStream, handler: Handler) -> std::io::Result<()> 
     wr.shutdown().await
 }
 
-/// Sends one request to the daemon of `home`.
-pub async fn call(
+/// Sends one request to the daemon of `home` and reads its reply as `R`.
+pub async fn call<Q: Serialize, R: DeserializeOwned>(
     home: &Path,
-    request: &serde_json::Value,
+    request: &Q,
     timeout: Duration,
-) -> Result<serde_json::Value, ControlError> {
+) -> Result<R, ControlError> {
     let location = socket_location(home);
     let path = location.path().to_owned();
     if let SocketLocation::Private { dir, .. } = &location {
@@ -456,7 +461,9 @@ pub async fn call(
         if line.is_empty() {
             return Err(ControlError::Unreachable(path.clone()));
         }
-        match serde_json::from_str::<Reply>(&line).map_err(|e| ControlError::Io(e.to_string()))? {
+        match serde_json::from_str::<Reply<R>>(&line)
+            .map_err(|e| ControlError::Io(e.to_string()))?
+        {
             Reply::Ok(v) => Ok(v),
             Reply::Err { code, message } => Err(ControlError::Api(ApiError { code, message })),
         }

@@ -120,7 +120,6 @@ fn deliver_attack(t: &Thread) {
 // ---- 1. facts under the desktop's actor ----------------------------------------------------
 
 #[test]
-#[ignore = "fails: after the refused attack the honest phone's next one-shot sync does not reach in-sync within 60 s (under investigation, see issue 14 note)"]
 fn facts_a_phone_writes_under_the_desktops_actor_never_show_a_task_done() -> Result<()> {
     // Root cause: the desktop merges a phone's changes without checking their actor against
     // the phone, and an event's author is the device that owns its op's actor. Events the
@@ -460,7 +459,6 @@ fn desktop_survives(t: &Thread, watchdog: &Watchdog, failures: &mut Vec<String>)
 }
 
 #[test]
-#[ignore = "fails: after the refused attack the honest phone's next one-shot sync does not reach in-sync within 60 s (under investigation, see issue 14 note)"]
 fn one_change_with_twenty_thousand_tasks_does_not_take_the_desktop_down() -> Result<()> {
     // Root cause: the desktop applies whatever one change from a phone holds; nothing bounds
     // the ops per change. One change can queue 20,000 tasks, which the desktop indexes,
@@ -494,7 +492,6 @@ fn one_change_with_twenty_thousand_tasks_does_not_take_the_desktop_down() -> Res
 }
 
 #[test]
-#[ignore = "fails: after the refused attack the honest phone's next one-shot sync does not reach in-sync within 60 s (under investigation, see issue 14 note)"]
 fn one_change_of_a_million_ops_does_not_take_the_desktop_down() -> Result<()> {
     // Root cause: as above, nothing bounds the ops per change: one change inserting a million
     // characters into a text object is applied, indexed and stored by the desktop in one go.

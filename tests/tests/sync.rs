@@ -19,8 +19,10 @@ use errand_core::{DeviceKind, ThreadId};
 use errand_crdt::{DocId, TrustedPeer};
 use errand_p2p::{
     peer::{Peer, PeerConfig, SHUTDOWN_TIMEOUT, now_ms},
-    session::{DeviceInfo, SyncHello},
-    wire::{Frame, FrameKind, Hello, PROTOCOL_VERSION},
+    sync::{
+        session::{DeviceInfo, SyncHello},
+        wire::{Frame, FrameKind, Hello, PROTOCOL_VERSION},
+    },
 };
 use errand_tests::{Daemon, Home, fill_tasks, trust_pair, wait_for};
 

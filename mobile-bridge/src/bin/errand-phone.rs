@@ -3,13 +3,16 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use errand_core::DeviceKind;
+use errand_core::{DeviceKind, TaskId, TaskStatus};
 use errand_p2p::{
-    api::{Action, Request, exit},
-    cli::{self, NetArgs, Opened},
+    api::{self, Action, Call as _, TaskInfo, exit},
+    cli::{self, NetArgs, Opened, Show as _},
     control::ApiError,
     peer::{PeerConfig, PeerEvent},
 };
+
+/// The kind of device this CLI speaks for.
+const CLI: DeviceKind = DeviceKind::Phone;
 
 /// Errand on your phone: send work to your desktop and follow it.
 #[derive(Debug, Parser)]
@@ -261,24 +264,20 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
         } => {
             cli::init_logging("warn");
             let opened = open_online(&home, &net).await?;
+            let send = api::SendTask {
+                text,
+                executor,
+                not_after: None,
+            };
             let out = async {
-                let v = cli::execute(
-                    &opened,
-                    Request::Send {
-                        text,
-                        executor,
-                        not_after: None,
-                    },
-                )
-                .await?;
-                let id = v["task_id"].as_str().unwrap_or_default().to_owned();
+                let sent = opened.call(send).await?;
                 if !json {
-                    println!("{id}");
+                    println!("{}", sent.task_id);
                 }
-                follow_task(&opened, &id, timeout, json).await
+                follow_task(&opened, sent.task_id, timeout, json).await
             }
             .await;
-            close(opened).await;
+            opened.close().await;
             out
         }
         Command::Thread {
@@ -290,7 +289,7 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             cli::init_logging("warn");
             let opened = open_online(&home, &net).await?;
             let out = follow_thread(&opened, json).await;
-            close(opened).await;
+            opened.close().await;
             out
         }
         Command::Pair {
@@ -300,45 +299,33 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             json,
         } => {
             cli::init_logging("warn");
-            let req = Request::PairWith {
+            let pair = api::PairWith {
                 ticket: ticket_arg(ticket)?,
             };
-            let v = match open_net(&home, &net, name).await? {
-                opened @ Opened::Daemon(_) => cli::execute(&opened, req).await?,
+            let paired = match open_net(&home, &net, name).await? {
+                opened @ Opened::Daemon(_) => opened.call(pair).await?,
                 Opened::Local(peer) => {
                     peer.start()
                         .await
                         .map_err(|e| ApiError::new(e.to_string()))?;
-                    let out = errand_p2p::api::handle(&peer, req).await;
+                    let out = pair.run(&peer).await;
                     peer.shutdown().await;
                     out?
                 }
             };
             if json {
-                cli::print_json(&v);
+                cli::print_json(&paired);
             } else {
-                println!(
-                    "paired with {} ({})",
-                    cli::printable(v["desktop_name"].as_str().unwrap_or(""), false),
-                    cli::printable(v["desktop_id"].as_str().unwrap_or(""), false)
-                );
+                paired.show(CLI);
             }
-            if v["synced"].as_bool() == Some(false) {
+            if !paired.synced {
                 eprintln!(
                     "warning: paired, but the first sync did not finish; run errand-phone sync"
                 );
             }
             Ok(())
         }
-        other => {
-            cli::init_logging("warn");
-            let opened = cli::open(home, DeviceKind::Phone).await?;
-            let out = request(&opened, other).await;
-            if let Opened::Local(peer) = &opened {
-                peer.shutdown().await;
-            }
-            out
-        }
+        other => cli::one_shot(home, CLI, async |opened| request(opened, other).await).await,
     }
 }
 
@@ -353,12 +340,6 @@ async fn open_online(home: &std::path::Path, net: &NetArgs) -> Result<Opened, Ap
     Ok(opened)
 }
 
-async fn close(opened: Opened) {
-    if let Opened::Local(peer) = opened {
-        peer.shutdown().await;
-    }
-}
-
 /// How often `--wait` and `--follow` look for news. Local reads are cheap; a quarter second
 /// keeps output feeling live.
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
@@ -366,26 +347,19 @@ const FOLLOW_POLL: Duration = Duration::from_millis(250);
 /// Follows one task until it ends: prints output as it arrives, exits by its final status.
 async fn follow_task(
     opened: &Opened,
-    id: &str,
+    id: TaskId,
     timeout: Duration,
     json: bool,
 ) -> Result<(), ApiError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut printed = 0usize;
-    let mut last_status = String::new();
+    let mut last_status = None;
     loop {
-        let t = cli::execute(opened, Request::Task { id: id.to_owned() }).await?;
-        let status = t["status"].as_str().unwrap_or_default().to_owned();
-        let attempt = t["attempt"].as_u64().unwrap_or(1);
-        let outputs: Vec<&str> = t["events"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e["kind"] == "output" && e["attempt"].as_u64() == Some(attempt))
-            .filter_map(|e| e["text"].as_str())
-            .collect();
+        let t = opened.call(api::GetTask { id }).await?;
+        let status = t.status;
+        let outputs: Vec<&str> = t.outputs().collect();
         if !json {
-            if status != last_status {
+            if Some(status) != last_status {
                 eprintln!("[{status}]");
             }
             for o in outputs.iter().skip(printed) {
@@ -393,16 +367,12 @@ async fn follow_task(
             }
         }
         printed = outputs.len();
-        last_status = status.clone();
-        let terminal = matches!(
-            status.as_str(),
-            "done" | "failed" | "cancelled" | "denied" | "interrupted"
-        );
-        if terminal {
+        last_status = Some(status);
+        if status.is_terminal() {
             if json {
                 cli::print_json(&t);
             }
-            return if status == "done" {
+            return if status == TaskStatus::Done {
                 Ok(())
             } else {
                 Err(ApiError::with_code(
@@ -423,20 +393,20 @@ async fn follow_task(
 
 /// Prints tasks as they change until interrupted.
 async fn follow_thread(opened: &Opened, json: bool) -> Result<(), ApiError> {
-    let mut seen: std::collections::HashMap<String, serde_json::Value> = Default::default();
+    let mut seen: std::collections::HashMap<TaskId, TaskInfo> = Default::default();
     let follow = async {
         loop {
-            let v = cli::execute(opened, Request::Thread { all: false }).await?;
-            for t in v["tasks"].as_array().into_iter().flatten() {
-                let id = t["id"].as_str().unwrap_or_default().to_owned();
-                if seen.get(&id) != Some(t) {
+            let thread = opened.call(api::GetThread { all: false }).await?;
+            for t in thread.tasks {
+                if seen.get(&t.id) != Some(&t) {
                     if json {
                         use std::io::Write;
-                        let _ = writeln!(std::io::stdout().lock(), "{t}");
+                        let line = serde_json::to_string(&t).unwrap_or_default();
+                        let _ = writeln!(std::io::stdout().lock(), "{line}");
                     } else {
-                        cli::print_task(t);
+                        println!("{}", cli::task_line(&t));
                     }
-                    seen.insert(id, t.clone());
+                    seen.insert(t.id, t);
                 }
             }
             tokio::time::sleep(FOLLOW_POLL).await;
@@ -452,22 +422,14 @@ async fn follow_thread(opened: &Opened, json: bool) -> Result<(), ApiError> {
 
 async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Result<(), ApiError> {
     let opened = open_net(home, net, None).await?;
-    let desktop = |v: &serde_json::Value| {
-        v.get("peers").and_then(|p| p.as_array()).and_then(|ps| {
-            ps.iter()
-                .find(|p| p.get("kind").and_then(|k| k.as_str()) == Some("desktop"))
-                .cloned()
-        })
-    };
     match opened {
         Opened::Daemon(_) => {
             // The daemon syncs already: wait until it reports the desktop in sync.
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
-                let v = cli::execute(&opened, Request::Status).await?;
-                if desktop(&v).and_then(|d| d.get("in_sync").and_then(|x| x.as_bool()))
-                    == Some(true)
-                {
+                let status = opened.call(api::GetStatus).await?;
+                let desktop = status.peers.iter().find(|p| p.kind == DeviceKind::Desktop);
+                if desktop.is_some_and(|d| d.in_sync) {
                     println!("in sync");
                     return Ok(());
                 }
@@ -531,136 +493,55 @@ async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Resul
     }
 }
 
-/// `approve|deny|cancel|retry ID`: appends the request; `--json` prints `{task_id, requested}`.
-async fn act(opened: &Opened, id: String, action: Action, json: bool) -> Result<(), ApiError> {
-    let v = cli::execute(opened, Request::Act { id, action }).await?;
-    if json {
-        cli::print_json(&v);
-    }
-    Ok(())
-}
-
+/// A one-shot command: one request, its response printed.
 async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
+    let act = async |id: String, action: Action, json: bool| {
+        let id = api::ops::parse_task_id(&id)?;
+        cli::show(opened, api::Act { id, action }, json, CLI).await
+    };
     match command {
         Command::Daemon { .. } | Command::Sync { .. } | Command::Pair { .. } => {
             Err(ApiError::with_code(exit::USAGE, "not a request"))
         }
-        Command::Forget { json } => {
-            let v = cli::execute(opened, Request::Forget).await?;
-            if json {
-                cli::print_json(&v);
-            } else {
-                for id in v["forgotten"].as_array().into_iter().flatten() {
-                    println!(
-                        "forgot {}",
-                        cli::printable(id.as_str().unwrap_or(""), false)
-                    );
-                }
-            }
-            Ok(())
-        }
+        Command::Forget { json } => cli::show(opened, api::Forget, json, CLI).await,
         Command::Send {
             text,
             executor,
             json,
             ..
         } => {
-            let v = cli::execute(
-                opened,
-                Request::Send {
-                    text,
-                    executor,
-                    not_after: None,
-                },
-            )
-            .await?;
-            if json {
-                cli::print_json(&v)
-            } else {
-                println!(
-                    "{}",
-                    v.get("task_id").and_then(|x| x.as_str()).unwrap_or("")
-                )
-            }
-            Ok(())
+            let send = api::SendTask {
+                text,
+                executor,
+                not_after: None,
+            };
+            cli::show(opened, send, json, CLI).await
         }
-        Command::Status { json } => {
-            let v = cli::execute(opened, Request::Status).await?;
-            if json {
-                cli::print_json(&v)
-            } else {
-                cli::print_status(&v)
-            }
-            Ok(())
-        }
+        Command::Status { json } => cli::show(opened, api::GetStatus, json, CLI).await,
         Command::Thread { json, all, .. } => {
-            let v = cli::execute(opened, Request::Thread { all }).await?;
-            if json {
-                cli::print_json(&v)
-            } else {
-                for t in v
-                    .get("tasks")
-                    .and_then(|x| x.as_array())
-                    .into_iter()
-                    .flatten()
-                {
-                    cli::print_task(t);
-                }
-            }
-            Ok(())
+            cli::show(opened, api::GetThread { all }, json, CLI).await
         }
         Command::Task { id, json } => {
-            let v = cli::execute(opened, Request::Task { id }).await?;
-            if json {
-                cli::print_json(&v)
-            } else {
-                cli::print_task(&v);
-                if let Some(out) = v.get("output_tail").and_then(|x| x.as_str()) {
-                    cli::print_text(out);
-                }
-            }
-            Ok(())
+            let id = api::ops::parse_task_id(&id)?;
+            cli::show(opened, api::GetTask { id }, json, CLI).await
         }
-        Command::Approve { id, json } => act(opened, id, Action::Approve, json).await,
-        Command::Deny { id, json } => act(opened, id, Action::Deny, json).await,
-        Command::Cancel { id, json } => act(opened, id, Action::Cancel, json).await,
-        Command::Retry { id, json } => act(opened, id, Action::Retry, json).await,
+        Command::Approve { id, json } => act(id, Action::Approve, json).await,
+        Command::Deny { id, json } => act(id, Action::Deny, json).await,
+        Command::Cancel { id, json } => act(id, Action::Cancel, json).await,
+        Command::Retry { id, json } => act(id, Action::Retry, json).await,
         Command::Devices { action: None, json } => {
-            let v = cli::execute(opened, Request::Devices).await?;
-            if json {
-                cli::print_json(&v)
-            } else {
-                for d in v.as_array().into_iter().flatten() {
-                    let g = |k: &str| {
-                        cli::printable(d.get(k).and_then(|x| x.as_str()).unwrap_or(""), false)
-                    };
-                    println!("{}  {}", g("id"), g("name"));
-                }
-            }
-            Ok(())
+            cli::show(opened, api::ListDevices, json, CLI).await
         }
         Command::Devices {
             action: Some(DevicesCommand::Add { peer_id, addrs }),
             json,
         } => {
-            let v = cli::execute(
-                opened,
-                Request::DevicesAdd {
-                    id: peer_id,
-                    addrs,
-                    name: None,
-                },
-            )
-            .await?;
-            if json {
-                cli::print_json(&v)
-            } else {
-                println!(
-                    "trusted {}",
-                    v.get("id").and_then(|x| x.as_str()).unwrap_or("")
-                )
-            }
-            Ok(())
+            let add = api::AddDevice {
+                id: peer_id,
+                addrs,
+                name: None,
+            };
+            cli::show(opened, add, json, CLI).await
         }
     }
 }

@@ -25,7 +25,7 @@ use clap::{Parser, Subcommand};
 use errand_core::DeviceKind;
 use errand_crdt::NewTask;
 use errand_p2p::{
-    api::{self, Request},
+    api::{self, Call as _},
     peer::{Peer, PeerConfig, PeerEvent, now_ms},
 };
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -420,24 +420,20 @@ async fn peer_command(peer: &Peer, cmd: &str, rest: &str) -> Result<Value> {
             Ok(json!({ "ev": "cpu", "t": mono_ns(), "cpu_ns": cpu }))
         }
         "ticket" => {
-            let v = api::handle(
-                peer,
-                Request::Pair {
-                    ttl_secs: TICKET_TTL_SECS,
-                },
-            )
+            let issued = api::IssueTicket {
+                ttl_secs: TICKET_TTL_SECS,
+            }
+            .run(peer)
             .await
             .map_err(|e| anyhow!(e.message))?;
-            Ok(json!({ "ev": "ticket", "t": mono_ns(), "ticket": v["ticket"] }))
+            Ok(json!({ "ev": "ticket", "t": mono_ns(), "ticket": issued.ticket }))
         }
         "pair" => {
             let t0 = mono_ns();
-            let out = api::handle(
-                peer,
-                Request::PairWith {
-                    ticket: rest.to_owned(),
-                },
-            )
+            let out = api::PairWith {
+                ticket: rest.to_owned(),
+            }
+            .run(peer)
             .await;
             let t1 = mono_ns();
             match out {

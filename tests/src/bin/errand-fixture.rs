@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use errand_core::DeviceKind;
 use errand_p2p::{
-    api::{self, Request},
+    api::{self, Call as _},
     peer::{Peer, PeerConfig},
 };
 
@@ -45,18 +45,17 @@ async fn main() -> Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     for i in 0..args.count {
-        let v = api::handle(
-            &peer,
-            Request::Send {
-                text: format!("{} {i}", args.text),
-                executor: None,
-                not_after: None,
-            },
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!(e.message))?;
+        let send = api::SendTask {
+            text: format!("{} {i}", args.text),
+            executor: None,
+            not_after: None,
+        };
+        let sent = send
+            .run(&peer)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))?;
         if args.print_ids {
-            writeln!(out, "{}", v["task_id"].as_str().context("task id")?)?;
+            writeln!(out, "{}", sent.task_id)?;
             out.flush()?;
         }
     }

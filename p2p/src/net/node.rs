@@ -1,10 +1,11 @@
-//! The node actor: it owns the libp2p `Swarm` and talks to the rest of the peer through a
-//! bounded command channel and a bounded event channel.
+//! The node actor: it owns the libp2p `Swarm` (built in [`super::behaviour`]) and talks to
+//! the rest of the peer through a bounded command channel and a bounded event channel.
 //!
-//! Transport: TCP + Noise + Yamux (and the relay client transport, the same upgrade over a
-//! circuit). Behaviours, in order: the gate (first, so its refusal stops the rest), relay
-//! client, DCUtR, identify, ping, mDNS (switchable), rendezvous client, and `libp2p-stream`
-//! for `/errand/sync/1` and `/errand/pair/1`.
+//! - [`spawn`] builds the swarm, binds every listener and starts the actor.
+//! - [`NodeHandle`] sends it commands (dial, disconnect, relay state, shutdown), each with a
+//!   `oneshot` for the reply.
+//! - The actor reports connections, discoveries and listen addresses as [`NodeEvent`]s, and
+//!   keeps the relays of [`super::relay_client`] up to date.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -12,34 +13,19 @@ use futures::StreamExt;
 use libp2p::{
     Multiaddr, PeerId, Swarm, dcutr, identify, identity, mdns,
     multiaddr::Protocol,
-    noise, ping, relay, rendezvous,
+    relay, rendezvous,
     swarm::{
-        ConnectionId, NetworkBehaviour, SwarmEvent,
-        behaviour::toggle::Toggle,
+        ConnectionId, SwarmEvent,
         dial_opts::{DialOpts, PeerCondition},
     },
-    tcp, yamux,
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{
-    gate::{Gate, SharedGate},
+use super::{
+    behaviour::{self, Behaviour, BehaviourEvent},
     relay_client::{RelayInfo, Relays, is_circuit},
 };
-
-/// Identify's protocol string, shared with the relay.
-pub const IDENTIFY_PROTOCOL: &str = "/errand/id/1.0.0";
-
-/// Ping every 15 s: a quarter of the idle timeout, so a dead connection is noticed well
-/// before it would idle out, and the traffic stays negligible on a phone.
-const PING_INTERVAL: Duration = Duration::from_secs(15);
-
-/// Close a connection with no streams after 60 s. The sync stream keeps a trusted peer's
-/// connection open; this only reaps connections nothing uses (dependency notes, 1.6).
-const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Peers whose identify-reported addresses are kept for dials by PeerId (libp2p's default).
-const IDENTIFY_CACHE_SIZE: usize = 100;
+use crate::sync::gate::SharedGate;
 
 /// Commands queued to the node. Callers wait when it is busy rather than pile up work.
 const COMMAND_CAPACITY: usize = 64;
@@ -47,20 +33,6 @@ const COMMAND_CAPACITY: usize = 64;
 /// Events queued from the node to the peer. The peer drains them promptly; if it falls
 /// behind, the swarm waits rather than drop a connect/disconnect.
 const EVENT_CAPACITY: usize = 256;
-
-/// The composed behaviour.
-#[allow(missing_debug_implementations)]
-#[derive(NetworkBehaviour)]
-pub struct Behaviour {
-    gate: Gate,
-    relay_client: relay::client::Behaviour,
-    dcutr: Toggle<dcutr::Behaviour>,
-    identify: identify::Behaviour,
-    ping: ping::Behaviour,
-    mdns: Toggle<mdns::tokio::Behaviour>,
-    pub(crate) rendezvous: rendezvous::client::Behaviour,
-    stream: libp2p_stream::Behaviour,
-}
 
 /// How the node is set up.
 #[derive(Debug, Clone)]
@@ -76,6 +48,12 @@ pub struct NodeConfig {
     /// Only ever connect to peers through relay circuits: no direct dials, no mDNS, no DCUtR.
     /// For testing the relayed path.
     pub relay_only: bool,
+    /// How long a relayed connection outlives a hole punch while a pairing may be running on
+    /// it (the peer is not trusted yet, or our pairing window is open): closing it at once cuts
+    /// the handshake after the desktop consumed the ticket but before the phone got its
+    /// welcome. The peer passes one pairing step's timeout, which covers the rest of a healthy
+    /// handshake.
+    pub pairing_grace: Duration,
 }
 
 /// What the node reports.
@@ -289,49 +267,8 @@ pub async fn spawn(
         g.infra.extend(relays.peers());
     }
     let gate_handle = gate.clone();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| NodeError::Build(e.to_string()))?
-        .with_dns()
-        .map_err(|e| NodeError::Build(e.to_string()))?
-        .with_relay_client(noise::Config::new, yamux::Config::default)
-        .map_err(|e| NodeError::Build(e.to_string()))?
-        .with_behaviour(|key, relay_client| {
-            let peer_id = key.public().to_peer_id();
-            let mdns = if enable_mdns {
-                Some(mdns::tokio::Behaviour::new(
-                    mdns::Config::default(),
-                    peer_id,
-                )?)
-            } else {
-                None
-            };
-            Ok(Behaviour {
-                gate: Gate::new(gate),
-                relay_client,
-                dcutr: Toggle::from(enable_dcutr.then(|| dcutr::Behaviour::new(peer_id))),
-                identify: identify::Behaviour::new(
-                    identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                        .with_agent_version(format!("errand/{}", env!("CARGO_PKG_VERSION")))
-                        // Identify hands the listen addresses it learned to any dial by PeerId
-                        // alone, such as libp2p-stream's `open_stream` on a peer that just
-                        // disconnected: relay-only would quietly dial direct. No cache then.
-                        .with_cache_size(if relay_only { 0 } else { IDENTIFY_CACHE_SIZE }),
-                ),
-                ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_INTERVAL)),
-                mdns: Toggle::from(mdns),
-                rendezvous: rendezvous::client::Behaviour::new(key.clone()),
-                stream: libp2p_stream::Behaviour::new(),
-            })
-        })
-        .map_err(|e| NodeError::Build(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
-        .build();
+    let mut swarm = behaviour::build_swarm(keypair, gate, enable_mdns, enable_dcutr, relay_only)
+        .map_err(|e| NodeError::Build(e.to_string()))?;
 
     let mut pending = 0usize;
     for addr in &config.listen {
@@ -385,6 +322,7 @@ pub async fn spawn(
         gate: gate_handle,
         superseded: Vec::new(),
         closing: HashMap::new(),
+        pairing_grace: config.pairing_grace,
     };
     let task = tokio::spawn(actor.run());
     Ok((
@@ -411,13 +349,9 @@ struct NodeActor {
     superseded: Vec<(ConnectionId, tokio::time::Instant)>,
     /// Callers of [`NodeHandle::disconnect`] waiting for a peer's last connection to close.
     closing: HashMap<PeerId, Vec<oneshot::Sender<()>>>,
+    /// See [`NodeConfig::pairing_grace`].
+    pairing_grace: Duration,
 }
-
-/// How long a relayed connection outlives a hole punch while a pairing may be running on it
-/// (the peer is not trusted yet, or our pairing window is open): closing it at once cuts the
-/// handshake after the desktop consumed the ticket but before the phone got its welcome. One
-/// handshake step's timeout covers the rest of a healthy handshake.
-const PAIRING_GRACE: Duration = crate::pair::STEP_TIMEOUT;
 
 /// How often the node does relay upkeep (reserve, register, discover). Cheap: most ticks
 /// do nothing.
@@ -666,7 +600,7 @@ impl NodeActor {
                     });
                     tracing::info!(peer = %remote_peer_id, closing = relayed.len(), pairing, "hole punch succeeded; moving to the direct connection");
                     if pairing {
-                        let due = tokio::time::Instant::now() + PAIRING_GRACE;
+                        let due = tokio::time::Instant::now() + self.pairing_grace;
                         self.superseded
                             .extend(relayed.into_iter().map(|id| (id, due)));
                     } else {

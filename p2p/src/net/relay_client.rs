@@ -8,13 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::behaviour::Behaviour;
 use libp2p::{
     Multiaddr, PeerId, Swarm, core::transport::ListenerId, multiaddr::Protocol, rendezvous,
 };
 use serde::Serialize;
-use sha2::Digest;
-
-use crate::node::Behaviour;
 
 /// Registration TTL asked of the rendezvous point. The errand-relay accepts 60 s to 2 h; 10 min
 /// keeps a stale registration (a phone that went away) short-lived.
@@ -28,16 +26,6 @@ pub const DISCOVER_EVERY: Duration = Duration::from_secs(5);
 const RESERVE_BACKOFF_START: Duration = Duration::from_secs(1);
 /// Cap of the re-reservation backoff: a restarted relay is used again within 30 s.
 const RESERVE_BACKOFF_MAX: Duration = Duration::from_secs(30);
-
-/// The rendezvous namespace of a thread's devices, derived from their shared discovery
-/// secret: it hides who pairs with whom from other relay users (it does not authenticate;
-/// the gate and PeerIds do).
-pub fn namespace(discovery_secret: &[u8; 32]) -> String {
-    let mut h = sha2::Sha256::new();
-    h.update(b"errand-rendezvous-v1");
-    h.update(discovery_secret);
-    format!("errand-{}", hex::encode(&h.finalize()[..16]))
-}
 
 /// Splits `/…/p2p/<relay>` into the relay's PeerId and the address.
 pub fn relay_peer(addr: &Multiaddr) -> Option<PeerId> {

@@ -5,7 +5,13 @@
 //!   opens the home itself for the moment it needs ([`open`]).
 //! - While another process holds the home without answering (a one-shot command, a daemon still
 //!   starting), commands and daemons wait for it up to [`LOCK_WAIT`], then name the holder.
+//! - [`Opened::call`] runs one typed request there; [`show`] runs one and prints its response,
+//!   as JSON with `--json`, else as text ([`print`]). Both CLIs print through it.
 //! - Human output passes text from the thread through [`printable`]; `--json` prints it exactly.
+
+mod print;
+
+pub use print::{Show, print_json, print_text, printable, show, task_line};
 
 use std::{path::PathBuf, time::Duration};
 
@@ -14,7 +20,7 @@ use errand_crdt::StoreError;
 use libp2p::Multiaddr;
 
 use crate::{
-    api::{self, Request, exit},
+    api::{self, Call, Request, exit},
     control::{self, ApiError, ControlError},
     peer::{Peer, PeerConfig, PeerError},
 };
@@ -221,17 +227,40 @@ fn locked(home: &std::path::Path) -> ApiError {
     )
 }
 
-/// Runs a request locally or through the daemon.
-pub async fn execute(opened: &Opened, req: Request) -> Result<serde_json::Value, ApiError> {
-    match opened {
-        Opened::Local(peer) => api::handle(peer, req).await,
-        Opened::Daemon(home) => {
-            let value = serde_json::to_value(&req).map_err(|e| ApiError::new(e.to_string()))?;
-            control::call(home, &value, control::CALL_TIMEOUT)
-                .await
-                .map_err(|e| daemon_error(home, e))
+impl Opened {
+    /// Runs a request on this process's peer, or through the daemon.
+    pub async fn call<C: Call>(&self, call: C) -> Result<C::Response, ApiError> {
+        match self {
+            Opened::Local(peer) => call.run(peer).await,
+            Opened::Daemon(home) => {
+                let req: Request = call.into();
+                control::call(home, &req, control::CALL_TIMEOUT)
+                    .await
+                    .map_err(|e| daemon_error(home, e))
+            }
         }
     }
+
+    /// Lets go of the home: shuts this process's peer down (a daemon's goes on).
+    pub async fn close(self) {
+        if let Opened::Local(peer) = self {
+            peer.shutdown().await;
+        }
+    }
+}
+
+/// A one-shot command: opens the home without a network (or finds its daemon), runs `f`,
+/// and lets go of the home again.
+pub async fn one_shot(
+    home: PathBuf,
+    kind: DeviceKind,
+    f: impl AsyncFnOnce(&Opened) -> Result<(), ApiError>,
+) -> Result<(), ApiError> {
+    init_logging("warn");
+    let opened = open(home, kind).await?;
+    let out = f(&opened).await;
+    opened.close().await;
+    out
 }
 
 /// Maps a control failure to the CLI's error, with exit 5 when the daemon does not answer.
@@ -259,14 +288,9 @@ pub fn serve_control(peer: &Peer) -> std::io::Result<tokio::task::JoinHandle<()>
     let p = peer.clone();
     control::serve(
         peer.home(),
-        std::sync::Arc::new(move |value| {
+        std::sync::Arc::new(move |req: Request| {
             let p = p.clone();
-            Box::pin(async move {
-                let req: Request = serde_json::from_value(value).map_err(|e| {
-                    ApiError::with_code(exit::USAGE, format!("unknown request: {e}"))
-                })?;
-                api::handle(&p, req).await
-            })
+            Box::pin(async move { api::handle(&p, req).await })
         }),
     )
 }
@@ -297,238 +321,4 @@ pub async fn shutdown_signal() {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 30s or 10m"))
-}
-
-/// Prints a value as pretty JSON on stdout.
-pub fn print_json(v: &serde_json::Value) {
-    use std::io::Write;
-    // A closed pipe (`… --json | head`) is not an error worth a panic.
-    let _ = writeln!(
-        std::io::stdout().lock(),
-        "{}",
-        serde_json::to_string_pretty(v).unwrap_or_default()
-    );
-}
-
-/// Human text for a status value.
-pub fn print_status(v: &serde_json::Value) {
-    let s = |k: &str| printable(v.get(k).and_then(|x| x.as_str()).unwrap_or("-"), false);
-    println!("peer id:   {}", s("peer_id"));
-    println!("name:      {}", s("name"));
-    println!("thread:    {}", s("thread_id"));
-    println!(
-        "running:   {}",
-        if v.get("running").and_then(|x| x.as_bool()).unwrap_or(false) {
-            "yes"
-        } else {
-            "no (no daemon holds this home)"
-        }
-    );
-    for a in v
-        .get("listen_addrs")
-        .and_then(|x| x.as_array())
-        .into_iter()
-        .flatten()
-    {
-        println!("listening: {}", a.as_str().unwrap_or(""));
-    }
-    let peers = v
-        .get("peers")
-        .and_then(|x| x.as_array())
-        .cloned()
-        .unwrap_or_default();
-    if peers.is_empty() {
-        println!("peers:     none trusted yet");
-    }
-    for p in peers {
-        let g = |k: &str| printable(p.get(k).and_then(|x| x.as_str()).unwrap_or("-"), false);
-        let connected = p
-            .get("connected")
-            .and_then(|x| x.as_bool())
-            .unwrap_or(false);
-        println!(
-            "peer:      {} {} ({}) {}{} last sync {}",
-            g("id"),
-            g("name"),
-            g("kind"),
-            if connected {
-                g("path")
-            } else {
-                "offline".into()
-            },
-            if p.get("in_sync").and_then(|x| x.as_bool()).unwrap_or(false) {
-                ", in sync"
-            } else {
-                ""
-            },
-            g("last_sync_at"),
-        );
-    }
-}
-
-/// Human text for a task value: one line, its instruction's first line.
-pub fn print_task(t: &serde_json::Value) {
-    let g = |k: &str| t.get(k).and_then(|x| x.as_str()).unwrap_or("");
-    let reqs: Vec<String> = t
-        .get("requests")
-        .and_then(|x| x.as_array())
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r.as_str().map(|s| printable(&s.replace('_', " "), false)))
-        .collect();
-    println!(
-        "{}  {:<17} {}{}",
-        printable(g("id"), false),
-        printable(g("status"), false),
-        printable(g("instruction").lines().next().unwrap_or(""), false),
-        if reqs.is_empty() {
-            String::new()
-        } else {
-            format!("  [{}]", reqs.join(", "))
-        }
-    );
-}
-
-/// Text from the thread (instructions, task output, device names) made safe for a terminal:
-/// escape sequences (CSI, OSC and the other ESC forms, and their 8-bit C1 twins) and every other
-/// control character are dropped, and so are the bidirectional overrides that reorder what a
-/// reader sees. With `multiline`, newline and tab stay. JSON output never goes through this:
-/// serde escapes control characters, and a script gets the exact text.
-pub fn printable(text: &str, multiline: bool) -> String {
-    let chars: Vec<char> = text.chars().collect();
-    let mut out = String::with_capacity(text.len());
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        if let Some(end) = escape_end(&chars, i) {
-            i = end;
-            continue;
-        }
-        let keep = match c {
-            '\n' | '\t' => multiline,
-            c if c.is_control() => false,
-            c => !is_bidi_control(c),
-        };
-        if keep {
-            out.push(c);
-        }
-        i += 1;
-    }
-    out
-}
-
-/// If an escape sequence starts at `i`, the index just past it. An unterminated string
-/// sequence (OSC and kin) counts as its introducer only, so the text after it stays visible.
-fn escape_end(chars: &[char], i: usize) -> Option<usize> {
-    const ESC: char = '\u{1b}';
-    const BEL: char = '\u{7}';
-    let (kind, body) = match (chars[i], chars.get(i + 1).copied()) {
-        (ESC, Some('[')) | ('\u{9b}', _) => {
-            (Escape::Csi, if chars[i] == ESC { i + 2 } else { i + 1 })
-        }
-        (ESC, Some(']' | 'P' | 'X' | '^' | '_')) => (Escape::String, i + 2),
-        ('\u{9d}' | '\u{90}' | '\u{98}' | '\u{9e}' | '\u{9f}', _) => (Escape::String, i + 1),
-        (ESC, Some(c)) if (' '..='/').contains(&c) || ('0'..='~').contains(&c) => {
-            (Escape::Short, i + 1)
-        }
-        _ => return None,
-    };
-    match kind {
-        // Parameters and intermediates, then one final byte.
-        Escape::Csi => {
-            let mut j = body;
-            while let Some(&c) = chars.get(j) {
-                j += 1;
-                if ('@'..='~').contains(&c) {
-                    return Some(j);
-                }
-                if !(' '..='?').contains(&c) {
-                    // Not a CSI byte: the sequence ends before it.
-                    return Some(j - 1);
-                }
-            }
-            Some(j)
-        }
-        // Up to BEL, ESC \ or 8-bit ST.
-        Escape::String => {
-            let mut j = body;
-            while let Some(&c) = chars.get(j) {
-                match c {
-                    BEL | '\u{9c}' => return Some(j + 1),
-                    ESC if chars.get(j + 1) == Some(&'\\') => return Some(j + 2),
-                    _ => j += 1,
-                }
-            }
-            Some(body)
-        }
-        // Intermediates, then one final byte.
-        Escape::Short => {
-            let mut j = body;
-            while let Some(&c) = chars.get(j) {
-                j += 1;
-                if !(' '..='/').contains(&c) {
-                    return Some(j);
-                }
-            }
-            Some(j)
-        }
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Escape {
-    Csi,
-    String,
-    Short,
-}
-
-/// Unicode's bidirectional formatting characters (embeddings, overrides, isolates, marks).
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
-
-/// Prints a task's output (or any multi-line text from the thread) as [`printable`] text.
-pub fn print_text(text: &str) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(printable(text, true).as_bytes());
-    let _ = out.flush();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::printable;
-
-    #[test]
-    fn escape_sequences_and_controls_are_dropped() {
-        let cases = [
-            ("\u{1b}[31mred\u{1b}[0m", "red"),
-            ("\u{1b}[?1049h\u{1b}[2J\u{1b}[Hclear", "clear"),
-            ("a\u{1b}]0;title\u{7}b", "ab"),
-            (
-                "a\u{1b}]8;;http://x\u{1b}\\link\u{1b}]8;;\u{1b}\\b",
-                "alinkb",
-            ),
-            ("a\u{1b}Pdcs\u{1b}\\b", "ab"),
-            ("a\u{1b}(Bb\u{1b}7c\u{1b}Md", "abcd"),
-            ("a\u{9b}31mb\u{9d}0;t\u{9c}c", "abc"),
-            ("bell\u{7} back\u{8}space\r", "bell backspace"),
-            ("a\u{202e}cba\u{2066}d\u{200f}", "acbad"),
-            (
-                "unterminated \u{1b}]0;still shown",
-                "unterminated 0;still shown",
-            ),
-            ("trailing \u{1b}", "trailing "),
-            ("ünïcödé ✓", "ünïcödé ✓"),
-        ];
-        for (input, want) in cases {
-            assert_eq!(printable(input, false), want, "{input:?}");
-        }
-    }
-
-    #[test]
-    fn newline_and_tab_stay_only_in_multi_line_text() {
-        assert_eq!(printable("a\tb\r\nc\n", true), "a\tb\nc\n");
-        assert_eq!(printable("a\tb\r\nc\n", false), "abc");
-    }
 }

@@ -1,0 +1,418 @@
+//! The requests and how a peer answers them.
+//!
+//! Reads go through the replica; writes through [`Peer`]'s own methods. The task rules are
+//! not here: an action is checked by `errand_core::check_action` against the task's history.
+
+use std::time::Duration;
+
+use errand_core::{
+    Action, DeviceId, DeviceKind, Message, Task, TaskId, TaskStatus, limits, time::rfc3339,
+};
+use errand_crdt::{NewTask, TrustedPeer};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    ApiError, Call, exit,
+    views::{
+        DeviceAdded, DeviceInfo, Forgotten, PairTicket, Paired, Requested, Revoked, Sent,
+        StatusInfo, TaskInfo, ThreadInfo,
+    },
+};
+use crate::{
+    pairing::{self, PhonePairError},
+    peer::{Peer, PeerError, now_ms, parse_addr, parse_peer_id},
+};
+
+fn err(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(e.to_string())
+}
+
+fn usage(e: impl std::fmt::Display) -> ApiError {
+    ApiError::with_code(exit::USAGE, e.to_string())
+}
+
+/// Parses a task id typed by a person (exit 2 when it is not one).
+pub fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
+    id.trim().parse().map_err(usage)
+}
+
+/// This device's id in the thread.
+fn own_device(peer: &Peer) -> Result<DeviceId, ApiError> {
+    peer.peer_id().to_base58().parse().map_err(err)
+}
+
+/// `status`: this device, its peers, relay and documents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetStatus;
+
+impl Call for GetStatus {
+    type Response = StatusInfo;
+    async fn run(self, peer: &Peer) -> Result<StatusInfo, ApiError> {
+        Ok(StatusInfo::from_peer(peer.status().await.map_err(err)?))
+    }
+}
+
+/// The thread as read: its id, tasks and messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Thread {
+    /// Thread id.
+    pub thread_id: String,
+    /// Tasks, oldest first.
+    pub tasks: Vec<Task>,
+    /// Messages, in thread order.
+    pub messages: Vec<Message>,
+}
+
+/// `thread [--all]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetThread {
+    /// Every segment, not only the newest and those with unfinished tasks.
+    #[serde(default)]
+    pub all: bool,
+}
+
+impl GetThread {
+    /// Reads the thread (the domain records, for callers that present them their own way).
+    pub async fn read(self, peer: &Peer) -> Result<Thread, ApiError> {
+        let read = |d: &errand_crdt::ThreadDoc| {
+            (d.genesis().thread_id.to_string(), d.tasks(), d.messages())
+        };
+        let (thread_id, tasks, messages) = if self.all {
+            peer.replica().read_all(read).await
+        } else {
+            peer.replica().read(read).await
+        }
+        .map_err(err)?;
+        Ok(Thread {
+            thread_id,
+            tasks,
+            messages,
+        })
+    }
+}
+
+impl Call for GetThread {
+    type Response = ThreadInfo;
+    async fn run(self, peer: &Peer) -> Result<ThreadInfo, ApiError> {
+        let thread = self.read(peer).await?;
+        Ok(ThreadInfo {
+            thread_id: thread.thread_id,
+            tasks: thread.tasks.iter().map(TaskInfo::from).collect(),
+            messages: thread.messages.iter().map(Into::into).collect(),
+        })
+    }
+}
+
+/// `task ID`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetTask {
+    /// The task.
+    pub id: TaskId,
+}
+
+impl GetTask {
+    /// Reads the task (the domain record), loading its segment if it is not held.
+    pub async fn read(self, peer: &Peer) -> Result<Task, ApiError> {
+        let id = self.id;
+        // An old task's segment may not be held in memory.
+        peer.replica().ensure_task_loaded(id).await.map_err(err)?;
+        peer.replica()
+            .read(move |d| d.task(&id))
+            .await
+            .map_err(err)?
+            .ok_or_else(|| {
+                ApiError::new(format!(
+                    "no task {id} in this thread (it may not have synced here yet)"
+                ))
+            })
+    }
+}
+
+impl Call for GetTask {
+    type Response = TaskInfo;
+    async fn run(self, peer: &Peer) -> Result<TaskInfo, ApiError> {
+        Ok(TaskInfo::from(&self.read(peer).await?))
+    }
+}
+
+/// `send TEXT`: queue a task for the thread's desktop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendTask {
+    /// The instruction.
+    pub text: String,
+    /// Executor name (default: the desktop's first).
+    pub executor: Option<String>,
+    /// Expiry, UTC ms.
+    pub not_after: Option<i64>,
+}
+
+impl SendTask {
+    /// Checks the instruction alone (exit 2 when it is empty or too long): what can be said
+    /// before looking at the thread.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if self.text.trim().is_empty() {
+            return Err(usage("the instruction is empty"));
+        }
+        if self.text.len() > limits::MAX_INSTRUCTION_BYTES {
+            return Err(usage(format!(
+                "the instruction is {} bytes, over the limit of {}",
+                self.text.len(),
+                limits::MAX_INSTRUCTION_BYTES
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Call for SendTask {
+    type Response = Sent;
+    async fn run(self, peer: &Peer) -> Result<Sent, ApiError> {
+        self.validate()?;
+        let (target, default_exec) = desktop_target(peer).await?;
+        let task = NewTask {
+            instruction: self.text,
+            executor: self.executor.unwrap_or(default_exec),
+            target,
+            not_after: self.not_after,
+        };
+        let task_id = peer.enqueue_task(task).await.map_err(err)?;
+        Ok(Sent {
+            task_id,
+            status: TaskStatus::Queued,
+        })
+    }
+}
+
+/// The desktop a new task goes to, and its default executor.
+async fn desktop_target(peer: &Peer) -> Result<(DeviceId, String), ApiError> {
+    let (owner, devices) = peer
+        .replica()
+        .read(|d| (d.genesis().owner.clone(), d.devices()))
+        .await
+        .map_err(err)?;
+    let exec = devices
+        .iter()
+        .find(|d| d.id == owner)
+        .and_then(|d| d.executors.first().cloned())
+        .unwrap_or_else(|| "shell".to_owned());
+    Ok((owner, exec))
+}
+
+/// `approve|deny|cancel|retry ID`: append the request, if this device may make it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Act {
+    /// The task.
+    pub id: TaskId,
+    /// What to ask.
+    pub action: Action,
+}
+
+impl Call for Act {
+    type Response = Requested;
+    async fn run(self, peer: &Peer) -> Result<Requested, ApiError> {
+        let task = GetTask { id: self.id }.read(peer).await?;
+        let permitted =
+            errand_core::check_action(&task, &own_device(peer)?, self.action).map_err(err)?;
+        peer.append_event(self.id, permitted.attempt, permitted.kind)
+            .await
+            .map_err(err)?;
+        Ok(Requested {
+            task_id: self.id,
+            requested: self.action,
+        })
+    }
+}
+
+/// `devices`: the trusted devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListDevices;
+
+impl Call for ListDevices {
+    type Response = Vec<DeviceInfo>;
+    async fn run(self, peer: &Peer) -> Result<Vec<DeviceInfo>, ApiError> {
+        let devices = peer
+            .replica()
+            .read(|d| d.devices())
+            .await
+            .unwrap_or_default();
+        let trusted = peer.trusted_peers().await.map_err(err)?;
+        Ok(trusted
+            .into_iter()
+            .map(|t| {
+                // The device's own name, once it told us; else the one it was trusted under.
+                let name = devices
+                    .iter()
+                    .find(|d| d.id == t.id && !d.name.is_empty())
+                    .map_or(t.name, |d| d.name.clone());
+                DeviceInfo {
+                    id: t.id,
+                    name,
+                    kind: t.kind,
+                    paired_at: rfc3339(t.paired_at),
+                    last_seen: t.last_seen.map(rfc3339),
+                    revoked: t.revoked,
+                    addrs: t.addrs,
+                }
+            })
+            .collect())
+    }
+}
+
+/// `pair` on a desktop: issue a pairing ticket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssueTicket {
+    /// Lifetime in seconds.
+    pub ttl_secs: u64,
+}
+
+impl Call for IssueTicket {
+    type Response = PairTicket;
+    async fn run(self, peer: &Peer) -> Result<PairTicket, ApiError> {
+        if self.ttl_secs == 0 {
+            return Err(usage("--ttl must be more than 0"));
+        }
+        let ticket = pairing::create_ticket(peer, Duration::from_secs(self.ttl_secs))
+            .await
+            .map_err(|e| match e {
+                PeerError::NotStarted => ApiError::new(
+                    "the desktop's network is not running in this process; start `errand-desktop run`",
+                ),
+                e => err(e),
+            })?;
+        Ok(PairTicket {
+            ticket: ticket.to_string(),
+            expires_at: rfc3339(ticket.expires_at()),
+        })
+    }
+}
+
+/// `pair TICKET` on a phone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairWith {
+    /// The ticket text.
+    pub ticket: String,
+}
+
+impl PairWith {
+    /// Pairs with a parsed ticket, failing with the pairing's own error (for a caller that
+    /// tells its kinds apart: the phone bridge).
+    pub async fn pair(peer: &Peer, ticket: &errand_core::Ticket) -> Result<Paired, PhonePairError> {
+        pairing::pair_phone(peer, ticket).await.map(Paired::from)
+    }
+}
+
+impl Call for PairWith {
+    type Response = Paired;
+    async fn run(self, peer: &Peer) -> Result<Paired, ApiError> {
+        let ticket: errand_core::Ticket = self
+            .ticket
+            .parse()
+            .map_err(|e| usage(format!("bad ticket: {e}")))?;
+        Self::pair(peer, &ticket).await.map_err(|e| match e {
+            PhonePairError::Unreachable(_) => ApiError::with_code(exit::UNREACHABLE, e.to_string()),
+            e => err(e),
+        })
+    }
+}
+
+/// `devices revoke ID`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoke {
+    /// PeerId.
+    pub id: String,
+}
+
+impl Call for Revoke {
+    type Response = Revoked;
+    async fn run(self, peer: &Peer) -> Result<Revoked, ApiError> {
+        let v = pairing::revoke(peer, &self.id).await.map_err(err)?;
+        // `pairing` reports as JSON; read it back as the typed record.
+        serde_json::from_value(v).map_err(err)
+    }
+}
+
+/// `forget` on a phone: drop the paired desktop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forget;
+
+impl Call for Forget {
+    type Response = Forgotten;
+    async fn run(self, peer: &Peer) -> Result<Forgotten, ApiError> {
+        let v = pairing::forget(peer).await.map_err(err)?;
+        // `pairing` reports as JSON; read it back as the typed record.
+        serde_json::from_value(v).map_err(err)
+    }
+}
+
+/// `devices add PEER_ID`: trust a device by hand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddDevice {
+    /// PeerId.
+    pub id: String,
+    /// Where to dial it.
+    pub addrs: Vec<String>,
+    /// A name until it tells us its own.
+    pub name: Option<String>,
+}
+
+impl Call for AddDevice {
+    type Response = DeviceAdded;
+    async fn run(self, peer: &Peer) -> Result<DeviceAdded, ApiError> {
+        let pid = parse_peer_id(&self.id).map_err(usage)?;
+        if pid == peer.peer_id() {
+            return Err(usage("that is this device's own id"));
+        }
+        for a in &self.addrs {
+            parse_addr(a).map_err(usage)?;
+        }
+        let kind = match peer.kind() {
+            DeviceKind::Desktop => DeviceKind::Phone,
+            DeviceKind::Phone => DeviceKind::Desktop,
+        };
+        let trusted = peer.trusted_peers().await.map_err(err)?;
+        let other_desktop = trusted.iter().find(|t| {
+            t.kind == DeviceKind::Desktop && !t.revoked && t.id.as_str() != pid.to_base58()
+        });
+        if let (DeviceKind::Desktop, Some(other)) = (kind, other_desktop) {
+            return Err(ApiError::new(format!(
+                "this phone already has a desktop ({}); run `errand-phone forget` first",
+                other.id
+            )));
+        }
+        let existing = trusted
+            .into_iter()
+            .find(|t| t.id.as_str() == pid.to_base58());
+        let mut t = match existing {
+            Some(t) => t,
+            None => TrustedPeer {
+                id: pid.to_base58().parse().map_err(err)?,
+                name: String::new(),
+                kind,
+                addrs: Vec::new(),
+                paired_at: now_ms(),
+                last_seen: None,
+                last_sync_at: None,
+                revoked: false,
+            },
+        };
+        if let Some(n) = self.name {
+            t.name = n;
+        }
+        for a in self.addrs {
+            if !t.addrs.contains(&a) {
+                t.addrs.insert(0, a);
+            }
+        }
+        t.revoked = false;
+        peer.trust(t.clone()).await.map_err(err)?;
+        if let Some(node) = peer.node() {
+            let maddrs = t.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            let _ = node.dial(pid, maddrs).await;
+        }
+        Ok(DeviceAdded {
+            id: t.id,
+            kind: t.kind,
+            addrs: t.addrs,
+        })
+    }
+}

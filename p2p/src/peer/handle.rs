@@ -1,0 +1,481 @@
+//! The `Peer` handle: cheap to clone, one `Arc` over the peer's state. Opening a home, the
+//! accessors, local writes (durable on return) and trust live here; the network side is in
+//! [`super::supervisor`], the status report in [`super::status`].
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use errand_core::{DeviceId, DeviceKind, EventKind, MessageKind, TaskId, ThreadId};
+use errand_crdt::{NewTask, Store, ThreadGenesis, TrustedPeer};
+use libp2p::{Multiaddr, PeerId, identity};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    clock::now_ms,
+    net::node::NodeHandle,
+    replica::Replica,
+    sync::{
+        gate::{GateState, SharedGate},
+        session::{DeviceInfo, Traffic},
+    },
+};
+
+use super::types::{PeerConfig, PeerError, PeerEvent, parse_peer_id};
+
+/// Store key of the node's libp2p keypair (protobuf encoding).
+const META_IDENTITY: &str = "identity";
+/// Store key of this device's name.
+const META_NAME: &str = "name";
+/// Store key of the relays this home uses (JSON list of multiaddrs).
+const META_RELAYS: &str = "relays";
+
+/// Peer events buffered per subscriber. A subscriber that lags gets `Lagged` and rescans.
+const EVENT_CAPACITY: usize = 1024;
+/// How long [`Peer::disconnect`] waits for the connections to close. Closing is local (the
+/// muxer says goodbye and the socket closes), so this only bounds a stuck transport.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Default)]
+pub(super) struct Live {
+    pub(super) connected: bool,
+    pub(super) relayed: bool,
+    pub(super) in_sync: bool,
+}
+
+pub(super) struct Net {
+    pub(super) node: NodeHandle,
+    pub(super) cancel: CancellationToken,
+    pub(super) tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub(super) struct Inner {
+    pub(super) config: PeerConfig,
+    pub(super) name: String,
+    pub(super) replica: Replica,
+    pub(super) keypair: identity::Keypair,
+    pub(super) peer_id: PeerId,
+    pub(super) gate: SharedGate,
+    pub(super) events: broadcast::Sender<PeerEvent>,
+    pub(super) net: tokio::sync::Mutex<Option<Net>>,
+    pub(super) node: RwLock<Option<NodeHandle>>,
+    pub(super) relay_opts: Mutex<(Vec<Multiaddr>, bool)>,
+    pub(super) live: Mutex<HashMap<PeerId, Live>>,
+    pub(super) traffic: Mutex<HashMap<PeerId, Arc<Traffic>>>,
+}
+
+/// A running (or openable) Errand peer. Cheap to clone.
+#[derive(Clone)]
+pub struct Peer {
+    pub(super) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("peer_id", &self.inner.peer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn to_device_id(peer: &PeerId) -> DeviceId {
+    // A PeerId's base58 form is always a valid DeviceId.
+    DeviceId::from_bytes(&peer.to_bytes()).unwrap_or_else(|_| unreachable_device_id())
+}
+
+#[cold]
+fn unreachable_device_id() -> DeviceId {
+    // Only reachable if libp2p changed its PeerId encoding.
+    tracing::error!("a libp2p PeerId did not convert to a device id");
+    DeviceId::from_bytes(&[0x00, 0x01, 0x00]).unwrap_or_else(|_| std::process::abort())
+}
+
+impl Peer {
+    /// Opens a home: store, identity, actor, thread. No network yet.
+    pub fn open(config: PeerConfig) -> Result<Self, PeerError> {
+        let store = Store::open(&config.home)?;
+        let keypair = match store.meta(META_IDENTITY)? {
+            Some(bytes) => identity::Keypair::from_protobuf_encoding(&bytes)
+                .map_err(|e| PeerError::Identity(e.to_string()))?,
+            None => {
+                let k = identity::Keypair::generate_ed25519();
+                let bytes = k
+                    .to_protobuf_encoding()
+                    .map_err(|e| PeerError::Identity(e.to_string()))?;
+                store.write(|t| t.put_meta(META_IDENTITY, &bytes))?;
+                k
+            }
+        };
+        let peer_id = keypair.public().to_peer_id();
+        let stored_name = store
+            .meta(META_NAME)?
+            .and_then(|b| String::from_utf8(b).ok());
+        let name = match (&config.name, stored_name) {
+            (Some(n), Some(s)) if *n == s => s,
+            (Some(n), _) => {
+                store.write(|t| t.put_meta(META_NAME, n.as_bytes()))?;
+                n.clone()
+            }
+            (None, Some(s)) => s,
+            (None, None) => default_name(config.kind),
+        };
+        let trusted: Vec<PeerId> = store
+            .trusted_peers()?
+            .into_iter()
+            .filter(|p| !p.revoked)
+            .filter_map(|p| p.id.as_str().parse().ok())
+            .collect();
+        let replica = Replica::open(store)?;
+        if config.kind == DeviceKind::Desktop && replica.genesis().is_none() {
+            let genesis = ThreadGenesis {
+                thread_id: ThreadId::new_at(now_ms()),
+                owner: to_device_id(&peer_id),
+                owner_actor: replica.actor().to_hex_string(),
+            };
+            replica.create_thread(genesis)?;
+        }
+        let gate = Arc::new(RwLock::new(GateState {
+            trusted: trusted.into_iter().collect(),
+            ..GateState::default()
+        }));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                name,
+                replica,
+                keypair,
+                peer_id,
+                gate,
+                events: broadcast::channel(EVENT_CAPACITY).0,
+                net: tokio::sync::Mutex::new(None),
+                node: RwLock::new(None),
+                relay_opts: Mutex::new((Vec::new(), false)),
+                live: Mutex::new(HashMap::new()),
+                traffic: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Sets relays to use (remembered in the home) and whether to use *only* relay circuits
+    /// (no direct dials, mDNS or DCUtR: for testing the relayed path). Call before [`Peer::start`].
+    pub fn set_relays(&self, relays: Vec<Multiaddr>, relay_only: bool) {
+        if let Ok(mut o) = self.inner.relay_opts.lock() {
+            *o = (relays, relay_only);
+        }
+    }
+
+    /// The relays this home remembers, plus those set for this run.
+    pub(super) async fn relays(&self) -> Result<(Vec<Multiaddr>, bool), PeerError> {
+        let (mut relays, relay_only) = self
+            .inner
+            .relay_opts
+            .lock()
+            .map(|o| o.clone())
+            .unwrap_or_default();
+        let stored: Vec<String> = self
+            .inner
+            .replica
+            .store_blocking(|s| s.meta_json::<Vec<String>>(META_RELAYS))
+            .await??
+            .unwrap_or_default();
+        for a in stored.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+            if !relays.contains(&a) {
+                relays.push(a);
+            }
+        }
+        let all: Vec<String> = relays.iter().map(ToString::to_string).collect();
+        if all != stored {
+            self.inner
+                .replica
+                .store_blocking(move |s| s.write(|t| t.put_meta_json(META_RELAYS, &all)))
+                .await??;
+        }
+        Ok((relays, relay_only))
+    }
+
+    /// Remembers a relay (learned from a ticket) and starts using it.
+    pub async fn add_relay(&self, addr: Multiaddr) -> Result<(), PeerError> {
+        if let Ok(mut o) = self.inner.relay_opts.lock()
+            && !o.0.contains(&addr)
+        {
+            o.0.push(addr.clone());
+        }
+        self.relays().await?;
+        if let Some(node) = self.node() {
+            node.add_relay(addr).await?;
+        }
+        Ok(())
+    }
+
+    /// The rendezvous namespace, when this home has a discovery secret (desktops create one).
+    pub(super) async fn namespace(&self) -> Result<Option<String>, PeerError> {
+        let desktop = self.kind() == DeviceKind::Desktop;
+        let secret = self
+            .inner
+            .replica
+            .store_blocking(move |s| {
+                if desktop {
+                    crate::pair::discovery_secret(s).map(Some)
+                } else {
+                    s.meta(crate::pair::META_DISCOVERY)
+                        .map(|o| o.and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok()))
+                }
+            })
+            .await??;
+        Ok(secret.as_ref().map(crate::net::discovery::namespace))
+    }
+
+    /// Re-reads the discovery secret and tells the node (after pairing or a rotation).
+    pub async fn refresh_namespace(&self) -> Result<(), PeerError> {
+        if let (Some(node), Some(ns)) = (self.node(), self.namespace().await?) {
+            node.set_namespace(ns).await?;
+        }
+        Ok(())
+    }
+
+    /// True when this peer only uses relay circuits.
+    pub fn relay_only(&self) -> bool {
+        self.inner.relay_opts.lock().map(|o| o.1).unwrap_or(false)
+    }
+
+    /// Our PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// Our device id (the PeerId's text).
+    pub fn device_id(&self) -> DeviceId {
+        to_device_id(&self.inner.peer_id)
+    }
+
+    /// Desktop or phone.
+    pub fn kind(&self) -> DeviceKind {
+        self.inner.config.kind
+    }
+
+    /// Our name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The home directory.
+    pub fn home(&self) -> &std::path::Path {
+        &self.inner.config.home
+    }
+
+    /// The replica (document + store).
+    pub fn replica(&self) -> &Replica {
+        &self.inner.replica
+    }
+
+    /// The node keypair (for pairing prologues and relay registrations).
+    pub fn keypair(&self) -> &identity::Keypair {
+        &self.inner.keypair
+    }
+
+    /// The gate's shared state.
+    pub fn gate(&self) -> &SharedGate {
+        &self.inner.gate
+    }
+
+    /// Subscribes to what happens.
+    pub fn events(&self) -> broadcast::Receiver<PeerEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// The running node, if started.
+    pub fn node(&self) -> Option<NodeHandle> {
+        self.inner.node.read().ok().and_then(|n| n.clone())
+    }
+
+    /// This device as the hello describes it.
+    pub fn device_info(&self) -> DeviceInfo {
+        DeviceInfo {
+            name: self.inner.name.clone(),
+            kind: self.inner.config.kind,
+            actor: self.inner.replica.actor().to_hex_string(),
+        }
+    }
+
+    // ---- local writes ----------------------------------------------------------------
+
+    /// Enqueues a task; returns once it is durable here. Never waits for the network.
+    pub async fn enqueue_task(&self, task: NewTask) -> Result<TaskId, PeerError> {
+        let now = now_ms();
+        let (id, tasks) = self
+            .inner
+            .replica
+            .commit(move |d| d.enqueue_task(&task, now))
+            .await?;
+        let _ = self.inner.events.send(PeerEvent::Committed {
+            tasks: tasks.into_iter().collect(),
+        });
+        Ok(id)
+    }
+
+    /// Appends an event to a task; durable on return.
+    pub async fn append_event(
+        &self,
+        task: TaskId,
+        attempt: u32,
+        kind: EventKind,
+    ) -> Result<(), PeerError> {
+        let now = now_ms();
+        // A request on a finished task in a segment that is not held in memory loads it.
+        self.inner.replica.ensure_task_loaded(task).await?;
+        let (_, tasks) = self
+            .inner
+            .replica
+            .commit(move |d| d.append_task_event(task, attempt, &kind, now))
+            .await?;
+        let _ = self.inner.events.send(PeerEvent::Committed {
+            tasks: tasks.into_iter().collect(),
+        });
+        Ok(())
+    }
+
+    /// Posts a message; durable on return.
+    pub async fn post_message(
+        &self,
+        kind: MessageKind,
+        text: String,
+        task: Option<TaskId>,
+    ) -> Result<(), PeerError> {
+        let now = now_ms();
+        self.inner
+            .replica
+            .commit(move |d| d.post_message(kind, &text, task, now).map(|_| ()))
+            .await?;
+        Ok(())
+    }
+
+    /// Records this desktop's own device entry (name, executors) in the thread.
+    pub async fn publish_self(&self, executors: Vec<String>) -> Result<(), PeerError> {
+        if self.kind() != DeviceKind::Desktop {
+            return Ok(());
+        }
+        let me = self.device_id();
+        let info = self.device_info();
+        let current = self
+            .inner
+            .replica
+            .read(move |d| d.devices().into_iter().find(|x| x.id == me))
+            .await?;
+        if current.as_ref().is_some_and(|d| {
+            d.name == info.name && d.executors == executors && d.actors.contains(&info.actor)
+        }) {
+            return Ok(());
+        }
+        let device = errand_core::Device {
+            id: self.device_id(),
+            name: info.name,
+            kind: DeviceKind::Desktop,
+            actors: vec![info.actor],
+            executors,
+            added_at: current.map_or_else(now_ms, |d| d.added_at),
+            revoked_at: None,
+        };
+        self.inner
+            .replica
+            .commit(move |d| d.add_device(&device))
+            .await?;
+        Ok(())
+    }
+
+    // ---- trust -------------------------------------------------------------------------
+
+    /// Trusts a peer (or updates what we know of it), durably, and lets it through the gate.
+    pub async fn trust(&self, peer: TrustedPeer) -> Result<(), PeerError> {
+        let pid: PeerId = parse_peer_id(peer.id.as_str())?;
+        let p = peer.clone();
+        self.inner
+            .replica
+            .store_blocking(move |s| s.write(|t| t.put_trusted(&p)))
+            .await??;
+        if let Ok(mut g) = self.inner.gate.write() {
+            if peer.revoked {
+                g.trusted.remove(&pid);
+            } else {
+                g.trusted.insert(pid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every trusted (or revoked) peer.
+    pub async fn trusted_peers(&self) -> Result<Vec<TrustedPeer>, PeerError> {
+        Ok(self
+            .inner
+            .replica
+            .store_blocking(|s| s.trusted_peers())
+            .await??)
+    }
+
+    pub(super) fn is_trusted(&self, peer: &PeerId) -> bool {
+        self.inner
+            .gate
+            .read()
+            .map(|g| g.trusted.contains(peer))
+            .unwrap_or(false)
+    }
+
+    pub(super) fn traffic(&self, peer: PeerId) -> Arc<Traffic> {
+        self.inner
+            .traffic
+            .lock()
+            .map(|mut t| t.entry(peer).or_default().clone())
+            .unwrap_or_default()
+    }
+
+    /// Dials a trusted peer now at the given addresses (plus what we remember).
+    pub async fn dial(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), PeerError> {
+        let node = self.node().ok_or(PeerError::NotStarted)?;
+        node.dial(peer, addrs).await?;
+        Ok(())
+    }
+
+    /// Closes every connection to `peer`, waiting (up to [`DISCONNECT_TIMEOUT`]) until they
+    /// are closed.
+    pub async fn disconnect(&self, peer: PeerId) {
+        if let Some(node) = self.node() {
+            let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, node.disconnect(peer)).await;
+        }
+    }
+
+    /// True when connected to `peer` right now.
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.inner
+            .live
+            .lock()
+            .map(|l| l.get(peer).is_some_and(|v| v.connected))
+            .unwrap_or(false)
+    }
+
+    /// True when `peer` is connected and its last known heads equal ours (so a local change
+    /// made since makes this false until the peer has it).
+    pub fn is_in_sync(&self, peer: &PeerId) -> bool {
+        self.is_connected(peer) && self.inner.replica.in_sync_now(*peer)
+    }
+
+    pub(super) fn set_live(&self, peer: PeerId, f: impl FnOnce(&mut Live)) {
+        if let Ok(mut l) = self.inner.live.lock() {
+            f(l.entry(peer).or_default());
+        }
+    }
+}
+
+fn default_name(kind: DeviceKind) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty());
+    match (kind, host) {
+        (DeviceKind::Desktop, Some(h)) => h,
+        (DeviceKind::Desktop, None) => "desktop".into(),
+        (DeviceKind::Phone, _) => "phone".into(),
+    }
+}
