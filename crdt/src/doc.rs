@@ -412,33 +412,135 @@ impl Part {
     }
 }
 
-/// What a batch of changes touched: each op's object, and its map key. Decoded before the
-/// changes are applied (it needs no document), resolved to tasks after
-/// ([`ThreadDoc::tasks_touched`]).
+/// What a batch of changes touched: each op's object, its map key, and whether the op can
+/// change whether a task is finished. Decoded before the changes are applied (it needs no
+/// document), resolved to tasks after ([`ThreadDoc::tasks_touched`]).
 #[derive(Debug, Default, Clone)]
-pub struct Touched(Vec<(ObjId, Option<String>)>);
+pub struct Touched(Vec<(ObjId, Option<String>, OpClass, Option<ActorId>)>);
+
+/// What an op can do to a task, ordered from least to most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum OpClass {
+    /// It only adds: a field of an object made in the same batch, or an element inserted
+    /// into a list.
+    Adds,
+    /// It makes a new object under an existing map key: a new task in the tasks map, or a
+    /// replacement anywhere else.
+    Replaces,
+    /// It can end a task or open a new attempt: a terminal fact, a retry, a delete, an
+    /// overwrite of an existing object's field.
+    Status,
+}
+
+/// Event kinds whose arrival can change whether a task is finished: the terminal facts, and
+/// a retry (which opens a new attempt).
+fn status_kind(kind: &str) -> bool {
+    kind == EventKind::Retried.name() || EventKind::terminal_names().contains(&kind)
+}
 
 impl Touched {
     /// The objects and keys the ops of `changes` write to.
+    ///
+    /// An op counts as able to change a task's status ("status op") unless it is one of the
+    /// writes that only add to a task: making a new object (a task, its events list, an
+    /// event), inserting into a list, or putting a field of an object made in the same batch
+    /// (other than a `kind` that is terminal or a retry). Everything else (a delete, an
+    /// overwrite of an existing object's field, a terminal fact, a retry) is a status op, and
+    /// makes the engine read that task.
+    ///
+    /// Ops on objects made in the same batch are left out unless they are status ops: the
+    /// op that made the object names its parent, which leads to the same task.
     pub fn of<'a>(changes: impl IntoIterator<Item = &'a automerge::Change>) -> Self {
-        use automerge::legacy::{Key, ObjectId, OpId};
+        use automerge::legacy::{Key, ObjectId, OpId, OpType};
         let mut out = Vec::new();
+        // Objects made in this batch, by actor, then counter.
+        let mut made: HashMap<ActorId, BTreeSet<u64>> = HashMap::new();
         for change in changes {
-            for op in change.decode().operations {
+            let change = change.decode();
+            let mut mine = made.remove(&change.actor_id).unwrap_or_default();
+            for (i, op) in change.operations.into_iter().enumerate() {
+                let id = change.start_op.get() + i as u64;
                 let ObjectId::Id(OpId(ctr, actor)) = op.obj else {
                     continue;
                 };
+                let fresh = if actor == change.actor_id {
+                    mine.contains(&ctr)
+                } else {
+                    made.get(&actor).is_some_and(|m| m.contains(&ctr))
+                };
+                let mut maker = None;
+                let class = match &op.action {
+                    OpType::Make(_) => {
+                        mine.insert(id);
+                        if fresh || op.insert {
+                            OpClass::Adds
+                        } else {
+                            maker = Some(change.actor_id.clone());
+                            OpClass::Replaces
+                        }
+                    }
+                    OpType::Put(v) if fresh => match (&op.key, v) {
+                        (Key::Map(k), ScalarValue::Str(kind))
+                            if k == "kind" && status_kind(kind) =>
+                        {
+                            OpClass::Status
+                        }
+                        _ => OpClass::Adds,
+                    },
+                    OpType::Put(_) if op.insert => OpClass::Adds,
+                    _ => OpClass::Status,
+                };
+                if fresh && class != OpClass::Status {
+                    continue;
+                }
                 let key = match op.key {
                     Key::Map(k) => Some(k.to_string()),
                     Key::Seq(_) => None,
                 };
-                out.push((ObjId::Id(ctr, actor, 0), key));
+                out.push((ObjId::Id(ctr, actor, 0), key, class, maker));
             }
+            made.insert(change.actor_id, mine);
         }
-        out.sort_by(|a, b| op_key(&a.0).cmp(&op_key(&b.0)).then(a.1.cmp(&b.1)));
-        out.dedup();
+        out.sort_by(|a, b| cmp_obj(&a.0, &b.0).then_with(|| a.1.cmp(&b.1)));
+        // One entry per (object, key), with the most any of its ops can do.
+        out.dedup_by(|later, kept| {
+            let same = later.0 == kept.0 && later.1 == kept.1;
+            if same {
+                kept.2 = kept.2.max(later.2);
+                // Two objects made under one map key: a conflict, read.
+                if kept.1.is_some() && kept.3.is_some() && later.3.is_some() {
+                    kept.2 = OpClass::Status;
+                }
+            }
+            same
+        });
         Self(out)
     }
+}
+
+/// Orders object ids by their op id (counter, then actor), without allocating.
+fn cmp_obj(a: &ObjId, b: &ObjId) -> std::cmp::Ordering {
+    match (a, b) {
+        (ObjId::Id(ca, aa, _), ObjId::Id(cb, ab, _)) => {
+            ca.cmp(cb).then_with(|| aa.to_bytes().cmp(ab.to_bytes()))
+        }
+        (ObjId::Root, ObjId::Root) => std::cmp::Ordering::Equal,
+        (ObjId::Root, _) => std::cmp::Ordering::Less,
+        (_, ObjId::Root) => std::cmp::Ordering::Greater,
+    }
+}
+
+/// How a batch of changes touched one task, for the unfinished-task index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TaskTouch {
+    /// New events or fields that cannot end the task or open a new attempt (output,
+    /// progress, delivered, started, approvals, cancel requests): finished or not, it stays
+    /// as it was.
+    Content,
+    /// The task itself was put into the tasks map: a new task, unfinished.
+    Created,
+    /// A terminal fact, a retry, a delete or an overwrite: whether it is finished is read.
+    Status,
 }
 
 /// The thread: its meta document and the segments held in memory.
@@ -1146,40 +1248,122 @@ impl ThreadDoc {
         out
     }
 
-    /// Tasks of part `n` that the ops in `touched` wrote to: a new task (a key of the tasks
-    /// map) or anything inside one (found through the object's parents, which Automerge
-    /// keeps even when a peer has hidden the tasks map behind a new root value). Costs a few
-    /// steps per op, whatever the size of the document.
-    pub fn tasks_touched(&self, n: u32, touched: &Touched) -> BTreeSet<TaskId> {
+    /// Tasks of part `n` that the ops in `touched` wrote to, and how: a new task (a key of
+    /// the tasks map) or anything inside one (found through the object's parents, which
+    /// Automerge keeps even when a peer has hidden the tasks map behind a new root value).
+    /// Costs a few steps per op, whatever the size of the document.
+    pub fn tasks_touched(&self, n: u32, touched: &Touched) -> BTreeMap<TaskId, TaskTouch> {
         let Some(p) = self.part(n) else {
-            return BTreeSet::new();
+            return BTreeMap::new();
         };
-        let mut out = BTreeSet::new();
-        let mut last: Option<&ObjId> = None;
-        for (obj, key) in &touched.0 {
+        let mut out = BTreeMap::new();
+        let mut note = |id: TaskId, how: TaskTouch| {
+            let e = out.entry(id).or_insert(how);
+            *e = (*e).max(how);
+        };
+        let authors = self.authors();
+        let mut last: Option<(&ObjId, Option<TaskId>)> = None;
+        for (obj, key, class, maker) in &touched.0 {
             if *obj == p.tasks {
                 if let Some(id) = key.as_deref().and_then(|k| k.parse().ok()) {
-                    out.insert(id);
+                    // A new task by a device in good standing is unfinished. Anything else
+                    // done to its key (a delete, a scalar over it), and a task by an actor
+                    // that is unknown or revoked, is read.
+                    let good = maker
+                        .as_ref()
+                        .and_then(|a| authors.get(a))
+                        .is_some_and(|(_, revoked)| revoked.is_none());
+                    note(
+                        id,
+                        match class {
+                            OpClass::Adds | OpClass::Replaces if good => TaskTouch::Created,
+                            _ => TaskTouch::Status,
+                        },
+                    );
                 }
                 continue;
             }
-            if last == Some(obj) {
-                continue;
-            }
-            last = Some(obj);
-            let Ok(parents) = p.doc.parents(obj) else {
-                continue;
+            let how = match class {
+                OpClass::Adds => TaskTouch::Content,
+                OpClass::Replaces | OpClass::Status => TaskTouch::Status,
             };
-            for parent in parents.take(limits::MAX_DEPTH) {
-                if parent.obj == p.tasks {
-                    if let Prop::Map(k) = &parent.prop
-                        && let Ok(id) = k.parse()
-                    {
-                        out.insert(id);
-                    }
-                    break;
+            let task = match last {
+                Some((o, task)) if o == obj => task,
+                _ => {
+                    let task = p.doc.parents(obj).ok().and_then(|parents| {
+                        parents
+                            .take(limits::MAX_DEPTH)
+                            .find(|parent| parent.obj == p.tasks)
+                            .and_then(|parent| match &parent.prop {
+                                Prop::Map(k) => k.parse().ok(),
+                                Prop::Seq(_) => None,
+                            })
+                    });
+                    last = Some((obj, task));
+                    task
                 }
+            };
+            if let Some(id) = task {
+                note(id, how);
             }
+        }
+        out
+    }
+
+    /// The unfinished-task index's new rows for what `touched` did to part `n`: (task,
+    /// unfinished). A new task by a device in good standing is unfinished; a task touched by
+    /// a status op is read ([`Self::unfinished`]); a task that only gained content keeps its
+    /// row, and is left out.
+    pub fn unfinished_rows(
+        &self,
+        n: u32,
+        touched: &BTreeMap<TaskId, TaskTouch>,
+    ) -> Vec<(TaskId, bool)> {
+        let read: BTreeSet<TaskId> = touched
+            .iter()
+            .filter(|(id, how)| **how == TaskTouch::Status && self.task_segment(id) == Some(n))
+            .map(|(id, _)| *id)
+            .collect();
+        let folded = self.unfinished(&read);
+        touched
+            .iter()
+            .filter_map(|(id, how)| match how {
+                TaskTouch::Content => None,
+                TaskTouch::Created => Some((*id, true)),
+                TaskTouch::Status => folded.get(id).map(|open| (*id, *open)),
+            })
+            .collect()
+    }
+
+    /// Whether each of `ids` (held in memory) counts as unfinished for the index: a task that
+    /// reads and is not finished, or one written by an actor that no device record names
+    /// yet (its record may still arrive: the desktop's runner starts from this index). A
+    /// task that does not read for any other reason (its device was revoked before the
+    /// desktop acted on it, a wrong target, malformed) is nobody's to run.
+    pub fn unfinished(&self, ids: &BTreeSet<TaskId>) -> BTreeMap<TaskId, bool> {
+        if ids.is_empty() {
+            return BTreeMap::new();
+        }
+        let mut out: BTreeMap<TaskId, bool> = self
+            .tasks_by_id(ids)
+            .iter()
+            .map(|t| (t.id, !errand_core::fold(t).status.is_terminal()))
+            .collect();
+        let authors = self.authors();
+        for id in ids {
+            if out.contains_key(id) {
+                continue;
+            }
+            let key = id.to_string();
+            let pending = self.parts().any(|p| {
+                p.doc.get_all(&p.tasks, key.as_str()).is_ok_and(|all| {
+                    all.iter().any(|(v, obj)| {
+                        matches!(v, Value::Object(ObjType::Map))
+                            && actor_of(obj).is_some_and(|a| !authors.contains_key(a))
+                    })
+                })
+            });
+            out.insert(*id, pending);
         }
         out
     }

@@ -18,7 +18,7 @@ pub mod sync;
 
 pub use doc::{
     CHUNK_MAGIC, DocId, NewTask, Part, SEGMENT_AHEAD, SEGMENT_MAX_CHANGES, SEGMENT_MAX_OPS,
-    ThreadDoc, ThreadGenesis, Touched, WriteError, is_document_chunk,
+    TaskTouch, ThreadDoc, ThreadGenesis, Touched, WriteError, is_document_chunk,
 };
 pub use ingest::IngestError;
 pub use store::{LoadedDoc, MemoryImage, Store, StoreError, StoreTxn, TrustedPeer};

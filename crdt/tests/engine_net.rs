@@ -65,6 +65,8 @@ struct Scenario {
     restart: u64,
     /// A peer restarts having lost its sync states.
     forget: u64,
+    /// A phone asks for a finished task to run again (a new attempt).
+    retry: u64,
     /// The step at which the desktop revokes the last phone, if any.
     revoke_at: Option<usize>,
     /// Roll segments over after this many changes.
@@ -81,6 +83,7 @@ const BASE: Scenario = Scenario {
     mangle: 0,
     restart: 0,
     forget: 0,
+    retry: 0,
     revoke_at: None,
     segment_limit: None,
 };
@@ -351,6 +354,35 @@ impl Net {
         }
     }
 
+    /// A phone asks for one of the tasks it sees finished to run again.
+    fn phone_retries(&mut self, phone: usize) -> Option<Failure> {
+        if self.is_revoked(phone) {
+            return None;
+        }
+        let done: Vec<(TaskId, u32)> = match self.nodes[phone].e().read_all(|d| d.tasks()) {
+            Ok(tasks) => tasks
+                .iter()
+                .map(|t| (t.id, fold(t)))
+                .filter(|(_, v)| v.status == TaskStatus::Done)
+                .map(|(id, v)| (id, v.attempt))
+                .collect(),
+            Err(e) => return Some(format!("phone {phone} cannot read its thread: {e}")),
+        };
+        if done.is_empty() {
+            return None;
+        }
+        let (id, attempt) = done[self.rng.below(done.len())];
+        let now = self.tick();
+        if let Err(e) = self.nodes[phone]
+            .e()
+            .commit(|d| d.append_task_event(id, attempt, &EventKind::Retried, now))
+        {
+            return Some(format!("phone {phone} could not retry {id}: {e}"));
+        }
+        self.log.push(format!("phone {phone} retried {id}"));
+        self.announce(phone)
+    }
+
     /// The desktop's runner, reduced to its facts: one unfinished task moves one step.
     fn desktop_runs(&mut self) -> Option<Failure> {
         let open: Vec<TaskId> = self.nodes[0].e().open_tasks().into_iter().collect();
@@ -428,6 +460,9 @@ impl Net {
             let f = if self.rng.chance(s.write) {
                 let phone = 1 + self.rng.below(phones);
                 self.phone_writes(phone)
+            } else if s.retry > 0 && self.rng.chance(s.retry) {
+                let phone = 1 + self.rng.below(phones);
+                self.phone_retries(phone)
             } else if self.rng.chance(s.run) {
                 self.desktop_runs()
             } else if self.rng.chance(s.flap) {
@@ -548,13 +583,46 @@ impl Net {
                 ));
             }
         }
+        // Every peer's unfinished-task index, kept from the ops it merged, says what
+        // reading and folding every task says.
+        for (&n, view) in &views {
+            let unfinished: BTreeSet<TaskId> = view
+                .values()
+                .filter(|t| !fold(t).status.is_terminal())
+                .map(|t| t.id)
+                .collect();
+            let indexed = self.nodes[n].e().open_tasks();
+            let unread: Vec<String> = indexed
+                .iter()
+                .filter(|id| !view.contains_key(id))
+                .map(|id| {
+                    let d = self.nodes[n].e().doc();
+                    format!(
+                        "{id}: segment {:?}, reads {:?}",
+                        d.and_then(|d| d.task_segment(id)),
+                        d.and_then(|d| d.task(id)).map(|t| t.author)
+                    )
+                })
+                .collect();
+            if !unread.is_empty() {
+                return Some(format!("node {n}: indexed but not read: {unread:?}"));
+            }
+            if indexed != unfinished {
+                return Some(format!(
+                    "node {n}: the unfinished-task index holds {indexed:?}, the tasks say {unfinished:?}"
+                ));
+            }
+        }
         for (&n, view) in &views {
             for task in view.values() {
-                let mut seen: BTreeMap<(u32, &str), usize> = BTreeMap::new();
+                // Per author: two phones may both ask for the same retry.
+                let mut seen: BTreeMap<(&DeviceId, u32, &str), usize> = BTreeMap::new();
                 for e in &task.events {
-                    *seen.entry((e.attempt, e.kind.name())).or_default() += 1;
+                    *seen
+                        .entry((&e.author, e.attempt, e.kind.name()))
+                        .or_default() += 1;
                 }
-                if let Some(((attempt, kind), count)) = seen.iter().find(|(_, c)| **c > 1) {
+                if let Some(((_, attempt, kind), count)) = seen.iter().find(|(_, c)| **c > 1) {
                     return Some(format!(
                         "node {n}: task {} has {count} `{kind}` facts in attempt {attempt}",
                         task.id
@@ -581,7 +649,13 @@ fn run_seed(seed: u64, s: &Scenario) -> Result<(), String> {
     match failure {
         None => Ok(()),
         Some(f) => {
-            let tail: Vec<_> = net.log.iter().rev().take(25).rev().cloned().collect();
+            // A replayed seed prints everything that happened; a search, the last events.
+            let keep = if std::env::var("ERRAND_ENGINE_SEED").is_ok() {
+                usize::MAX
+            } else {
+                25
+            };
+            let tail: Vec<_> = net.log.iter().rev().take(keep).rev().cloned().collect();
             Err(format!(
                 "scenario `{}` failed at seed {seed}: {f}\nreplay: ERRAND_ENGINE_SEED={seed} cargo test -p errand-crdt --test engine_net {}\nlast events:\n  {}",
                 s.name,
@@ -619,6 +693,7 @@ fn offline_queue_and_convergence() {
     run(Scenario {
         name: "offline_queue_and_convergence",
         flap: 25,
+        retry: 10,
         ..BASE
     });
 }
@@ -629,6 +704,7 @@ fn push_path_and_fall_back_to_sync() {
         name: "push_path_and_fall_back_to_sync",
         flap: 3,
         mangle: 30,
+        retry: 10,
         ..BASE
     });
 }

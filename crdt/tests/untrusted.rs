@@ -6,7 +6,7 @@ mod common;
 use automerge::{AutoCommit, ObjType, ROOT, ReadDoc, transaction::Transactable};
 use common::{sync_pair, world};
 use errand_core::{EventKind, TaskStatus, fold};
-use errand_crdt::{NewTask, ThreadSync, Touched};
+use errand_crdt::{NewTask, TaskTouch, ThreadSync, Touched};
 
 #[test]
 fn garbage_from_a_peer_is_skipped_and_real_tasks_stay_visible() {
@@ -178,11 +178,28 @@ fn new_tasks_are_reported_after_a_peer_overwrites_the_root_keys() {
             .tasks_touched(1, &touched)
             .into_iter()
             .collect::<Vec<_>>(),
-        vec![id]
+        vec![(id, TaskTouch::Created)]
     );
+    // Events that cannot end the task leave its row in the unfinished-task index alone.
     desktop
         .append_task_event(id, 1, &EventKind::Delivered, 21)
         .unwrap();
+    desktop
+        .append_task_event(id, 1, &EventKind::Output { text: "x".into() }, 22)
+        .unwrap();
+    let touched = Touched::of(&part(&mut desktop));
+    assert_eq!(
+        desktop
+            .tasks_touched(1, &touched)
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![(id, TaskTouch::Content)]
+    );
+    assert_eq!(
+        desktop.unfinished_rows(1, &desktop.tasks_touched(1, &touched)),
+        vec![]
+    );
+    // A terminal fact makes the index read the task.
     desktop
         .append_task_event(id, 1, &EventKind::Finished { exit_code: 0 }, 23)
         .unwrap();
@@ -192,7 +209,20 @@ fn new_tasks_are_reported_after_a_peer_overwrites_the_root_keys() {
             .tasks_touched(1, &touched)
             .into_iter()
             .collect::<Vec<_>>(),
-        vec![id]
+        vec![(id, TaskTouch::Status)]
+    );
+    assert_eq!(
+        desktop.unfinished_rows(1, &desktop.tasks_touched(1, &touched)),
+        vec![(id, false)]
+    );
+    // So does a retry (here the desktop's own, which does not count: the task stays done).
+    desktop
+        .append_task_event(id, 1, &EventKind::Retried, 24)
+        .unwrap();
+    let touched = Touched::of(&part(&mut desktop));
+    assert_eq!(
+        desktop.unfinished_rows(1, &desktop.tasks_touched(1, &touched)),
+        vec![(id, false)]
     );
     // The same from the phone's side, on changes it merged.
     assert_eq!(desktop.tasks().len(), 2);

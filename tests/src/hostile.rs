@@ -31,7 +31,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use automerge::{
     ActorId, AutoCommit, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, transaction::CommitOptions,
 };
-use errand_core::{DeviceId, TaskId};
+use errand_core::DeviceId;
 use errand_crdt::{NewTask, Store, StoreError, ThreadDoc, ThreadGenesis, Touched, WriteError};
 use errand_p2p::replica::{DOC_HEADS, OPEN_TASKS, TASK_SEGMENT};
 use errand_p2p::{
@@ -586,17 +586,7 @@ impl Forger {
             let chunk = part.save_incremental();
             let heads = part.heads();
             let tasks = self.doc.tasks_touched(n, &Touched::of(&changes));
-            let read: BTreeMap<TaskId, bool> = self
-                .doc
-                .tasks_by_id(&tasks)
-                .iter()
-                .map(|t| (t.id, !errand_core::fold(t).status.is_terminal()))
-                .collect();
-            let open: Vec<(TaskId, bool)> = tasks
-                .iter()
-                .filter(|id| self.doc.task_segment(id) == Some(n))
-                .map(|id| (*id, read.get(id).copied().unwrap_or(true)))
-                .collect();
+            let open = self.doc.unfinished_rows(n, &tasks);
             let doc_id = if n == 0 {
                 self.genesis.doc_id()
             } else {
@@ -609,7 +599,7 @@ impl Forger {
                     .insert(doc_id.as_str(), heads_bytes.as_slice())?;
                 {
                     let mut index = t.table(TASK_SEGMENT)?;
-                    for id in &tasks {
+                    for id in tasks.keys() {
                         index.insert(id.to_string().as_str(), n)?;
                     }
                 }

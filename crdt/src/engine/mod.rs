@@ -10,6 +10,8 @@
 //! returning, and merged remote changes are stored in the same transaction as the peer's
 //! updated sync state.
 
+pub mod loopback;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     time::{Duration, Instant},
@@ -20,7 +22,7 @@ use redb::{ReadableTable, TableDefinition};
 
 use crate::{
     ActorId, ChangeHash, DocId, SEGMENT_AHEAD, Store, StoreError, SyncError, SyncSession,
-    ThreadDoc, ThreadGenesis, Touched, WriteError,
+    TaskTouch, ThreadDoc, ThreadGenesis, Touched, WriteError,
     ingest::{self, Authority, Bounds, Checked, IngestError, OpBudget, PEER_OPS_PER_MINUTE},
 };
 
@@ -470,27 +472,6 @@ impl Engine {
             })
     }
 
-    /// The statuses of `tasks` in part `n`, for the unfinished-task index.
-    ///
-    /// A task of this part that cannot be read yet (its author's device record has not
-    /// arrived) counts as unfinished: the desktop's runner starts from this index, and such a
-    /// task becomes readable when the record merges, without changing itself.
-    fn open_changes(&self, n: u32, tasks: &BTreeSet<TaskId>) -> Vec<(TaskId, bool)> {
-        let Some(doc) = self.doc.as_ref() else {
-            return Vec::new();
-        };
-        let read: BTreeMap<TaskId, bool> = doc
-            .tasks_by_id(tasks)
-            .iter()
-            .map(|t| (t.id, is_open(t)))
-            .collect();
-        tasks
-            .iter()
-            .filter(|id| doc.task_segment(id) == Some(n))
-            .map(|id| (*id, read.get(id).copied().unwrap_or(true)))
-            .collect()
-    }
-
     /// Writes `chunk` of part `n` with its heads and index rows (and, for a merge, the peer's
     /// sync state) in one transaction, then updates the in-memory mirrors.
     fn store_part(
@@ -498,21 +479,48 @@ impl Engine {
         n: u32,
         chunk: &[u8],
         heads: &[ChangeHash],
-        tasks: &BTreeSet<TaskId>,
+        tasks: &BTreeMap<TaskId, TaskTouch>,
         sync_state: Option<(&DeviceId, &[u8])>,
     ) -> Result<(), StoreError> {
         let Some(doc_id) = self.doc_id(n) else {
             return Ok(());
         };
-        let open = self.open_changes(n, tasks);
+        let Some(doc) = self.doc.as_ref() else {
+            return Ok(());
+        };
+        let open = doc.unfinished_rows(n, tasks);
+        // A change to the meta document may record a device (whose tasks, indexed as
+        // waiting for their author's record, can now be read) or revoke one (whose tasks
+        // the desktop never acted on are nobody's to run): the other unfinished tasks are
+        // read again. Meta changes are rare (pairing, revocation).
+        let mut closed: Vec<TaskId> = Vec::new();
+        if n == 0 && !chunk.is_empty() {
+            let others: BTreeSet<TaskId> = self
+                .open
+                .values()
+                .flatten()
+                .filter(|id| !tasks.contains_key(id))
+                .copied()
+                .collect();
+            closed = doc
+                .unfinished(&others)
+                .into_iter()
+                .filter(|(_, open)| !open)
+                .map(|(id, _)| id)
+                .collect();
+        }
         self.store.write(|t| {
             t.append_chunk(&doc_id, chunk)?;
             t.table(DOC_HEADS)?
                 .insert(doc_id.as_str(), heads_bytes(heads).as_slice())?;
             {
+                // A task stays in the segment it was created in: only new tasks (and those
+                // whose key was overwritten) get a row.
                 let mut index = t.table(TASK_SEGMENT)?;
-                for id in tasks {
-                    index.insert(id.to_string().as_str(), n)?;
+                for (id, how) in tasks {
+                    if *how != TaskTouch::Content {
+                        index.insert(id.to_string().as_str(), n)?;
+                    }
                 }
             }
             {
@@ -524,6 +532,9 @@ impl Engine {
                         opened.remove(id.to_string().as_str())?;
                     }
                 }
+                for id in &closed {
+                    opened.remove(id.to_string().as_str())?;
+                }
             }
             if let Some((peer, state)) = sync_state {
                 t.put_sync_state(&doc_id, peer.as_str(), state)?;
@@ -531,6 +542,11 @@ impl Engine {
             Ok::<_, StoreError>(())
         })?;
         self.heads.insert(n, heads.to_vec());
+        for id in &closed {
+            for set in self.open.values_mut() {
+                set.remove(id);
+            }
+        }
         let set = self.open.entry(n).or_default();
         for (id, is_open) in open {
             if is_open {
@@ -567,7 +583,7 @@ impl Engine {
         n: u32,
         chunk: &[u8],
         heads: &[ChangeHash],
-        tasks: &BTreeSet<TaskId>,
+        tasks: &BTreeMap<TaskId, TaskTouch>,
         state: &[u8],
     ) -> Result<(), EngineError> {
         if let Err(e) = self.store_part(n, chunk, heads, tasks, Some((peer, state))) {
@@ -1018,7 +1034,7 @@ impl Engine {
                 }
             }
             self.maybe_compact(n)?;
-            all_tasks.extend(tasks);
+            all_tasks.extend(tasks.into_keys());
         }
         self.release_idle(false);
         Ok((value, all_tasks))
@@ -1217,16 +1233,20 @@ impl Engine {
         let session = self.session(peer, &doc_id);
         let state = session.encode_state();
         let tasks = if !received.changed {
-            BTreeSet::new()
+            BTreeMap::new()
         } else if checked.document {
+            // A whole document: every task of the part is read.
             doc.task_keys(n)
+                .into_iter()
+                .map(|id| (id, TaskTouch::Status))
+                .collect()
         } else {
             doc.tasks_touched(n, &applied)
         };
         self.doc = Some(doc);
         self.store_merge(peer, doc_id, n, &chunk, &heads, &tasks, &state)?;
         Ok(Merged {
-            tasks,
+            tasks: tasks.into_keys().collect(),
             changed: received.changed,
             ack: None,
         })
@@ -1301,13 +1321,13 @@ impl Engine {
         let tasks = if changed {
             doc.tasks_touched(n, &touched)
         } else {
-            BTreeSet::new()
+            BTreeMap::new()
         };
         self.doc = Some(doc);
         self.store_merge(peer, doc_id, n, &chunk, &heads, &tasks, &state)?;
         self.stats.pushes_applied += 1;
         Ok(Merged {
-            tasks,
+            tasks: tasks.into_keys().collect(),
             changed,
             ack: Some(heads),
         })
