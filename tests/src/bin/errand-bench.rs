@@ -35,7 +35,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use errand_core::{DeviceId, DeviceKind, EventKind};
 use errand_crdt::{
-    ActorId, NewTask, ThreadDoc, ThreadGenesis, ThreadSync, TrustedPeer,
+    ActorId, NewTask, ThreadDoc, ThreadGenesis, TrustedPeer,
     ingest::{self, Bounds},
 };
 use errand_p2p::peer::{Peer, PeerConfig, now_ms};
@@ -1304,59 +1304,44 @@ fn tcp_floor(payload: usize, runs: usize) -> Result<Vec<f64>> {
     Ok(out)
 }
 
-/// Syncs two in-memory threads with `ThreadSync`s until neither has anything to say; returns
-/// the bytes exchanged.
-fn sync_docs(
-    a: &mut ThreadDoc,
-    sa: &mut ThreadSync,
-    b: &mut ThreadDoc,
-    sb: &mut ThreadSync,
-) -> Result<usize> {
-    let mut bytes = 0;
-    for _ in 0..1_000 {
-        let mut quiet = true;
-        if let Some((id, m)) = sa.next_message(a) {
-            bytes += m.len();
-            sb.receive(b, &id, &m)?;
-            quiet = false;
-        }
-        if let Some((id, m)) = sb.next_message(b) {
-            bytes += m.len();
-            sa.receive(a, &id, &m)?;
-            quiet = false;
-        }
-        if quiet {
-            return Ok(bytes);
-        }
-    }
-    bail!("in-process sync did not settle")
-}
-
-/// P2's floor: two in-memory threads that were in sync (sessions restored from their persisted
-/// form, as after a reconnect); A adds `n` tasks; the time and bytes of the sync that follows.
+/// P2's floor: the same thread engine as the peers, in one process, over copies of the
+/// fixture's two homes (real redb files, durable writes), joined in memory
+/// (`errand_crdt::engine::loopback`): the phone queues `n` tasks offline, then the time and
+/// the payload bytes of the session that catches the desktop up. Everything but the network
+/// and the wire encoding.
 fn inproc_catch_up(fx: &Fixture, n: usize) -> Result<(f64, f64)> {
-    let g = &fx.genesis;
-    let mut a = fx.load(ActorId::random())?;
-    let mut b = fx.load(ActorId::random())?;
-    let (mut sa, mut sb) = (ThreadSync::new(), ThreadSync::new());
-    sync_docs(&mut a, &mut sa, &mut b, &mut sb)?;
-    let mut sa = ThreadSync::restore(&sa.encode_states())?;
-    let mut sb = ThreadSync::restore(&sb.encode_states())?;
-    let target = g.owner.clone();
+    use errand_crdt::{
+        Store,
+        engine::{Engine, EngineConfig, loopback},
+    };
+    let dir = tempfile::tempdir()?;
+    copy_dir(&fx.desktop(), &dir.path().join("desktop"))?;
+    copy_dir(&fx.phone(), &dir.path().join("phone"))?;
+    let config = EngineConfig {
+        ops_per_minute: u64::MAX / 2,
+        segment_limit: None,
+    };
+    let mut desktop = Engine::open(Store::open(&dir.path().join("desktop"))?, config)?;
+    let mut phone = Engine::open(Store::open(&dir.path().join("phone"))?, config)?;
+    let desktop_id: DeviceId = fx.desktop_id.parse()?;
+    let phone_id: DeviceId = fx.phone_id.parse()?;
+    loopback::sync(&mut phone, &phone_id, &mut desktop, &desktop_id)?;
     for i in 0..n {
-        a.enqueue_task(
-            &NewTask {
-                instruction: format!("offline task {i}: {TASK_TEXT}"),
-                executor: "shell".into(),
-                target: target.clone(),
-                not_after: None,
-            },
-            now_ms(),
-        )?;
+        phone.commit(|d| {
+            d.enqueue_task(
+                &NewTask {
+                    instruction: format!("offline task {i}: {TASK_TEXT}"),
+                    executor: "shell".into(),
+                    target: desktop_id.clone(),
+                    not_after: None,
+                },
+                now_ms(),
+            )
+        })?;
     }
     let t = Instant::now();
-    let bytes = sync_docs(&mut a, &mut sa, &mut b, &mut sb)?;
-    Ok((t.elapsed().as_secs_f64() * 1e3, bytes as f64))
+    let x = loopback::sync(&mut phone, &phone_id, &mut desktop, &desktop_id)?;
+    Ok((t.elapsed().as_secs_f64() * 1e3, x.bytes as f64))
 }
 
 // ---- a desktop and a phone bench peer ----------------------------------------------------
@@ -1951,7 +1936,7 @@ fn run_p2(ctx: &mut Ctx, fx: &Fixture, repo: &Result<Value, String>) -> Vec<Row>
         let mut time = Row::new("P2", format!("{label}: time"), Unit::Ms)
             .samples(runs.iter().map(|r| r.ms).collect())
             .reference(
-                "in-process Automerge sync of the same changes",
+                "the same engine in one process (real redb files, no network)",
                 median(&floor.iter().map(|f| f.0).collect::<Vec<_>>()),
             )
             .goals(if big {
@@ -1969,7 +1954,7 @@ fn run_p2(ctx: &mut Ctx, fx: &Fixture, repo: &Result<Value, String>) -> Vec<Row>
         let mut bytes = Row::new("P2", format!("{label}: bytes"), Unit::Bytes)
             .samples(runs.iter().map(|r| r.bytes).collect())
             .reference(
-                "in-process Automerge sync messages",
+                "the same engine in one process: payload bytes",
                 median(&floor.iter().map(|f| f.1).collect::<Vec<_>>()),
             )
             .goals(if big {
