@@ -80,6 +80,17 @@ pub enum IngestError {
         /// The limit.
         max: usize,
     },
+    /// A bundle whose changes hold more ops than the bounds allow, counted from its change
+    /// metadata before any change was built.
+    #[error("the peer's bundle holds {ops} ops ({what}), over the limit of {max}")]
+    BundleTooLarge {
+        /// Which limit: one change's ops, or the whole bundle's.
+        what: &'static str,
+        /// Ops counted.
+        ops: u64,
+        /// The limit.
+        max: u64,
+    },
     /// A whole document where only changes are accepted ([`Bounds::documents`]).
     #[error("the peer sent a whole document; only changes are accepted from it")]
     Document,
@@ -254,6 +265,10 @@ pub fn check_sync_message(
                 for change in document_changes(part)? {
                     admit(&mut out, change, doc, authority, bounds)?;
                 }
+            } else if is_bundle_chunk(part) {
+                for change in bundle_changes(part, bounds)? {
+                    admit(&mut out, change, doc, authority, bounds)?;
+                }
             } else {
                 admit(&mut out, parse_change(part)?, doc, authority, bounds)?;
             }
@@ -388,6 +403,61 @@ pub fn parse_change(chunk: &[u8]) -> Result<Change, IngestError> {
     Ok(change)
 }
 
+/// Most ops one bundle from a phone may hold: one minute of its budget. The per-peer budget
+/// is taken after the check; this bound keeps the check itself from building more changes
+/// than a minute's worth.
+pub const MAX_BUNDLE_OPS: u64 = PEER_OPS_PER_MINUTE;
+
+/// True for an Automerge bundle chunk (chunk type 3), as [`crate::sync`] sends large
+/// catch-ups.
+pub fn is_bundle_chunk(bytes: &[u8]) -> bool {
+    bytes.len() > 8 && bytes[..4] == crate::CHUNK_MAGIC[..] && bytes[8] == 3
+}
+
+/// The changes of a bundle chunk. Under bounds on ops per change, the ops are counted from
+/// the bundle's change metadata first (parsing a bundle streams its columns and builds
+/// nothing: a bundle of a million ops in 1.1 KB parsed in 0.1 s with no growth of memory),
+/// and the changes are built only if they fit.
+fn bundle_changes(chunk: &[u8], bounds: Bounds) -> Result<Vec<Change>, IngestError> {
+    let panicked = || IngestError::Malformed("automerge panicked while parsing them".into());
+    // Loading drops a chunk with a wrong checksum silently: the check must not pass one.
+    use sha2::Digest;
+    if chunk.get(4..8) != sha2::Sha256::digest(&chunk[8..]).get(..4) {
+        return Err(IngestError::Malformed(
+            "a bundle with a wrong checksum".into(),
+        ));
+    }
+    let bundle = std::panic::catch_unwind(|| automerge::Bundle::try_from(chunk))
+        .map_err(|_| panicked())?
+        .map_err(|e| IngestError::Malformed(e.to_string()))?;
+    if let Some(max) = bounds.max_ops_per_change {
+        let max = max as u64;
+        let mut total = 0u64;
+        for c in bundle.iter_changes() {
+            let ops = c.max_op.saturating_add(1).saturating_sub(c.start_op);
+            if ops > max {
+                return Err(IngestError::BundleTooLarge {
+                    what: "in one change",
+                    ops,
+                    max,
+                });
+            }
+            total = total.saturating_add(ops);
+            if total > MAX_BUNDLE_OPS {
+                return Err(IngestError::BundleTooLarge {
+                    what: "in all",
+                    ops: total,
+                    max: MAX_BUNDLE_OPS,
+                });
+            }
+        }
+    }
+    let changes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bundle.to_changes()))
+        .map_err(|_| panicked())?
+        .map_err(|e| IngestError::Malformed(e.to_string()))?;
+    Ok(changes)
+}
+
 /// The changes of a whole-document chunk, loaded into a scratch document.
 fn document_changes(chunk: &[u8]) -> Result<Vec<Change>, IngestError> {
     let loaded = std::panic::catch_unwind(|| {
@@ -489,6 +559,88 @@ mod tests {
         assert!(matches!(
             check_sync_message(&garbage, &empty, &authority, Bounds::PHONE),
             Err(IngestError::Malformed(_))
+        ));
+    }
+
+    /// A bundle of every change of `doc`.
+    fn bundle(doc: &mut AutoCommit) -> Vec<u8> {
+        let hashes: Vec<_> = doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
+        doc.bundle(hashes).unwrap().bytes().to_vec()
+    }
+
+    #[test]
+    fn a_bundle_gives_its_changes_under_the_same_checks() {
+        let mut ours = AutoCommit::new();
+        for i in 0..20 {
+            ours.put(ROOT, format!("k{i}"), i).unwrap();
+            ours.commit();
+        }
+        let chunk = bundle(&mut ours);
+        assert!(is_bundle_chunk(&chunk));
+        let empty = Automerge::new();
+        let checked = check_sync_message(
+            &message(chunk.clone()),
+            &empty,
+            &allow(&[&ours]),
+            Bounds::PHONE,
+        )
+        .unwrap();
+        let want: Vec<_> = ours.get_changes(&[]).iter().map(|c| c.hash()).collect();
+        assert_eq!(
+            checked.changes.iter().map(|c| c.hash()).collect::<Vec<_>>(),
+            want
+        );
+        assert_eq!(checked.ops, 20);
+        // Another device's actor: refused, as change by change.
+        assert!(matches!(
+            check_sync_message(&message(chunk.clone()), &empty, &allow(&[]), Bounds::PHONE),
+            Err(IngestError::ForeignActor { .. })
+        ));
+        // A wrong checksum (which loading would drop silently) is refused.
+        let mut bad = chunk;
+        bad[5] ^= 0xff;
+        assert!(matches!(
+            check_sync_message(&message(bad), &empty, &allow(&[&ours]), Bounds::PHONE),
+            Err(IngestError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_bundle_over_the_op_bounds_is_refused_from_its_metadata() {
+        // One change of a hundred thousand ops fits in a few hundred bytes of bundle.
+        let mut big = AutoCommit::new();
+        let text = big.put_object(ROOT, "t", automerge::ObjType::Text).unwrap();
+        big.splice_text(&text, 0, 0, &"a".repeat(100_000)).unwrap();
+        big.commit();
+        let chunk = bundle(&mut big);
+        assert!(chunk.len() < 4096, "{} bytes", chunk.len());
+        let empty = Automerge::new();
+        assert!(matches!(
+            check_sync_message(
+                &message(chunk.clone()),
+                &empty,
+                &allow(&[&big]),
+                Bounds::PHONE
+            ),
+            Err(IngestError::BundleTooLarge {
+                what: "in one change",
+                ..
+            })
+        ));
+        // Many small changes past one minute's budget of ops.
+        let mut many = AutoCommit::new();
+        let per = MAX_OPS_PER_CHANGE;
+        for _ in 0..(MAX_BUNDLE_OPS as usize / per + 1) {
+            let text = many
+                .put_object(ROOT, "t", automerge::ObjType::Text)
+                .unwrap();
+            many.splice_text(&text, 0, 0, &"a".repeat(per - 1)).unwrap();
+            many.commit();
+        }
+        let chunk = bundle(&mut many);
+        assert!(matches!(
+            check_sync_message(&message(chunk), &empty, &allow(&[&many]), Bounds::PHONE),
+            Err(IngestError::BundleTooLarge { what: "in all", .. })
         ));
     }
 

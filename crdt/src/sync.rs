@@ -13,6 +13,32 @@ use automerge::{
 
 use crate::{DocId, Part};
 
+/// A sync message with at least this many changes carries them as one Automerge bundle.
+/// Change by change, each change repeats its actor and its dependencies' 32-byte hashes,
+/// which do not compress: 10,000 one-task changes were 3.6 MB, 929 KB deflated. As a bundle
+/// (encoded like a document, dependencies as indices) they were 374 KB, built in about
+/// 0.1 s. Unlike a document, a bundle's ops per change can be counted from its change
+/// metadata before any change is built (`crate::ingest`), so the owner can still bound what
+/// a phone sends. Smaller messages stay change by change (the push path sends single
+/// changes anyway).
+pub const BUNDLE_MIN_CHANGES: usize = 8;
+
+/// The changes of `chunks` as one bundle chunk, if there are enough of them and each is a
+/// change this document holds.
+fn bundle_of(am: &mut automerge::AutoCommit, chunks: &sync::ChunkList) -> Option<Vec<u8>> {
+    if chunks.len() < BUNDLE_MIN_CHANGES {
+        return None;
+    }
+    let hashes = chunks
+        .iter()
+        .map(|c| automerge::Change::try_from(c).ok().map(|c| c.hash()))
+        .collect::<Option<Vec<_>>>()?;
+    std::panic::catch_unwind(AssertUnwindSafe(|| am.bundle(hashes)))
+        .ok()?
+        .ok()
+        .map(|b| b.bytes().to_vec())
+}
+
 /// Why a received message was refused. After any of these the session should be reset
 /// (and, after [`SyncError::Panicked`], the document reloaded from the store).
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +133,9 @@ impl SyncSession {
         msg.map(|mut m| {
             if !documents {
                 m.flags = None;
+            }
+            if let Some(bundle) = bundle_of(am, &m.changes) {
+                m.changes = vec![bundle].into();
             }
             m.encode()
         })
