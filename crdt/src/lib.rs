@@ -15,6 +15,7 @@ pub mod holder;
 pub mod ingest;
 pub mod store;
 pub mod sync;
+pub mod tables;
 
 pub use doc::{
     CHUNK_MAGIC, DocId, NewTask, Part, SEGMENT_AHEAD, SEGMENT_MAX_CHANGES, SEGMENT_MAX_OPS,

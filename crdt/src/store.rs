@@ -4,8 +4,11 @@
 //!   by document id. A commit appends its chunk in the same transaction that acknowledges it.
 //! - Per-peer sync states, keyed by (document id, peer), written with the changes they describe.
 //! - Trusted peers, and small named values (`meta`): the device's Automerge actor, its node
-//!   identity, the thread's genesis, secrets. Callers add their own tables through
-//!   [`StoreTxn::table`] and [`Store::read_table`].
+//!   identity, the thread's genesis, secrets. The other crates' tables are declared with
+//!   these in [`crate::tables`] and reached through [`StoreTxn::table`] and
+//!   [`Store::read_table`].
+//! - Each failure names the operation that failed ([`StoreError`]: begin, table, storage,
+//!   commit), as redb's own errors do.
 
 use std::{
     fmt,
@@ -17,11 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::DocId;
 
-const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_snapshot");
-const CHUNKS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("doc_chunks");
-const SYNC_STATES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sync_state");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const TRUSTED: TableDefinition<&str, &[u8]> = TableDefinition::new("trusted_peers");
+use crate::tables::{CHUNKS, META, SNAPSHOTS, SYNC_STATES, TRUSTED};
 
 /// The store's file name inside a home.
 pub const STORE_FILE: &str = "errand.redb";
@@ -33,7 +32,7 @@ const CACHE_BYTES: usize = 32 << 20;
 /// Compact once incremental chunks exceed this many bytes *and* the snapshot's size. Chunks
 /// are uncompressed and carry per-change overhead (about 15x a compacted save, measured in the
 /// dependency notes), so this keeps the file within a small multiple of the document.
-const COMPACT_MIN_CHUNK_BYTES: u64 = 256 * 1024;
+pub(crate) const COMPACT_MIN_CHUNK_BYTES: u64 = 256 * 1024;
 
 /// Why the store could not do something.
 #[derive(Debug, thiserror::Error)]
@@ -59,9 +58,21 @@ pub enum StoreError {
         #[source]
         source: redb::DatabaseError,
     },
-    /// A database operation failed.
-    #[error("store error: {0}")]
-    Db(#[from] redb::Error),
+    /// A transaction could not begin.
+    #[error("the store could not begin a transaction: {0}")]
+    Begin(#[from] redb::TransactionError),
+    /// A table could not be opened.
+    #[error("the store could not open a table: {0}")]
+    Table(#[from] redb::TableError),
+    /// Reading or writing a table failed (the file, or the disk under it).
+    #[error("the store could not read or write: {0}")]
+    Storage(#[from] redb::StorageError),
+    /// A transaction could not commit: nothing of it is stored.
+    #[error("the store could not commit: {0}")]
+    Commit(#[from] redb::CommitError),
+    /// A transaction's durability could not be set.
+    #[error("the store could not set a transaction's durability: {0}")]
+    Durability(#[from] redb::SetDurabilityError),
     /// A stored record did not decode.
     #[error("stored record {what} is corrupt: {why}")]
     Corrupt {
@@ -71,23 +82,6 @@ pub enum StoreError {
         why: String,
     },
 }
-
-macro_rules! db_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self {
-                StoreError::Db(e.into())
-            }
-        }
-    )*};
-}
-db_err!(
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::SetDurabilityError
-);
 
 /// A peer this home trusts, with what it knows of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

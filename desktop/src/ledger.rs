@@ -25,14 +25,14 @@ use errand_p2p::{
     peer::{Peer, PeerError, now_ms},
     replica::ReplicaError,
 };
-use redb::{ReadableTable, TableDefinition};
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::executor::{kill_process_group, process_group_alive};
 
 /// The ledger's table: (task id, attempt) → JSON of the entry.
-pub const LEDGER_TABLE: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("task_ledger");
+pub use errand_crdt::tables::TASK_LEDGER as LEDGER_TABLE;
 
 /// After killing a left-over process group, how long start-up waits for it to be gone. The
 /// group was sent SIGKILL, which cannot be caught; only a process in uninterruptible sleep (a

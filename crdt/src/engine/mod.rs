@@ -18,7 +18,7 @@ use std::{
 };
 
 use errand_core::{DeviceId, DeviceKind, TaskId};
-use redb::{ReadableTable, TableDefinition};
+use redb::ReadableTable;
 
 use crate::{
     ActorId, ChangeHash, DocId, SEGMENT_AHEAD, Store, StoreError, SyncError, SyncSession,
@@ -30,10 +30,6 @@ use crate::{
 pub const META_GENESIS: &str = "genesis";
 /// Store key of this device's Automerge actor id (bytes).
 pub const META_ACTOR: &str = "actor";
-
-/// Compact once chunks pass this many bytes and the snapshot's size: chunks are uncompressed
-/// change-by-change, about 15x a compacted `save()` (dependency notes, 2.4).
-const COMPACT_MIN_CHUNK_BYTES: u64 = 256 * 1024;
 
 /// Why a replica operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -184,12 +180,7 @@ pub const META_FORMAT: &str = "format";
 /// The current home format: a meta document plus segments, with the indexes below.
 const FORMAT: &[u8] = b"2";
 
-/// Heads of every stored document of the thread (meta and segments, loaded or not).
-pub const DOC_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_heads");
-/// Which segment holds each task.
-pub const TASK_SEGMENT: TableDefinition<&str, u32> = TableDefinition::new("task_segment");
-/// Tasks that are not finished, with their segment: such segments stay in memory.
-pub const OPEN_TASKS: TableDefinition<&str, u32> = TableDefinition::new("open_tasks");
+pub use crate::tables::{DOC_HEADS, OPEN_TASKS, TASK_SEGMENT};
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Sizes {
@@ -429,7 +420,7 @@ impl Engine {
 
     fn maybe_compact(&mut self, n: u32) -> Result<(), StoreError> {
         let size = self.sizes.get(&n).copied().unwrap_or_default();
-        if size.chunk_bytes <= COMPACT_MIN_CHUNK_BYTES.max(size.snapshot_bytes) {
+        if size.chunk_bytes <= crate::store::COMPACT_MIN_CHUNK_BYTES.max(size.snapshot_bytes) {
             return Ok(());
         }
         let Some(doc_id) = self.doc_id(n) else {

@@ -16,7 +16,7 @@ use errand_core::{
 };
 use errand_crdt::{Store, StoreError, ThreadGenesis, TrustedPeer};
 use libp2p::PeerId;
-use redb::{ReadableTable, TableDefinition};
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use super::messages::{PhoneHello, TicketBook, Welcome};
@@ -26,7 +26,7 @@ use crate::{
     sync::{gate::SharedGate, session::DeviceInfo},
 };
 
-const TICKETS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pair_tickets");
+use errand_crdt::tables::PAIR_TICKETS as TICKETS;
 /// Store key of the discovery secret the paired devices share (rendezvous namespace).
 pub const META_DISCOVERY: &str = "discovery_secret";
 
