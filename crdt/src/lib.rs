@@ -23,7 +23,7 @@ pub use doc::{
 };
 pub use ingest::IngestError;
 pub use store::{LoadedDoc, MemoryImage, Store, StoreError, StoreTxn, TrustedPeer};
-pub use sync::{SyncError, SyncSession, ThreadSync};
+pub use sync::{SyncError, SyncSession};
 
 /// Re-exported so callers can name heads and actors without depending on automerge directly.
 pub use automerge::{ActorId, ChangeHash};

@@ -5,9 +5,9 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{sync_pair, world};
+use common::{ThreadSync, sync_pair, world};
 use errand_core::{EventKind, MessageKind, fold};
-use errand_crdt::{DocId, NewTask, SyncSession, ThreadDoc, ThreadSync};
+use errand_crdt::{DocId, NewTask, SyncSession, ThreadDoc};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 

@@ -5,9 +5,9 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{sync_pair, world};
+use common::{ThreadSync, sync_pair, world};
 use errand_core::{EventKind, TaskId, TaskStatus, fold};
-use errand_crdt::{DocId, NewTask, ThreadDoc, ThreadSync};
+use errand_crdt::{DocId, NewTask, ThreadDoc};
 use proptest::prelude::*;
 
 /// Small enough that a few dozen tasks roll over several times.

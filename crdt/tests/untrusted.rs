@@ -4,9 +4,9 @@
 mod common;
 
 use automerge::{AutoCommit, ObjType, ROOT, ReadDoc, transaction::Transactable};
-use common::{sync_pair, world};
+use common::{ThreadSync, sync_pair, world};
 use errand_core::{EventKind, TaskStatus, fold};
-use errand_crdt::{NewTask, TaskTouch, ThreadSync, Touched};
+use errand_crdt::{NewTask, TaskTouch, Touched};
 
 #[test]
 fn garbage_from_a_peer_is_skipped_and_real_tasks_stay_visible() {

@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 use errand_core::{Device, DeviceId, DeviceKind, ThreadId};
-use errand_crdt::{ActorId, ThreadDoc, ThreadGenesis, ThreadSync};
+use errand_crdt::{
+    ActorId, DocId, SyncError, SyncSession, ThreadDoc, ThreadGenesis, sync::Received,
+};
 
 /// A syntactically valid Ed25519 PeerId built from a seed byte.
 pub fn device(seed: u8) -> DeviceId {
@@ -83,4 +85,87 @@ pub fn sync_pair(a: &mut ThreadDoc, sa: &mut ThreadSync, b: &mut ThreadDoc, sb: 
         }
     }
     panic!("sync did not quiesce in 256 rounds");
+}
+
+/// Sync sessions with one peer over every document of a thread (the meta document and its
+/// segments), sans-IO. A document the peer names that this replica does not hold yet is
+/// created from its deterministic genesis, so a segment that one side rolled over into
+/// reaches the other with no extra step. Every segment must be held in memory (the engine does its own
+/// loading). A test helper over the crate's public API; production sync is the engine's.
+#[derive(Debug, Default)]
+pub struct ThreadSync {
+    sessions: std::collections::BTreeMap<DocId, SyncSession>,
+}
+
+impl ThreadSync {
+    /// Fresh sessions.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sessions restored from [`Self::encode_states`].
+    pub fn restore(states: &std::collections::BTreeMap<DocId, Vec<u8>>) -> Result<Self, SyncError> {
+        let mut out = Self::new();
+        for (id, bytes) in states {
+            out.sessions
+                .insert(id.clone(), SyncSession::restore(id.clone(), bytes)?);
+        }
+        Ok(out)
+    }
+
+    /// The states to persist, per document.
+    pub fn encode_states(&self) -> std::collections::BTreeMap<DocId, Vec<u8>> {
+        self.sessions
+            .iter()
+            .map(|(id, s)| (id.clone(), s.encode_state()))
+            .collect()
+    }
+
+    /// The next message for the first document (in part order) that has something to say.
+    pub fn next_message(&mut self, doc: &mut ThreadDoc) -> Option<(DocId, Vec<u8>)> {
+        for n in doc.loaded() {
+            let part = doc.part_mut(n)?;
+            let id = part.id().clone();
+            let session = self
+                .sessions
+                .entry(id.clone())
+                .or_insert_with(|| SyncSession::new(id.clone()));
+            if let Some(m) = session.next_message(part) {
+                return Some((id, m));
+            }
+        }
+        None
+    }
+
+    /// True when the peer is in sync on every document held in memory.
+    pub fn in_sync(&self, doc: &mut ThreadDoc) -> bool {
+        doc.loaded().into_iter().all(|n| {
+            doc.part_mut(n).is_some_and(|part| {
+                self.sessions
+                    .get(part.id())
+                    .is_some_and(|s| s.in_sync(part))
+            })
+        })
+    }
+
+    /// Applies a message for document `id`, creating the segment if it is new here.
+    pub fn receive(
+        &mut self,
+        doc: &mut ThreadDoc,
+        id: &DocId,
+        bytes: &[u8],
+    ) -> Result<Received, SyncError> {
+        let n = doc.part_of(id).ok_or(SyncError::UnknownDocument)?;
+        if n > doc.newest_segment() + errand_crdt::SEGMENT_AHEAD {
+            return Err(SyncError::UnknownDocument);
+        }
+        doc.attach_segment(n, std::iter::empty())?;
+        let part = doc.part_mut(n).ok_or(SyncError::UnknownDocument)?;
+        let session = self
+            .sessions
+            .entry(id.clone())
+            .or_insert_with(|| SyncSession::new(id.clone()));
+        let r = session.receive(part, bytes)?;
+        Ok(r)
+    }
 }
