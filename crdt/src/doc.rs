@@ -413,10 +413,10 @@ impl Part {
 }
 
 /// What a batch of changes touched: each op's object, its map key, what the op can do to a
-/// task (only add, replace, or change its status), and for a new object under an existing map key the actor that made it
-/// (a new task counts as unfinished without a read only if that actor's device is in good
-/// standing). Decoded before the changes are applied (it needs no document), resolved to
-/// tasks after ([`ThreadDoc::tasks_touched`]).
+/// task (only add, replace, or change its status), and for a new object under an existing
+/// map key the actor that made it (a new task counts as unfinished without a read only if
+/// that actor's device is in good standing). Decoded before the changes are applied (it
+/// needs no document), resolved to tasks after ([`ThreadDoc::tasks_touched`]).
 #[derive(Debug, Default, Clone)]
 pub struct Touched(Vec<(ObjId, Option<String>, OpClass, Option<ActorId>)>);
 
