@@ -33,7 +33,7 @@ use automerge::{
 };
 use errand_core::DeviceId;
 use errand_crdt::{NewTask, Store, StoreError, ThreadDoc, ThreadGenesis, Touched, WriteError};
-use errand_p2p::replica::{DOC_HEADS, OPEN_TASKS, TASK_SEGMENT};
+use errand_p2p::replica::DOC_HEADS;
 use errand_p2p::{
     peer::now_ms,
     replica::{META_ACTOR, META_GENESIS},
@@ -597,20 +597,7 @@ impl Forger {
                 t.append_chunk(&doc_id, &chunk)?;
                 t.table(DOC_HEADS)?
                     .insert(doc_id.as_str(), heads_bytes.as_slice())?;
-                {
-                    let mut index = t.table(TASK_SEGMENT)?;
-                    for id in tasks.keys() {
-                        index.insert(id.to_string().as_str(), n)?;
-                    }
-                }
-                let mut opened = t.table(OPEN_TASKS)?;
-                for (id, is_open) in &open {
-                    if *is_open {
-                        opened.insert(id.to_string().as_str(), n)?;
-                    } else {
-                        opened.remove(id.to_string().as_str())?;
-                    }
-                }
+                errand_crdt::engine::write_task_index(t, n, &tasks, &open)?;
                 Ok::<_, StoreError>(())
             })?;
         }

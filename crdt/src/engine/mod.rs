@@ -504,25 +504,9 @@ impl Engine {
             t.append_chunk(&doc_id, chunk)?;
             t.table(DOC_HEADS)?
                 .insert(doc_id.as_str(), heads_bytes(heads).as_slice())?;
-            {
-                // A task stays in the segment it was created in: only new tasks (and those
-                // whose key was overwritten) get a row.
-                let mut index = t.table(TASK_SEGMENT)?;
-                for (id, how) in tasks {
-                    if *how != TaskTouch::Content {
-                        index.insert(id.to_string().as_str(), n)?;
-                    }
-                }
-            }
+            write_task_index(t, n, tasks, &open)?;
             {
                 let mut opened = t.table(OPEN_TASKS)?;
-                for (id, is_open) in &open {
-                    if *is_open {
-                        opened.insert(id.to_string().as_str(), n)?;
-                    } else {
-                        opened.remove(id.to_string().as_str())?;
-                    }
-                }
                 for id in &closed {
                     opened.remove(id.to_string().as_str())?;
                 }
@@ -696,6 +680,35 @@ impl Engine {
         })
     }
 }
+/// Writes the task indexes for what a stored batch did to part `n`: a segment row for each
+/// new task (a task stays in the segment it was created in), and the unfinished-task rows
+/// `open` ([`ThreadDoc::unfinished_rows`]). Anything that stores a part's changes outside the
+/// engine (a test that writes a home by hand) keeps the indexes the same way.
+pub fn write_task_index(
+    t: &mut crate::StoreTxn<'_>,
+    n: u32,
+    tasks: &BTreeMap<TaskId, TaskTouch>,
+    open: &[(TaskId, bool)],
+) -> Result<(), StoreError> {
+    {
+        let mut index = t.table(TASK_SEGMENT)?;
+        for (id, how) in tasks {
+            if *how != TaskTouch::Content {
+                index.insert(id.to_string().as_str(), n)?;
+            }
+        }
+    }
+    let mut opened = t.table(OPEN_TASKS)?;
+    for (id, is_open) in open {
+        if *is_open {
+            opened.insert(id.to_string().as_str(), n)?;
+        } else {
+            opened.remove(id.to_string().as_str())?;
+        }
+    }
+    Ok(())
+}
+
 fn sizes_of(loaded: &crate::LoadedDoc) -> Sizes {
     Sizes {
         snapshot_bytes: loaded.snapshot.as_ref().map_or(0, |s| s.len() as u64),
