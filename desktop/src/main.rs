@@ -292,6 +292,7 @@ async fn daemon(
     peer.start()
         .await
         .map_err(|e| ApiError::new(e.to_string()))?;
+    let shutdown = cli::Shutdown::listen();
     let control = cli::serve_control(&peer)
         .map_err(|e| ApiError::new(format!("cannot open the control socket: {e}")))?;
     let status = peer
@@ -313,7 +314,7 @@ async fn daemon(
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    cli::shutdown_signal().await;
+    shutdown.wait().await;
     tracing::info!("shutting down");
     control.abort();
     if let Some(runner) = runner {
@@ -409,6 +410,7 @@ async fn pair(
     if let Some(peer) = local {
         // No daemon: keep the network up until a phone pairs or the ticket expires.
         eprintln!("waiting for a phone to pair (Ctrl-C to stop)…");
+        let shutdown = cli::Shutdown::listen();
         let before = peer.trusted_peers().await.map(|t| t.len()).unwrap_or(0);
         let mut events = peer.events();
         let wait = async {
@@ -423,7 +425,7 @@ async fn pair(
         };
         let paired = tokio::select! {
             p = tokio::time::timeout(ttl, wait) => p.unwrap_or(false),
-            _ = cli::shutdown_signal() => false,
+            _ = shutdown.wait() => false,
         };
         peer.shutdown().await;
         if paired {

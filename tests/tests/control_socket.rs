@@ -272,6 +272,37 @@ fn a_socket_in_the_home_is_removed_after_sigterm() -> Result<()> {
 }
 
 #[test]
+fn sigterm_as_soon_as_the_socket_appears_is_a_clean_exit() -> Result<()> {
+    // Root cause: the SIGTERM handler was installed only once the daemon had printed that it
+    // runs, after its control socket existed. A SIGTERM in between killed it the default way
+    // (exit by signal 15) and left the socket behind; CI hit that window once.
+    let root = Root::new()?;
+    let home = root.path().join("desktop");
+    let socket = home.join("control.sock");
+    let child = root
+        .command(
+            &home,
+            &["run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"],
+        )?
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut desktop = Desktop { child };
+    let end = Instant::now() + DEADLINE;
+    while !socket.exists() {
+        ensure!(Instant::now() < end, "no socket at {}", socket.display());
+        if let Some(status) = desktop.child.try_wait()? {
+            bail!("errand-desktop run exited before its socket appeared: {status}");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let status = desktop.terminate()?;
+    ensure!(status.success(), "exit after SIGTERM: {status}");
+    ensure!(!socket.exists(), "{} left behind", socket.display());
+    Ok(())
+}
+
+#[test]
 fn a_squatted_socket_directory_is_refused_with_a_clear_error() -> Result<()> {
     // Root cause: the socket went wherever the temp dir said, so a directory (or name) another
     // user prepared there was used as if it were ours.

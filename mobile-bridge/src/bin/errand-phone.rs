@@ -240,12 +240,13 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             peer.start()
                 .await
                 .map_err(|e| ApiError::new(e.to_string()))?;
+            let shutdown = cli::Shutdown::listen();
             let control = cli::serve_control(&peer)
                 .map_err(|e| ApiError::new(format!("cannot open the control socket: {e}")))?;
             println!("errand-phone {} running", peer.peer_id());
             use std::io::Write;
             let _ = std::io::stdout().flush();
-            cli::shutdown_signal().await;
+            shutdown.wait().await;
             control.abort();
             peer.shutdown().await;
             Ok(())
@@ -393,6 +394,7 @@ async fn follow_task(
 
 /// Prints tasks as they change until interrupted.
 async fn follow_thread(opened: &Opened, json: bool) -> Result<(), ApiError> {
+    let shutdown = cli::Shutdown::listen();
     let mut seen: std::collections::HashMap<TaskId, TaskInfo> = Default::default();
     let follow = async {
         loop {
@@ -416,7 +418,7 @@ async fn follow_thread(opened: &Opened, json: bool) -> Result<(), ApiError> {
     };
     tokio::select! {
         r = follow => r,
-        _ = cli::shutdown_signal() => Ok(()),
+        _ = shutdown.wait() => Ok(()),
     }
 }
 
