@@ -299,6 +299,7 @@ pub fn serve_control(peer: &Peer) -> std::io::Result<tokio::task::JoinHandle<()>
 ///
 /// Make it before the daemon says it is running: a handler installed later leaves a window in
 /// which SIGTERM kills the process the default way, and its control socket is left behind.
+#[derive(Debug)]
 pub struct Shutdown {
     #[cfg(unix)]
     signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
