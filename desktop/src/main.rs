@@ -4,7 +4,7 @@ mod demo;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use errand_core::DeviceKind;
 use errand_desktop::{
     config::{self, Overrides, Settings},
@@ -139,12 +139,7 @@ enum DevicesCommand {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(cli) => cli,
-        Err(e) => e.exit(),
-    };
-    cli::name_process("errand-desktop", &matches);
+    let cli: Cli = cli::parse("errand-desktop");
     let home = cli::home_dir(cli.home, "desktop");
     cli::finish(run(home, cli.command).await)
 }
@@ -442,6 +437,8 @@ async fn pair(
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory as _;
+
     use super::*;
 
     /// Every command form the README shows, with global flags where a person puts them.
@@ -468,12 +465,8 @@ mod tests {
 
     #[test]
     fn every_readme_command_form_parses() {
-        for form in README_FORMS {
-            let argv = std::iter::once("errand-desktop").chain(form.iter().copied());
-            if let Err(e) = Cli::try_parse_from(argv) {
-                panic!("{form:?} does not parse: {e}");
-            }
-        }
+        let failed = cli::forms_that_fail::<Cli>("errand-desktop", README_FORMS);
+        assert!(failed.is_empty(), "{failed:#?}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use errand_core::{DeviceKind, TaskId, TaskStatus};
 use errand_p2p::{
     api::{self, Action, Call as _, TaskInfo, exit},
@@ -168,12 +168,7 @@ enum DevicesCommand {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(cli) => cli,
-        Err(e) => e.exit(),
-    };
-    cli::name_process("errand-phone", &matches);
+    let cli: Cli = cli::parse("errand-phone");
     let home = cli::home_dir(cli.home, "phone");
     cli::finish(run(home, cli.command).await)
 }
@@ -550,6 +545,8 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory as _;
+
     use super::*;
 
     /// Every command form the README shows, with global flags where a person puts them.
@@ -583,12 +580,8 @@ mod tests {
 
     #[test]
     fn every_readme_command_form_parses() {
-        for form in README_FORMS {
-            let argv = std::iter::once("errand-phone").chain(form.iter().copied());
-            if let Err(e) = Cli::try_parse_from(argv) {
-                panic!("{form:?} does not parse: {e}");
-            }
-        }
+        let failed = cli::forms_that_fail::<Cli>("errand-phone", README_FORMS);
+        assert!(failed.is_empty(), "{failed:#?}");
     }
 
     #[test]

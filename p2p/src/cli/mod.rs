@@ -100,6 +100,15 @@ pub enum Opened {
     Daemon(PathBuf),
 }
 
+/// Parses this process's arguments as `C` (exiting with clap's message and code on a bad
+/// one), and names the process after `bin` and its subcommands (see [`name_process`]).
+pub fn parse<C: clap::Parser>(bin: &str) -> C {
+    let matches = C::command().get_matches();
+    let parsed = C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    name_process(bin, &matches);
+    parsed
+}
+
 /// Names this process in the holder record of the homes it opens, as `bin` and its
 /// subcommands (`errand-desktop devices revoke`), never their arguments: a pairing ticket in
 /// an argument is a secret.
@@ -339,6 +348,20 @@ impl Shutdown {
         }
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// The command forms, each as a person types it after `bin`, that `C` does not parse, with
+/// clap's reason: what a CLI's test of its README forms asserts is empty.
+pub fn forms_that_fail<C: clap::Parser>(bin: &str, forms: &[&[&str]]) -> Vec<String> {
+    forms
+        .iter()
+        .filter_map(|form| {
+            let argv = std::iter::once(bin).chain(form.iter().copied());
+            C::try_parse_from(argv)
+                .err()
+                .map(|e| format!("{bin} {}: {e}", form.join(" ")))
+        })
+        .collect()
 }
 
 /// Parses a duration like `30s` or `10m`.
