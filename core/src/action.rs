@@ -133,6 +133,117 @@ pub fn check_action(
     }
 }
 
+/// Why a reply or a permission answer is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerRefused {
+    /// What any action is refused for (the target's own task).
+    #[error(transparent)]
+    Action(#[from] ActionRefused),
+    /// A reply while the attempt still runs.
+    #[error("task {id} is {status}; reply once its turn has ended (or cancel it)")]
+    Busy {
+        /// The task.
+        id: TaskId,
+        /// Its status.
+        status: TaskStatus,
+    },
+    /// An empty reply.
+    #[error("the reply is empty")]
+    Empty,
+    /// A reply over the size a message may have.
+    #[error("the reply is {len} bytes; at most {max} fit in the thread")]
+    TooLong {
+        /// Its length.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// No permission request waits for an answer.
+    #[error("task {id} has no permission request waiting for an answer")]
+    NoPermission {
+        /// The task.
+        id: TaskId,
+    },
+    /// The option is not one the agent offered.
+    #[error("{option:?} is not an option of this request; choose one of: {offered}")]
+    UnknownOption {
+        /// What was given.
+        option: String,
+        /// The ids offered, comma-separated.
+        offered: String,
+    },
+}
+
+/// Whether `device` may reply `text` to `task`: the task's latest attempt (its agent's turn)
+/// must have ended. The reply opens the next attempt, whose prompt it is.
+pub fn check_reply(task: &Task, device: &DeviceId, text: &str) -> Result<Permitted, AnswerRefused> {
+    if *device == task.target {
+        return Err(ActionRefused::Target { id: task.id }.into());
+    }
+    if text.trim().is_empty() {
+        return Err(AnswerRefused::Empty);
+    }
+    let max = crate::limits::MAX_MESSAGE_BYTES;
+    if text.len() > max {
+        return Err(AnswerRefused::TooLong {
+            len: text.len(),
+            max,
+        });
+    }
+    let view = fold(task);
+    if !view.status.is_terminal() {
+        return Err(AnswerRefused::Busy {
+            id: task.id,
+            status: view.status,
+        });
+    }
+    Ok(Permitted {
+        kind: EventKind::Replied {
+            text: text.to_owned(),
+        },
+        attempt: view.attempt,
+    })
+}
+
+/// Whether `device` may answer the pending permission request of `task` with `choice`: an
+/// option id, or `allow` / `deny` for the first option that allows / rejects.
+pub fn check_answer(
+    task: &Task,
+    device: &DeviceId,
+    choice: &str,
+) -> Result<Permitted, AnswerRefused> {
+    if *device == task.target {
+        return Err(ActionRefused::Target { id: task.id }.into());
+    }
+    let view = fold(task);
+    let pending = view
+        .permission
+        .ok_or(AnswerRefused::NoPermission { id: task.id })?;
+    let option = match choice {
+        "allow" => pending.options.iter().find(|o| o.allows()),
+        "deny" | "reject" => pending.options.iter().find(|o| o.rejects()),
+        id => pending.options.iter().find(|o| o.id == id),
+    };
+    let Some(option) = option else {
+        return Err(AnswerRefused::UnknownOption {
+            option: choice.to_owned(),
+            offered: pending
+                .options
+                .iter()
+                .map(|o| o.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    Ok(Permitted {
+        kind: EventKind::PermissionAnswered {
+            perm_id: pending.id,
+            option_id: option.id.clone(),
+        },
+        attempt: view.attempt,
+    })
+}
+
 /// Every action `device` may take on `task` now, in [`Action::ALL`] order.
 pub fn allowed_actions(task: &Task, device: &DeviceId) -> Vec<Action> {
     Action::ALL
@@ -224,6 +335,92 @@ mod tests {
             check_action(&task, &desktop(), Action::Approve),
             Err(ActionRefused::Target { id: task.id })
         );
+    }
+
+    fn asking() -> Task {
+        let choice = |id: &str, kind: &str| crate::PermissionChoice {
+            id: id.into(),
+            name: id.into(),
+            kind: kind.into(),
+        };
+        task_with(&[
+            EventKind::Started,
+            EventKind::PermissionRequested {
+                perm_id: "p1".into(),
+                title: "Write summary.md".into(),
+                tool_kind: "edit".into(),
+                options: vec![
+                    choice("yes", "allow_once"),
+                    choice("always", "allow_always"),
+                    choice("no", "reject_once"),
+                ],
+            },
+        ])
+    }
+
+    #[test]
+    fn a_permission_is_answered_by_option_id_or_by_allow_and_deny() {
+        let task = asking();
+        assert_eq!(fold(&task).status, TaskStatus::AwaitingPermission);
+        let answer = |choice: &str| match check_answer(&task, &phone(), choice) {
+            Ok(Permitted {
+                kind: EventKind::PermissionAnswered { perm_id, option_id },
+                attempt: 1,
+            }) => Ok((perm_id, option_id)),
+            other => Err(other),
+        };
+        assert_eq!(answer("always"), Ok(("p1".into(), "always".into())));
+        assert_eq!(answer("allow"), Ok(("p1".into(), "yes".into())));
+        assert_eq!(answer("deny"), Ok(("p1".into(), "no".into())));
+        let refused = check_answer(&task, &phone(), "maybe").unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "\"maybe\" is not an option of this request; choose one of: yes, always, no"
+        );
+        assert!(matches!(
+            check_answer(&task, &desktop(), "yes"),
+            Err(AnswerRefused::Action(ActionRefused::Target { .. }))
+        ));
+    }
+
+    #[test]
+    fn an_answered_permission_is_no_longer_pending() {
+        let mut task = asking();
+        task.events.push(ev(
+            phone(),
+            1,
+            9,
+            EventKind::PermissionAnswered {
+                perm_id: "p1".into(),
+                option_id: "yes".into(),
+            },
+        ));
+        assert_eq!(fold(&task).status, TaskStatus::Running);
+        assert!(matches!(
+            check_answer(&task, &phone(), "yes"),
+            Err(AnswerRefused::NoPermission { .. })
+        ));
+    }
+
+    #[test]
+    fn a_reply_waits_for_the_turn_to_end_and_opens_the_next_attempt() {
+        let running = task_with(&[EventKind::Started]);
+        assert!(matches!(
+            check_reply(&running, &phone(), "and then?"),
+            Err(AnswerRefused::Busy { .. })
+        ));
+        let mut done = task_with(&[EventKind::Started, EventKind::Finished { exit_code: 0 }]);
+        assert_eq!(
+            check_reply(&done, &phone(), "  "),
+            Err(AnswerRefused::Empty)
+        );
+        let permitted = check_reply(&done, &phone(), "and then?").unwrap();
+        assert_eq!(permitted.attempt, 1);
+        done.events.push(ev(phone(), 1, 9, permitted.kind));
+        let view = fold(&done);
+        assert_eq!((view.attempt, view.status), (2, TaskStatus::Queued));
+        assert_eq!(crate::prompt_of(&done, 2), "and then?");
+        assert_eq!(crate::prompt_of(&done, 1), done.instruction);
     }
 
     #[test]

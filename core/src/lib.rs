@@ -17,9 +17,15 @@ pub mod task;
 pub mod ticket;
 pub mod time;
 
-pub use action::{Action, ActionRefused, Permitted, allowed_actions, check_action};
+pub use action::{
+    Action, ActionRefused, AnswerRefused, Permitted, allowed_actions, check_action, check_answer,
+    check_reply,
+};
 pub use device::{Device, DeviceKind};
 pub use ids::{DeviceId, IdError, MessageId, TaskId, ThreadId};
 pub use message::{Message, MessageKind};
-pub use task::{EventKind, Request, Task, TaskEvent, TaskStatus, TaskView, fold};
+pub use task::{
+    EventKind, PendingPermission, PermissionChoice, PlanEntry, Request, Role, Task, TaskEvent,
+    TaskStatus, TaskView, ToolCallView, Utterance, fold, prompt_of,
+};
 pub use ticket::{Ticket, TicketError};

@@ -2,9 +2,14 @@
 //!
 //! A task's history is a list of events. Only the task's *target* desktop writes facts
 //! (`delivered`, `approval_requested`, `started`, `output`, `finished`, `failed`, `cancelled`,
-//! `denied`, `interrupted`). Other devices write requests (`cancel_requested`, `approved`,
-//! `denied`, `retried`). [`fold`] turns that history into a [`TaskView`]: the status of the
-//! latest attempt, plus the requests still waiting for an answer.
+//! `denied`, `interrupted`, and for agents `agent_session`, `tool_call`, `plan`,
+//! `permission_requested`, `permission_resolved`). Other devices write requests
+//! (`cancel_requested`, `approved`, `denied`, `retried`, `replied`, `permission_answered`).
+//! [`fold`] turns that history into a [`TaskView`]: the status of the latest attempt, plus the
+//! requests still waiting for an answer.
+//!
+//! With an agent (an ACP executor), a task is a conversation and each attempt is one turn: a
+//! `replied` request on an ended attempt opens the next one, whose prompt is the reply.
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +55,119 @@ pub enum EventKind {
     CancelRequested,
     /// Request: run the ended attempt again as a new attempt.
     Retried,
+    /// Request: a reply to the ended attempt; it opens the next attempt (the agent's next
+    /// turn), whose prompt is this text.
+    Replied {
+        /// What the person wrote.
+        text: String,
+    },
+    /// Fact: the agent session this attempt's turn runs in.
+    AgentSession {
+        /// The agent's session id.
+        session_id: String,
+        /// How it was reached: [`SESSION_NEW`], [`SESSION_CONTINUED`], [`SESSION_LOADED`] or
+        /// [`SESSION_NEW_WITH_TRANSCRIPT`].
+        how: String,
+    },
+    /// Fact: a tool call the agent made, or a change of its status.
+    ToolCall {
+        /// The agent's id for the call; later facts with the same id update it.
+        call_id: String,
+        /// What it does, in the agent's words (empty in an update that keeps it).
+        title: String,
+        /// ACP's tool kind (`read`, `edit`, `execute`, …; empty when not given).
+        tool_kind: String,
+        /// `pending`, `in_progress`, `completed` or `failed`.
+        status: String,
+    },
+    /// Fact: the agent's plan, whole (the latest one counts).
+    Plan {
+        /// Its entries, in order.
+        entries: Vec<PlanEntry>,
+    },
+    /// Fact: the agent asks for permission and waits.
+    PermissionRequested {
+        /// This desktop's id for the request, unique within the attempt.
+        perm_id: String,
+        /// The tool call it is about.
+        title: String,
+        /// Its ACP tool kind.
+        tool_kind: String,
+        /// What the person may choose, in the agent's order.
+        options: Vec<PermissionChoice>,
+    },
+    /// Request: a person's answer to a permission request.
+    PermissionAnswered {
+        /// The request.
+        perm_id: String,
+        /// The chosen option's id.
+        option_id: String,
+    },
+    /// Fact: the answer the agent received.
+    PermissionResolved {
+        /// The request.
+        perm_id: String,
+        /// The option sent to the agent; empty when the request was cancelled.
+        option_id: String,
+        /// Who answered: [`ANSWERED_BY_PHONE`], [`ANSWERED_BY_AUTO`], [`ANSWERED_BY_EXPIRY`]
+        /// or [`ANSWERED_BY_CANCEL`].
+        by: String,
+    },
+}
+
+/// `agent_session.how`: a new session.
+pub const SESSION_NEW: &str = "new";
+/// `agent_session.how`: the session of the previous turn, still open in the agent.
+pub const SESSION_CONTINUED: &str = "continued";
+/// `agent_session.how`: the previous session, loaded again (`session/load`).
+pub const SESSION_LOADED: &str = "loaded";
+/// `agent_session.how`: the previous session was gone; a new one got the transcript.
+pub const SESSION_NEW_WITH_TRANSCRIPT: &str = "new_with_transcript";
+
+/// `permission_resolved.by`: the person's answer.
+pub const ANSWERED_BY_PHONE: &str = "phone";
+/// `permission_resolved.by`: the desktop's `auto_allow` setting.
+pub const ANSWERED_BY_AUTO: &str = "auto";
+/// `permission_resolved.by`: nobody answered within `permission_expiry`.
+pub const ANSWERED_BY_EXPIRY: &str = "expired";
+/// `permission_resolved.by`: the turn ended first (cancelled, or the agent went away).
+pub const ANSWERED_BY_CANCEL: &str = "cancelled";
+
+/// Most options one permission request keeps.
+pub const MAX_PERMISSION_OPTIONS: usize = 8;
+/// Most entries one plan keeps.
+pub const MAX_PLAN_ENTRIES: usize = 32;
+
+/// One entry of an agent's plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanEntry {
+    /// What the step is.
+    pub content: String,
+    /// `pending`, `in_progress` or `completed`.
+    pub status: String,
+}
+
+/// One option of a permission request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PermissionChoice {
+    /// The agent's option id, which the answer names.
+    pub id: String,
+    /// Its label.
+    pub name: String,
+    /// `allow_once`, `allow_always`, `reject_once` or `reject_always`.
+    pub kind: String,
+}
+
+impl PermissionChoice {
+    /// True for the `allow_*` kinds.
+    pub fn allows(&self) -> bool {
+        self.kind.starts_with("allow")
+    }
+
+    /// True for the `reject_*` kinds.
+    pub fn rejects(&self) -> bool {
+        self.kind.starts_with("reject")
+    }
 }
 
 impl EventKind {
@@ -68,7 +186,37 @@ impl EventKind {
             Self::Approved => "approved",
             Self::CancelRequested => "cancel_requested",
             Self::Retried => "retried",
+            Self::Replied { .. } => "replied",
+            Self::AgentSession { .. } => "agent_session",
+            Self::ToolCall { .. } => "tool_call",
+            Self::Plan { .. } => "plan",
+            Self::PermissionRequested { .. } => "permission_requested",
+            Self::PermissionAnswered { .. } => "permission_answered",
+            Self::PermissionResolved { .. } => "permission_resolved",
         }
+    }
+
+    /// True for the requests that open a new attempt once the named one has ended.
+    pub fn opens_attempt(&self) -> bool {
+        matches!(self, Self::Retried | Self::Replied { .. })
+    }
+
+    /// The names of the kinds for which [`Self::opens_attempt`] holds.
+    pub fn opening_names() -> [&'static str; 2] {
+        ["retried", "replied"]
+    }
+
+    /// True for facts of which an attempt holds many (output and the agent's steps); every
+    /// other fact is written once per attempt.
+    pub fn is_repeated_fact(&self) -> bool {
+        matches!(
+            self,
+            Self::Output { .. }
+                | Self::ToolCall { .. }
+                | Self::Plan { .. }
+                | Self::PermissionRequested { .. }
+                | Self::PermissionResolved { .. }
+        )
     }
 
     /// True for kinds that end an attempt when the target desktop writes them.
@@ -90,7 +238,14 @@ impl EventKind {
 
     /// True for kinds that count only when the target desktop writes them.
     pub fn is_fact_kind(&self) -> bool {
-        !matches!(self, Self::Approved | Self::CancelRequested | Self::Retried)
+        !matches!(
+            self,
+            Self::Approved
+                | Self::CancelRequested
+                | Self::Retried
+                | Self::Replied { .. }
+                | Self::PermissionAnswered { .. }
+        )
     }
 
     /// True for kinds that count only when another device writes them.
@@ -98,7 +253,12 @@ impl EventKind {
     pub fn is_request_kind(&self) -> bool {
         matches!(
             self,
-            Self::Approved | Self::CancelRequested | Self::Retried | Self::Denied
+            Self::Approved
+                | Self::CancelRequested
+                | Self::Retried
+                | Self::Denied
+                | Self::Replied { .. }
+                | Self::PermissionAnswered { .. }
         )
     }
 }
@@ -150,6 +310,8 @@ pub enum TaskStatus {
     AwaitingApproval,
     /// The process runs.
     Running,
+    /// The agent waits for a person's answer to a permission request.
+    AwaitingPermission,
     /// Finished with exit code 0.
     Done,
     /// Finished non-zero, or could not run.
@@ -170,6 +332,7 @@ impl TaskStatus {
             Self::Delivered => "delivered",
             Self::AwaitingApproval => "awaiting_approval",
             Self::Running => "running",
+            Self::AwaitingPermission => "awaiting_permission",
             Self::Done => "done",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
@@ -220,6 +383,85 @@ pub struct TaskView {
     pub requests: Vec<Request>,
     /// The latest attempt's output, in list order.
     pub output: String,
+    /// The conversation, oldest first: the instruction and each reply that opened an attempt
+    /// (`user`), and each attempt's output (`agent`).
+    pub conversation: Vec<Utterance>,
+    /// The latest attempt's tool calls, in the order they first appeared.
+    pub tool_calls: Vec<ToolCallView>,
+    /// The latest attempt's plan (its newest `plan` fact).
+    pub plan: Vec<PlanEntry>,
+    /// The permission request the agent waits on that no fact and no answer settles yet.
+    pub permission: Option<PendingPermission>,
+}
+
+/// Who speaks in a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The person: the instruction and the replies.
+    User,
+    /// The executor: what it said in an attempt.
+    Agent,
+}
+
+/// One entry of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Utterance {
+    /// When it was written (the first batch, for an agent's).
+    pub at: Millis,
+    /// Who speaks.
+    pub role: Role,
+    /// What was said.
+    pub text: String,
+}
+
+/// A tool call as its facts leave it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallView {
+    /// The agent's id for it.
+    pub id: String,
+    /// Its title (the first one given).
+    pub title: String,
+    /// Its ACP tool kind (the first one given).
+    pub kind: String,
+    /// Its latest status.
+    pub status: String,
+}
+
+/// A permission request waiting for an answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingPermission {
+    /// The id an answer names.
+    pub id: String,
+    /// The tool call it is about.
+    pub title: String,
+    /// Its ACP tool kind.
+    pub kind: String,
+    /// The choices.
+    pub options: Vec<PermissionChoice>,
+}
+
+/// The prompt of `attempt`: the reply that opened it, else the instruction (attempt 1, and an
+/// attempt opened by a retry).
+pub fn prompt_of(task: &Task, attempt: u32) -> &str {
+    attempt
+        .checked_sub(1)
+        .and_then(|previous| opening_reply(task, previous))
+        .map_or(task.instruction.as_str(), |(_, text)| text)
+}
+
+/// The reply that opens the attempt after `attempt`: the first by time, then list order.
+fn opening_reply(task: &Task, attempt: u32) -> Option<(Millis, &str)> {
+    task.events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.attempt == attempt && e.author != task.target)
+        .filter_map(|(i, e)| match &e.kind {
+            EventKind::Replied { text } => Some((e.at, i, text.as_str())),
+            _ => None,
+        })
+        .min_by_key(|(at, i, _)| (*at, *i))
+        .map(|(at, _, text)| (at, text))
 }
 
 /// Rank of a fact for the status table: higher wins within an attempt.
@@ -253,14 +495,14 @@ pub fn fold(task: &Task) -> TaskView {
             .min_by_key(|(i, e)| (e.at, *i))
             .map(|(_, e)| e)
     };
-    let retried = |attempt: u32| {
+    let reopened = |attempt: u32| {
         task.events
             .iter()
-            .any(|e| e.attempt == attempt && is_request(e) && e.kind == EventKind::Retried)
+            .any(|e| e.attempt == attempt && is_request(e) && e.kind.opens_attempt())
     };
 
     let mut attempt = 1u32;
-    while attempt < u32::MAX && terminal_in(attempt).is_some() && retried(attempt) {
+    while attempt < u32::MAX && terminal_in(attempt).is_some() && reopened(attempt) {
         attempt += 1;
     }
 
@@ -314,15 +556,130 @@ pub fn fold(task: &Task) -> TaskView {
     requests.sort();
     requests.dedup();
 
-    let output = task
-        .events
-        .iter()
-        .filter(|e| e.attempt == attempt && is_fact(e))
-        .filter_map(|e| match &e.kind {
-            EventKind::Output { text } => Some(text.as_str()),
+    let output_of = |n: u32| -> (Option<Millis>, String) {
+        let mut first = None;
+        let text = task
+            .events
+            .iter()
+            .filter(|e| e.attempt == n && is_fact(e))
+            .filter_map(|e| match &e.kind {
+                EventKind::Output { text } => {
+                    first = Some(first.map_or(e.at, |f: Millis| f.min(e.at)));
+                    Some(text.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        (first, text)
+    };
+    let (_, output) = output_of(attempt);
+
+    let mut conversation = vec![Utterance {
+        at: task.created_at,
+        role: Role::User,
+        text: task.instruction.clone(),
+    }];
+    for n in 1..=attempt {
+        if n > 1
+            && let Some((at, text)) = opening_reply(task, n - 1)
+        {
+            conversation.push(Utterance {
+                at,
+                role: Role::User,
+                text: text.to_owned(),
+            });
+        }
+        let (at, text) = output_of(n);
+        if let Some(at) = at
+            && !text.is_empty()
+        {
+            conversation.push(Utterance {
+                at,
+                role: Role::Agent,
+                text,
+            });
+        }
+    }
+
+    let latest = || {
+        task.events
+            .iter()
+            .filter(move |e| e.attempt == attempt && is_fact(e))
+    };
+    let mut tool_calls: Vec<ToolCallView> = Vec::new();
+    for e in latest() {
+        let EventKind::ToolCall {
+            call_id,
+            title,
+            tool_kind,
+            status,
+        } = &e.kind
+        else {
+            continue;
+        };
+        match tool_calls.iter_mut().find(|c| c.id == *call_id) {
+            Some(c) => {
+                if c.title.is_empty() {
+                    c.title.clone_from(title);
+                }
+                if c.kind.is_empty() {
+                    c.kind.clone_from(tool_kind);
+                }
+                if !status.is_empty() {
+                    c.status.clone_from(status);
+                }
+            }
+            None => tool_calls.push(ToolCallView {
+                id: call_id.clone(),
+                title: title.clone(),
+                kind: tool_kind.clone(),
+                status: status.clone(),
+            }),
+        }
+    }
+    let plan = latest()
+        .enumerate()
+        .filter_map(|(i, e)| match &e.kind {
+            EventKind::Plan { entries } => Some((e.at, i, entries)),
             _ => None,
         })
-        .collect();
+        .max_by_key(|(at, i, _)| (*at, *i))
+        .map(|(_, _, entries)| entries.clone())
+        .unwrap_or_default();
+
+    let settled = |id: &str| {
+        task.events.iter().any(|e| {
+            e.attempt == attempt
+                && match &e.kind {
+                    EventKind::PermissionResolved { perm_id, .. } => is_fact(e) && perm_id == id,
+                    EventKind::PermissionAnswered { perm_id, .. } => is_request(e) && perm_id == id,
+                    _ => false,
+                }
+        })
+    };
+    let permission = if status.is_terminal() {
+        None
+    } else {
+        latest().find_map(|e| match &e.kind {
+            EventKind::PermissionRequested {
+                perm_id,
+                title,
+                tool_kind,
+                options,
+            } if !settled(perm_id) => Some(PendingPermission {
+                id: perm_id.clone(),
+                title: title.clone(),
+                kind: tool_kind.clone(),
+                options: options.clone(),
+            }),
+            _ => None,
+        })
+    };
+    let status = if permission.is_some() && status == TaskStatus::Running {
+        TaskStatus::AwaitingPermission
+    } else {
+        status
+    };
 
     TaskView {
         status,
@@ -331,6 +688,10 @@ pub fn fold(task: &Task) -> TaskView {
         reason,
         requests,
         output,
+        conversation,
+        tool_calls,
+        plan,
+        permission,
     }
 }
 
@@ -376,6 +737,82 @@ pub(crate) mod tests {
         let v = fold(&task(vec![]));
         assert_eq!(v.status, TaskStatus::Queued);
         assert_eq!(v.attempt, 1);
+    }
+
+    #[test]
+    fn an_agent_task_folds_into_a_conversation_with_tool_calls_and_a_plan() {
+        let d = desktop();
+        let call = |id: &str, title: &str, status: &str| ToolCall {
+            call_id: id.into(),
+            title: title.into(),
+            tool_kind: if title.is_empty() { "" } else { "read" }.into(),
+            status: status.into(),
+        };
+        let plan = |status: &str| Plan {
+            entries: vec![PlanEntry {
+                content: "Answer".into(),
+                status: status.into(),
+            }],
+        };
+        let mut t = task(vec![
+            ev(d.clone(), 1, 2, Started),
+            ev(d.clone(), 1, 3, plan("in_progress")),
+            ev(d.clone(), 1, 4, call("c1", "Look around", "pending")),
+            ev(d.clone(), 1, 5, Output { text: "Hel".into() }),
+            ev(d.clone(), 1, 6, call("c1", "", "completed")),
+            ev(d.clone(), 1, 7, Output { text: "lo".into() }),
+            ev(d.clone(), 1, 8, plan("completed")),
+            // Another device's steps are not the agent's.
+            ev(phone(), 1, 8, call("c9", "forged", "pending")),
+        ]);
+        let v = fold(&t);
+        assert_eq!(v.status, TaskStatus::Running);
+        assert_eq!(
+            v.tool_calls,
+            vec![ToolCallView {
+                id: "c1".into(),
+                title: "Look around".into(),
+                kind: "read".into(),
+                status: "completed".into(),
+            }]
+        );
+        assert_eq!(v.plan[0].status, "completed");
+        t.events
+            .push(ev(d.clone(), 1, 9, Finished { exit_code: 0 }));
+        t.events.push(ev(
+            phone(),
+            1,
+            10,
+            Replied {
+                text: "more".into(),
+            },
+        ));
+        t.events.push(ev(d.clone(), 2, 11, Started));
+        t.events.push(ev(
+            d,
+            2,
+            12,
+            Output {
+                text: "More.".into(),
+            },
+        ));
+        let v = fold(&t);
+        assert_eq!((v.attempt, v.status), (2, TaskStatus::Running));
+        assert!(v.tool_calls.is_empty() && v.plan.is_empty());
+        let said: Vec<(Role, &str)> = v
+            .conversation
+            .iter()
+            .map(|u| (u.role, u.text.as_str()))
+            .collect();
+        assert_eq!(
+            said,
+            vec![
+                (Role::User, "echo hi"),
+                (Role::Agent, "Hello"),
+                (Role::User, "more"),
+                (Role::Agent, "More."),
+            ]
+        );
     }
 
     #[test]

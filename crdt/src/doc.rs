@@ -27,8 +27,8 @@ use automerge::{
     patches::PatchAction, transaction::CommitOptions, transaction::Transactable,
 };
 use errand_core::{
-    Device, DeviceId, DeviceKind, EventKind, Message, MessageId, MessageKind, Task, TaskEvent,
-    TaskId, ThreadId, limits, time::Millis,
+    Device, DeviceId, DeviceKind, EventKind, Message, MessageId, MessageKind, PermissionChoice,
+    PlanEntry, Task, TaskEvent, TaskId, ThreadId, limits, time::Millis,
 };
 
 /// The actor of the genesis change. Fixed, so every peer's genesis is byte-identical.
@@ -435,9 +435,9 @@ enum OpClass {
 }
 
 /// Event kinds whose arrival can change whether a task is finished: the terminal facts, and
-/// a retry (which opens a new attempt).
+/// a retry or a reply (which open a new attempt).
 fn status_kind(kind: &str) -> bool {
-    kind == EventKind::Retried.name() || EventKind::terminal_names().contains(&kind)
+    EventKind::opening_names().contains(&kind) || EventKind::terminal_names().contains(&kind)
 }
 
 impl Touched {
@@ -659,6 +659,164 @@ fn has_own_fact(
             && (name.as_str() == kind.name()
                 || (kind.is_terminal() && EventKind::terminal_names().contains(&name.as_str())))
     })
+}
+
+/// Refuses an event over the document's caps before anything is written.
+fn check_event(kind: &EventKind) -> Result<(), WriteError> {
+    let short = limits::MAX_SHORT_TEXT_BYTES;
+    let too_many = |what: &'static str, n: usize, max: usize| {
+        if n > max {
+            Err(WriteError::TooLong { what, len: n, max })
+        } else {
+            Ok(())
+        }
+    };
+    match kind {
+        EventKind::Output { text } => check_len("output", text, limits::MAX_OUTPUT_EVENT_BYTES),
+        EventKind::Failed { reason } | EventKind::Cancelled { reason } => {
+            check_len("reason", reason, short)
+        }
+        EventKind::Replied { text } => check_len("reply", text, limits::MAX_MESSAGE_BYTES),
+        EventKind::AgentSession { session_id, how } => {
+            check_len("session id", session_id, short)?;
+            check_len("session how", how, short)
+        }
+        EventKind::ToolCall {
+            call_id,
+            title,
+            tool_kind,
+            status,
+        } => {
+            for (what, v) in [
+                ("tool call id", call_id),
+                ("tool call title", title),
+                ("tool kind", tool_kind),
+                ("tool call status", status),
+            ] {
+                check_len(what, v, short)?;
+            }
+            Ok(())
+        }
+        EventKind::Plan { entries } => {
+            too_many(
+                "plan entries",
+                entries.len(),
+                errand_core::task::MAX_PLAN_ENTRIES,
+            )?;
+            for e in entries {
+                check_len("plan entry", &e.content, short)?;
+                check_len("plan status", &e.status, short)?;
+            }
+            Ok(())
+        }
+        EventKind::PermissionRequested {
+            perm_id,
+            title,
+            tool_kind,
+            options,
+        } => {
+            check_len("permission id", perm_id, short)?;
+            check_len("permission title", title, short)?;
+            check_len("tool kind", tool_kind, short)?;
+            too_many(
+                "permission options",
+                options.len(),
+                errand_core::task::MAX_PERMISSION_OPTIONS,
+            )?;
+            for o in options {
+                check_len("option id", &o.id, short)?;
+                check_len("option name", &o.name, short)?;
+                check_len("option kind", &o.kind, short)?;
+            }
+            Ok(())
+        }
+        EventKind::PermissionAnswered { perm_id, option_id } => {
+            check_len("permission id", perm_id, short)?;
+            check_len("option id", option_id, short)
+        }
+        EventKind::PermissionResolved {
+            perm_id,
+            option_id,
+            by,
+        } => {
+            check_len("permission id", perm_id, short)?;
+            check_len("option id", option_id, short)?;
+            check_len("answered by", by, short)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes an event's own fields (beyond `at`, `kind` and `attempt`) into its map.
+fn put_event_fields(
+    doc: &mut AutoCommit,
+    ev: &ObjId,
+    kind: &EventKind,
+) -> Result<(), automerge::AutomergeError> {
+    match kind {
+        EventKind::Output { text } | EventKind::Replied { text } => {
+            doc.put(ev, "text", text.as_str())?
+        }
+        EventKind::Finished { exit_code } => doc.put(ev, "exit_code", *exit_code)?,
+        EventKind::Failed { reason } | EventKind::Cancelled { reason } => {
+            doc.put(ev, "reason", reason.as_str())?
+        }
+        EventKind::AgentSession { session_id, how } => {
+            doc.put(ev, "session_id", session_id.as_str())?;
+            doc.put(ev, "how", how.as_str())?;
+        }
+        EventKind::ToolCall {
+            call_id,
+            title,
+            tool_kind,
+            status,
+        } => {
+            doc.put(ev, "call_id", call_id.as_str())?;
+            doc.put(ev, "title", title.as_str())?;
+            doc.put(ev, "tool_kind", tool_kind.as_str())?;
+            doc.put(ev, "status", status.as_str())?;
+        }
+        EventKind::Plan { entries } => {
+            let list = doc.put_object(ev, "entries", ObjType::List)?;
+            for (i, e) in entries.iter().enumerate() {
+                let m = doc.insert_object(&list, i, ObjType::Map)?;
+                doc.put(&m, "content", e.content.as_str())?;
+                doc.put(&m, "status", e.status.as_str())?;
+            }
+        }
+        EventKind::PermissionRequested {
+            perm_id,
+            title,
+            tool_kind,
+            options,
+        } => {
+            doc.put(ev, "perm_id", perm_id.as_str())?;
+            doc.put(ev, "title", title.as_str())?;
+            doc.put(ev, "tool_kind", tool_kind.as_str())?;
+            let list = doc.put_object(ev, "options", ObjType::List)?;
+            for (i, o) in options.iter().enumerate() {
+                let m = doc.insert_object(&list, i, ObjType::Map)?;
+                doc.put(&m, "id", o.id.as_str())?;
+                doc.put(&m, "name", o.name.as_str())?;
+                doc.put(&m, "kind", o.kind.as_str())?;
+            }
+        }
+        EventKind::PermissionAnswered { perm_id, option_id } => {
+            doc.put(ev, "perm_id", perm_id.as_str())?;
+            doc.put(ev, "option_id", option_id.as_str())?;
+        }
+        EventKind::PermissionResolved {
+            perm_id,
+            option_id,
+            by,
+        } => {
+            doc.put(ev, "perm_id", perm_id.as_str())?;
+            doc.put(ev, "option_id", option_id.as_str())?;
+            doc.put(ev, "by", by.as_str())?;
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn genesis_obj(ctr: u64) -> ObjId {
@@ -954,15 +1112,7 @@ impl ThreadDoc {
         kind: &EventKind,
         now: Millis,
     ) -> Result<(), WriteError> {
-        match kind {
-            EventKind::Output { text } => {
-                check_len("output", text, limits::MAX_OUTPUT_EVENT_BYTES)?
-            }
-            EventKind::Failed { reason } | EventKind::Cancelled { reason } => {
-                check_len("reason", reason, limits::MAX_SHORT_TEXT_BYTES)?
-            }
-            _ => {}
-        }
+        check_event(kind)?;
         let authors = self.authors();
         let n = self
             .task_segment(&task)
@@ -982,7 +1132,8 @@ impl ThreadDoc {
         let events = r
             .obj_by(&obj, "events", &creator, ObjType::List)
             .ok_or(WriteError::UnknownTask(task))?;
-        if !matches!(kind, EventKind::Output { .. })
+        if !kind.is_repeated_fact()
+            && !matches!(kind, EventKind::PermissionAnswered { .. })
             && has_own_fact(&p.doc, &events, &self.actor, attempt, kind)
         {
             // A fact is written once per attempt: a second one (a runner that misread the
@@ -996,14 +1147,7 @@ impl ThreadDoc {
             p.doc.put(&ev, "at", now)?;
             p.doc.put(&ev, "kind", kind.name())?;
             p.doc.put(&ev, "attempt", attempt as u64)?;
-            match kind {
-                EventKind::Output { text } => p.doc.put(&ev, "text", text.as_str())?,
-                EventKind::Finished { exit_code } => p.doc.put(&ev, "exit_code", *exit_code)?,
-                EventKind::Failed { reason } | EventKind::Cancelled { reason } => {
-                    p.doc.put(&ev, "reason", reason.as_str())?
-                }
-                _ => {}
-            }
+            put_event_fields(&mut p.doc, &ev, kind)?;
             Ok(())
         })();
         p.finish(result, now, "event")?;
@@ -1461,6 +1605,20 @@ impl Reader<'_> {
             _ => None,
         }
     }
+    /// The maps of the list `obj[key]` written by `author` (at most `max`; more is no list).
+    fn maps_by(&self, obj: &ObjId, key: &str, author: &ActorId, max: usize) -> Option<Vec<ObjId>> {
+        let list = self.obj_by(obj, key, author, ObjType::List)?;
+        let len = self.doc.length(&list);
+        if len > max {
+            return None;
+        }
+        (0..len)
+            .map(|i| match self.doc.get(&list, i).ok().flatten() {
+                Some((Value::Object(ObjType::Map), m)) if actor_of(&m) == Some(author) => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
     fn str_list_by(
         &self,
         obj: &ObjId,
@@ -1609,6 +1767,7 @@ impl Reader<'_> {
         if attempt == 0 {
             return None;
         }
+        let short = limits::MAX_SHORT_TEXT_BYTES;
         let kind = match self.str_by(ev, "kind", by, 32)?.as_str() {
             "delivered" => EventKind::Delivered,
             "approval_requested" => EventKind::ApprovalRequested,
@@ -1630,6 +1789,56 @@ impl Reader<'_> {
             "approved" => EventKind::Approved,
             "cancel_requested" => EventKind::CancelRequested,
             "retried" => EventKind::Retried,
+            "replied" => EventKind::Replied {
+                text: self.str_by(ev, "text", by, limits::MAX_MESSAGE_BYTES)?,
+            },
+            "agent_session" => EventKind::AgentSession {
+                session_id: self.str_by(ev, "session_id", by, short)?,
+                how: self.str_by(ev, "how", by, short)?,
+            },
+            "tool_call" => EventKind::ToolCall {
+                call_id: self.str_by(ev, "call_id", by, short)?,
+                title: self.str_by(ev, "title", by, short)?,
+                tool_kind: self.str_by(ev, "tool_kind", by, short)?,
+                status: self.str_by(ev, "status", by, short)?,
+            },
+            "plan" => EventKind::Plan {
+                entries: self
+                    .maps_by(ev, "entries", by, errand_core::task::MAX_PLAN_ENTRIES)?
+                    .into_iter()
+                    .map(|m| {
+                        Some(PlanEntry {
+                            content: self.str_by(&m, "content", by, short)?,
+                            status: self.str_by(&m, "status", by, short)?,
+                        })
+                    })
+                    .collect::<Option<_>>()?,
+            },
+            "permission_requested" => EventKind::PermissionRequested {
+                perm_id: self.str_by(ev, "perm_id", by, short)?,
+                title: self.str_by(ev, "title", by, short)?,
+                tool_kind: self.str_by(ev, "tool_kind", by, short)?,
+                options: self
+                    .maps_by(ev, "options", by, errand_core::task::MAX_PERMISSION_OPTIONS)?
+                    .into_iter()
+                    .map(|m| {
+                        Some(PermissionChoice {
+                            id: self.str_by(&m, "id", by, short)?,
+                            name: self.str_by(&m, "name", by, short)?,
+                            kind: self.str_by(&m, "kind", by, short)?,
+                        })
+                    })
+                    .collect::<Option<_>>()?,
+            },
+            "permission_answered" => EventKind::PermissionAnswered {
+                perm_id: self.str_by(ev, "perm_id", by, short)?,
+                option_id: self.str_by(ev, "option_id", by, short)?,
+            },
+            "permission_resolved" => EventKind::PermissionResolved {
+                perm_id: self.str_by(ev, "perm_id", by, short)?,
+                option_id: self.str_by(ev, "option_id", by, short)?,
+                by: self.str_by(ev, "by", by, short)?,
+            },
             _ => return None,
         };
         Some((

@@ -272,3 +272,93 @@ fn a_session_assumed_in_sync_answers_a_peer_that_starts_afresh() {
     assert!(theirs.next_message(phone.part_mut(1).unwrap()).is_none());
     assert!(ours.next_message(desktop.part_mut(1).unwrap()).is_none());
 }
+
+#[test]
+fn an_agent_conversation_round_trips_through_the_document() {
+    // Every field of the agent's facts and the phone's answers reads back as written, on the
+    // other peer too; an old reader skips these kinds (unknown kinds are not events to it).
+    use errand_core::{PermissionChoice, PlanEntry, TaskStatus};
+    let w = world(1);
+    let mut desktop = w.desktop();
+    let mut phone = w.replica(1);
+    let (mut sd, mut sp) = (ThreadSync::new(), ThreadSync::new());
+    sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
+    let id = phone
+        .enqueue_task(
+            &NewTask {
+                instruction: "tidy the notes".into(),
+                executor: "agent".into(),
+                target: w.ids[0].clone(),
+                not_after: None,
+            },
+            10,
+        )
+        .unwrap();
+    sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
+    let facts = [
+        EventKind::Started,
+        EventKind::AgentSession {
+            session_id: "sess-1".into(),
+            how: "new".into(),
+        },
+        EventKind::Plan {
+            entries: vec![PlanEntry {
+                content: "Read".into(),
+                status: "in_progress".into(),
+            }],
+        },
+        EventKind::ToolCall {
+            call_id: "c1".into(),
+            title: "Look around".into(),
+            tool_kind: "read".into(),
+            status: "pending".into(),
+        },
+        EventKind::ToolCall {
+            call_id: "c1".into(),
+            title: String::new(),
+            tool_kind: String::new(),
+            status: "completed".into(),
+        },
+        EventKind::PermissionRequested {
+            perm_id: "p1".into(),
+            title: "Write summary.md".into(),
+            tool_kind: "edit".into(),
+            options: vec![
+                PermissionChoice {
+                    id: "allow-once".into(),
+                    name: "Allow once".into(),
+                    kind: "allow_once".into(),
+                },
+                PermissionChoice {
+                    id: "reject-once".into(),
+                    name: "Reject".into(),
+                    kind: "reject_once".into(),
+                },
+            ],
+        },
+    ];
+    for (i, f) in facts.iter().enumerate() {
+        desktop.append_task_event(id, 1, f, 20 + i as i64).unwrap();
+    }
+    sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
+    let seen = phone.task(&id).unwrap();
+    let kinds: Vec<EventKind> = seen.events.iter().map(|e| e.kind.clone()).collect();
+    assert_eq!(kinds, facts.to_vec());
+    let view = fold(&seen);
+    assert_eq!(view.status, TaskStatus::AwaitingPermission);
+    assert_eq!(view.tool_calls[0].status, "completed");
+
+    let answer = errand_core::check_answer(&seen, &w.ids[1], "allow").unwrap();
+    phone
+        .append_task_event(id, answer.attempt, &answer.kind, 40)
+        .unwrap();
+    sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
+    let at_desktop = desktop.task(&id).unwrap();
+    assert!(at_desktop.events.iter().any(|e| e.author == w.ids[1]
+        && e.kind
+            == EventKind::PermissionAnswered {
+                perm_id: "p1".into(),
+                option_id: "allow-once".into(),
+            }));
+    assert_eq!(fold(&at_desktop).status, TaskStatus::Running);
+}
