@@ -221,6 +221,35 @@ impl PhoneClient {
         self.act(id, Action::Retry)
     }
 
+    /// Replies to an agent's task whose turn has ended: the reply becomes the agent's next
+    /// prompt, in the same session. Stored at once, offline too; returns the attempt (the
+    /// turn) it opens.
+    pub fn reply(&self, id: String, text: String) -> Result<u32, ErrandError> {
+        let id = parse_task_id(&id)?;
+        self.run(move |peer| async move {
+            require_thread(&peer)?;
+            let replied = api::Reply { id, text }
+                .run(&peer)
+                .await
+                .map_err(|e| ErrandError::from_api(e, ErrandError::invalid_kind))?;
+            Ok(replied.attempt)
+        })
+    }
+
+    /// Answers the permission request the task's agent waits on with an option id, or
+    /// `allow` / `deny` for the first option of that kind. Returns the option id chosen.
+    pub fn answer_permission(&self, id: String, option: String) -> Result<String, ErrandError> {
+        let id = parse_task_id(&id)?;
+        self.run(move |peer| async move {
+            require_thread(&peer)?;
+            let answered = api::Answer { id, option }
+                .run(&peer)
+                .await
+                .map_err(|e| ErrandError::from_api(e, ErrandError::invalid_kind))?;
+            Ok(answered.option)
+        })
+    }
+
     /// This phone, its thread and its desktop: connected, how, in sync, last sync.
     pub fn status(&self) -> Result<StatusView, ErrandError> {
         self.run(|peer| async move {

@@ -29,8 +29,8 @@ impl Default for OpenOptions {
 // a variant or field added in `errand_core` fails to compile here instead of drifting. The
 // `as` names keep the names the bindings have always had.
 pub use errand_core::{
-    EventKind as TaskEventKind, MessageKind, Request as TaskRequest, TaskEvent as TaskEventView,
-    TaskStatus,
+    EventKind as TaskEventKind, MessageKind, PendingPermission, PermissionChoice, PlanEntry,
+    Request as TaskRequest, Role, TaskEvent as TaskEventView, TaskStatus, ToolCallView,
 };
 pub use errand_p2p::api::{ConnectionPath, Paired as PairResult};
 
@@ -41,6 +41,7 @@ pub enum TaskStatus {
     Delivered,
     AwaitingApproval,
     Running,
+    AwaitingPermission,
     Done,
     Failed,
     Cancelled,
@@ -62,15 +63,106 @@ pub enum TaskEventKind {
     Delivered,
     ApprovalRequested,
     Started,
-    Output { text: String },
-    Finished { exit_code: i64 },
-    Failed { reason: String },
-    Cancelled { reason: String },
+    Output {
+        text: String,
+    },
+    Finished {
+        exit_code: i64,
+    },
+    Failed {
+        reason: String,
+    },
+    Cancelled {
+        reason: String,
+    },
     Denied,
     Interrupted,
     Approved,
     CancelRequested,
     Retried,
+    Replied {
+        text: String,
+    },
+    AgentSession {
+        session_id: String,
+        how: String,
+    },
+    ToolCall {
+        call_id: String,
+        title: String,
+        tool_kind: String,
+        status: String,
+    },
+    Plan {
+        entries: Vec<PlanEntry>,
+    },
+    PermissionRequested {
+        perm_id: String,
+        title: String,
+        tool_kind: String,
+        options: Vec<PermissionChoice>,
+    },
+    PermissionAnswered {
+        perm_id: String,
+        option_id: String,
+    },
+    PermissionResolved {
+        perm_id: String,
+        option_id: String,
+        by: String,
+    },
+}
+
+/// One step of an agent's plan.
+#[uniffi::remote(Record)]
+pub struct PlanEntry {
+    content: String,
+    status: String,
+}
+
+/// One option of a permission request: `kind` is allow_once, allow_always, reject_once or
+/// reject_always.
+#[uniffi::remote(Record)]
+pub struct PermissionChoice {
+    id: String,
+    name: String,
+    kind: String,
+}
+
+/// A tool call of the agent's current turn.
+#[uniffi::remote(Record)]
+pub struct ToolCallView {
+    id: String,
+    title: String,
+    kind: String,
+    status: String,
+}
+
+/// The permission request the agent waits on; answer it with `answer_permission`.
+#[uniffi::remote(Record)]
+pub struct PendingPermission {
+    id: String,
+    title: String,
+    kind: String,
+    options: Vec<PermissionChoice>,
+}
+
+/// Who speaks in a conversation.
+#[uniffi::remote(Enum)]
+pub enum Role {
+    User,
+    Agent,
+}
+
+/// One entry of a task's conversation, `at_ms` in UTC ms.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct UtteranceView {
+    /// When it was said.
+    pub at_ms: i64,
+    /// Who said it.
+    pub role: Role,
+    /// What was said.
+    pub text: String,
 }
 
 /// One entry of a task's history: `at` in UTC ms by its author's clock, the attempt it
@@ -141,6 +233,14 @@ pub struct TaskView {
     pub requests: Vec<TaskRequest>,
     /// The whole history, in document order.
     pub events: Vec<TaskEventView>,
+    /// The conversation: the instruction and replies (`user`), each attempt's output (`agent`).
+    pub conversation: Vec<UtteranceView>,
+    /// The latest attempt's tool calls.
+    pub tool_calls: Vec<ToolCallView>,
+    /// The latest attempt's plan.
+    pub plan: Vec<PlanEntry>,
+    /// The permission request the agent waits on, unanswered.
+    pub permission: Option<PendingPermission>,
 }
 
 impl From<&Task> for TaskView {
@@ -161,6 +261,18 @@ impl From<&Task> for TaskView {
             output_tail: tail(&v.output, OUTPUT_TAIL_BYTES),
             requests: v.requests,
             events: t.events.clone(),
+            conversation: v
+                .conversation
+                .into_iter()
+                .map(|u| UtteranceView {
+                    at_ms: u.at,
+                    role: u.role,
+                    text: u.text,
+                })
+                .collect(),
+            tool_calls: v.tool_calls,
+            plan: v.plan,
+            permission: v.permission,
         }
     }
 }

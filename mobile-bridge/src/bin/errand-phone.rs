@@ -144,6 +144,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reply to an agent's task whose turn has ended: the reply is its next prompt, in the
+    /// same session. Stored here first, so it works offline.
+    Reply {
+        /// Task id.
+        id: String,
+        /// What to say.
+        text: String,
+        /// Print `{task_id, attempt}` as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Answer the permission request a task's agent waits on.
+    Answer {
+        /// Task id.
+        id: String,
+        /// An option id (`task ID` lists them), or `allow` / `deny` for the first option
+        /// of that kind.
+        option: String,
+        /// Print `{task_id, permission, option}` as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the trusted desktop, or add one by hand.
     Devices {
         #[command(subcommand)]
@@ -526,6 +548,14 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
         Command::Deny { id, json } => act(id, Action::Deny, json).await,
         Command::Cancel { id, json } => act(id, Action::Cancel, json).await,
         Command::Retry { id, json } => act(id, Action::Retry, json).await,
+        Command::Reply { id, text, json } => {
+            let id = api::ops::parse_task_id(&id)?;
+            cli::show(opened, api::Reply { id, text }, json, CLI).await
+        }
+        Command::Answer { id, option, json } => {
+            let id = api::ops::parse_task_id(&id)?;
+            cli::show(opened, api::Answer { id, option }, json, CLI).await
+        }
         Command::Devices { action: None, json } => {
             cli::show(opened, api::ListDevices, json, CLI).await
         }
@@ -558,6 +588,8 @@ mod tests {
         &["send", "--json", "x"],
         &["send", "x", "--json"],
         &["send", "x", "--wait"],
+        &["reply", "ID", "go on"],
+        &["answer", "ID", "allow", "--json"],
         &["sync"],
         &["thread"],
         &["thread", "--all"],

@@ -22,13 +22,14 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub use self::{
     ops::{
-        Act, AddDevice, Forget, GetStatus, GetTask, GetThread, IssueTicket, ListDevices, PairWith,
-        Revoke, SendTask, Thread,
+        Act, AddDevice, Answer, Forget, GetStatus, GetTask, GetThread, IssueTicket, ListDevices,
+        PairWith, Reply, Revoke, SendTask, Thread,
     },
     views::{
-        ConnectionPath, DeviceAdded, DeviceInfo, DocumentLine, EventInfo, Forgotten, MessageInfo,
-        OUTPUT_TAIL_BYTES, PairTicket, Paired, PeerLine, RelayLine, Requested, ReservationState,
-        Revoked, Sent, StatusInfo, TaskInfo, ThreadInfo, tail,
+        Answered, ConnectionPath, ConversationLine, DeviceAdded, DeviceInfo, DocumentLine,
+        EventInfo, Forgotten, MessageInfo, OUTPUT_TAIL_BYTES, PairTicket, Paired, PeerLine,
+        RelayLine, Replied, Requested, ReservationState, Revoked, Sent, StatusInfo, TaskInfo,
+        ThreadInfo, tail,
     },
 };
 pub use crate::control::ApiError;
@@ -73,6 +74,10 @@ pub enum Request {
     Send(SendTask),
     /// `approve|deny|cancel|retry ID`.
     Act(Act),
+    /// `reply ID TEXT`.
+    Reply(Reply),
+    /// `answer ID OPTION`.
+    Answer(Answer),
     /// `devices`.
     Devices(ListDevices),
     /// `pair` on a desktop: issue a ticket.
@@ -102,6 +107,10 @@ pub enum Response {
     Sent(Sent),
     /// To [`Act`].
     Requested(Requested),
+    /// To [`Reply`].
+    Replied(Replied),
+    /// To [`Answer`].
+    Answered(Answered),
     /// To [`ListDevices`].
     Devices(Vec<DeviceInfo>),
     /// To [`IssueTicket`].
@@ -139,6 +148,8 @@ variants! {
     GetTask => Task, TaskInfo => Task;
     SendTask => Send, Sent => Sent;
     Act => Act, Requested => Requested;
+    Reply => Reply, Replied => Replied;
+    Answer => Answer, Answered => Answered;
     ListDevices => Devices, Vec<DeviceInfo> => Devices;
     IssueTicket => Pair, PairTicket => Ticket;
     PairWith => PairWith, Paired => Paired;
@@ -158,6 +169,8 @@ pub async fn handle(peer: &Peer, req: Request) -> Result<Response, ApiError> {
         Request::Task(c) => answer(peer, c).await,
         Request::Send(c) => answer(peer, c).await,
         Request::Act(c) => answer(peer, c).await,
+        Request::Reply(c) => answer(peer, c).await,
+        Request::Answer(c) => answer(peer, c).await,
         Request::Devices(c) => answer(peer, c).await,
         Request::Pair(c) => answer(peer, c).await,
         Request::PairWith(c) => answer(peer, c).await,

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use errand_core::{
-    Action, DeviceId, DeviceKind, Message, Task, TaskId, TaskStatus, limits, time::rfc3339,
+    Action, DeviceId, DeviceKind, EventKind, Message, Task, TaskId, TaskStatus, limits,
+    time::rfc3339,
 };
 use errand_crdt::{NewTask, TrustedPeer};
 use serde::{Deserialize, Serialize};
@@ -14,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use super::{
     ApiError, Call, exit,
     views::{
-        DeviceAdded, DeviceInfo, Forgotten, PairTicket, Paired, Requested, Revoked, Sent,
-        StatusInfo, TaskInfo, ThreadInfo,
+        Answered, DeviceAdded, DeviceInfo, Forgotten, PairTicket, Paired, Replied, Requested,
+        Revoked, Sent, StatusInfo, TaskInfo, ThreadInfo,
     },
 };
 use crate::{
@@ -220,6 +221,63 @@ impl Call for Act {
             task_id: self.id,
             requested: self.action,
         })
+    }
+}
+
+/// `reply ID TEXT`: the next prompt of an agent task whose turn has ended (it opens the next
+/// attempt). Stored here first, so it works offline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The task.
+    pub id: TaskId,
+    /// What to say.
+    pub text: String,
+}
+
+impl Call for Reply {
+    type Response = Replied;
+    async fn run(self, peer: &Peer) -> Result<Replied, ApiError> {
+        let task = GetTask { id: self.id }.read(peer).await?;
+        let permitted =
+            errand_core::check_reply(&task, &own_device(peer)?, &self.text).map_err(err)?;
+        let attempt = permitted.attempt + 1;
+        peer.append_event(self.id, permitted.attempt, permitted.kind)
+            .await
+            .map_err(err)?;
+        Ok(Replied {
+            task_id: self.id,
+            attempt,
+        })
+    }
+}
+
+/// `answer ID OPTION`: the answer to the permission request the task's agent waits on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    /// The task.
+    pub id: TaskId,
+    /// An option id, or `allow` / `deny` for the first option of that kind.
+    pub option: String,
+}
+
+impl Call for Answer {
+    type Response = Answered;
+    async fn run(self, peer: &Peer) -> Result<Answered, ApiError> {
+        let task = GetTask { id: self.id }.read(peer).await?;
+        let permitted =
+            errand_core::check_answer(&task, &own_device(peer)?, &self.option).map_err(err)?;
+        let EventKind::PermissionAnswered { perm_id, option_id } = &permitted.kind else {
+            return Err(ApiError::new("internal: an answer that is not an answer"));
+        };
+        let answered = Answered {
+            task_id: self.id,
+            permission: perm_id.clone(),
+            option: option_id.clone(),
+        };
+        peer.append_event(self.id, permitted.attempt, permitted.kind)
+            .await
+            .map_err(err)?;
+        Ok(answered)
     }
 }
 

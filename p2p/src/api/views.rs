@@ -3,8 +3,9 @@
 //! RFC 3339 strings, as printed.
 
 use errand_core::{
-    Action, DeviceId, DeviceKind, EventKind, Message, MessageKind, Task, TaskEvent, TaskId,
-    TaskStatus, fold, time::rfc3339,
+    Action, DeviceId, DeviceKind, EventKind, Message, MessageKind, PendingPermission,
+    PermissionChoice, PlanEntry, Role, Task, TaskEvent, TaskId, TaskStatus, ToolCallView, fold,
+    time::rfc3339,
 };
 use serde::{Deserialize, Serialize};
 
@@ -194,28 +195,126 @@ pub struct EventInfo {
     /// For `failed` and `cancelled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// For `agent_session`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// For `agent_session`: how the session was reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub how: Option<String>,
+    /// For `tool_call`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
+    /// For `tool_call` and `permission_requested`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// For `tool_call` and `permission_requested`: the ACP tool kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_kind: Option<String>,
+    /// For `tool_call`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// For `plan`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<Vec<PlanEntry>>,
+    /// For the permission events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perm_id: Option<String>,
+    /// For `permission_requested`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<Vec<PermissionChoice>>,
+    /// For `permission_answered` and `permission_resolved`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub option_id: Option<String>,
+    /// For `permission_resolved`: who answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 impl From<&TaskEvent> for EventInfo {
     fn from(e: &TaskEvent) -> Self {
-        let (text, exit_code, reason) = match &e.kind {
-            EventKind::Output { text } => (Some(text.clone()), None, None),
-            EventKind::Finished { exit_code } => (None, Some(*exit_code), None),
-            EventKind::Failed { reason } | EventKind::Cancelled { reason } => {
-                (None, None, Some(reason.clone()))
-            }
-            _ => (None, None, None),
-        };
-        Self {
+        let mut info = Self {
             at: rfc3339(e.at),
             kind: e.kind.name().to_owned(),
             attempt: e.attempt,
             author: e.author.clone(),
-            text,
-            exit_code,
-            reason,
+            text: None,
+            exit_code: None,
+            reason: None,
+            session_id: None,
+            how: None,
+            call_id: None,
+            title: None,
+            tool_kind: None,
+            status: None,
+            entries: None,
+            perm_id: None,
+            options: None,
+            option_id: None,
+            by: None,
+        };
+        match &e.kind {
+            EventKind::Output { text } | EventKind::Replied { text } => {
+                info.text = Some(text.clone())
+            }
+            EventKind::Finished { exit_code } => info.exit_code = Some(*exit_code),
+            EventKind::Failed { reason } | EventKind::Cancelled { reason } => {
+                info.reason = Some(reason.clone())
+            }
+            EventKind::AgentSession { session_id, how } => {
+                info.session_id = Some(session_id.clone());
+                info.how = Some(how.clone());
+            }
+            EventKind::ToolCall {
+                call_id,
+                title,
+                tool_kind,
+                status,
+            } => {
+                info.call_id = Some(call_id.clone());
+                info.title = Some(title.clone());
+                info.tool_kind = Some(tool_kind.clone());
+                info.status = Some(status.clone());
+            }
+            EventKind::Plan { entries } => info.entries = Some(entries.clone()),
+            EventKind::PermissionRequested {
+                perm_id,
+                title,
+                tool_kind,
+                options,
+            } => {
+                info.perm_id = Some(perm_id.clone());
+                info.title = Some(title.clone());
+                info.tool_kind = Some(tool_kind.clone());
+                info.options = Some(options.clone());
+            }
+            EventKind::PermissionAnswered { perm_id, option_id } => {
+                info.perm_id = Some(perm_id.clone());
+                info.option_id = Some(option_id.clone());
+            }
+            EventKind::PermissionResolved {
+                perm_id,
+                option_id,
+                by,
+            } => {
+                info.perm_id = Some(perm_id.clone());
+                info.option_id = Some(option_id.clone());
+                info.by = Some(by.clone());
+            }
+            _ => {}
         }
+        info
     }
+}
+
+/// One entry of `task --json`'s `conversation`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationLine {
+    /// RFC 3339.
+    pub at: String,
+    /// `user` or `agent`.
+    pub role: Role,
+    /// What was said.
+    pub text: String,
 }
 
 /// `task ID --json`, and each entry of `thread --json`'s `tasks`.
@@ -249,6 +348,18 @@ pub struct TaskInfo {
     pub requests: Vec<errand_core::Request>,
     /// Every event.
     pub events: Vec<EventInfo>,
+    /// The conversation: the instruction and replies (`user`), each attempt's output (`agent`).
+    #[serde(default)]
+    pub conversation: Vec<ConversationLine>,
+    /// The latest attempt's tool calls.
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCallView>,
+    /// The latest attempt's plan.
+    #[serde(default)]
+    pub plan: Vec<PlanEntry>,
+    /// The permission request the agent waits on, if nobody has answered it yet.
+    #[serde(default)]
+    pub permission: Option<PendingPermission>,
 }
 
 impl From<&Task> for TaskInfo {
@@ -269,6 +380,18 @@ impl From<&Task> for TaskInfo {
             output_tail: tail(&v.output, OUTPUT_TAIL_BYTES),
             requests: v.requests,
             events: t.events.iter().map(EventInfo::from).collect(),
+            conversation: v
+                .conversation
+                .into_iter()
+                .map(|u| ConversationLine {
+                    at: rfc3339(u.at),
+                    role: u.role,
+                    text: u.text,
+                })
+                .collect(),
+            tool_calls: v.tool_calls,
+            plan: v.plan,
+            permission: v.permission,
         }
     }
 }
@@ -340,6 +463,26 @@ pub struct Requested {
     pub task_id: TaskId,
     /// What was asked.
     pub requested: Action,
+}
+
+/// `reply ID TEXT --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replied {
+    /// The task.
+    pub task_id: TaskId,
+    /// The attempt (the agent's turn) the reply opens.
+    pub attempt: u32,
+}
+
+/// `answer ID OPTION --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answered {
+    /// The task.
+    pub task_id: TaskId,
+    /// The permission request answered.
+    pub permission: String,
+    /// The option chosen.
+    pub option: String,
 }
 
 /// `devices --json`: one trusted device.

@@ -9,8 +9,8 @@ use serde::Serialize;
 use super::Opened;
 use crate::{
     api::{
-        Call, DeviceAdded, DeviceInfo, Forgotten, Paired, Requested, Revoked, Sent, StatusInfo,
-        TaskInfo, ThreadInfo,
+        Answered, Call, DeviceAdded, DeviceInfo, Forgotten, Paired, Replied, Requested, Revoked,
+        Sent, StatusInfo, TaskInfo, ThreadInfo,
     },
     control::ApiError,
 };
@@ -97,7 +97,7 @@ pub fn task_line(t: &TaskInfo) -> String {
         })
         .collect();
     format!(
-        "{}  {:<17} {}{}",
+        "{}  {:<19} {}{}",
         t.id,
         t.status.as_str(),
         printable(t.instruction.lines().next().unwrap_or(""), false),
@@ -112,7 +112,71 @@ pub fn task_line(t: &TaskInfo) -> String {
 impl Show for TaskInfo {
     fn show(&self, _: DeviceKind) {
         println!("{}", task_line(self));
-        print_text(&self.output_tail);
+        // A conversation (an agent's task, or any task with a reply) shows each turn; a plain
+        // task shows its output as before.
+        if self.conversation.len() > 2 {
+            for line in &self.conversation {
+                let who = match line.role {
+                    errand_core::Role::User => "you",
+                    errand_core::Role::Agent => "agent",
+                };
+                println!("--- {who}, {}", line.at);
+                print_text(&line.text);
+                if !line.text.ends_with('\n') {
+                    println!();
+                }
+            }
+        } else {
+            print_text(&self.output_tail);
+        }
+        if !self.plan.is_empty() {
+            println!("plan:");
+            for e in &self.plan {
+                println!(
+                    "  [{}] {}",
+                    printable(&e.status, false),
+                    printable(&e.content, false)
+                );
+            }
+        }
+        for c in &self.tool_calls {
+            println!(
+                "tool call: {} ({}) {}",
+                printable(&c.title, false),
+                printable(&c.kind, false),
+                printable(&c.status, false)
+            );
+        }
+        if let Some(p) = &self.permission {
+            println!(
+                "permission asked: {} ({})",
+                printable(&p.title, false),
+                printable(&p.kind, false)
+            );
+            for o in &p.options {
+                println!(
+                    "  {}  {} [{}]",
+                    printable(&o.id, false),
+                    printable(&o.name, false),
+                    printable(&o.kind, false)
+                );
+            }
+            println!(
+                "answer with: errand-phone answer {} OPTION (or allow / deny)",
+                self.id
+            );
+        }
+    }
+}
+
+impl Show for Replied {
+    /// Nothing: the exit code says it was stored.
+    fn show(&self, _: DeviceKind) {}
+}
+
+impl Show for Answered {
+    fn show(&self, _: DeviceKind) {
+        println!("answered {}", printable(&self.option, false));
     }
 }
 
