@@ -102,7 +102,7 @@ pub enum Response {
     /// To [`GetThread`].
     Thread(ThreadInfo),
     /// To [`GetTask`].
-    Task(TaskInfo),
+    Task(Box<TaskInfo>),
     /// To [`SendTask`].
     Sent(Sent),
     /// To [`Act`].
@@ -136,7 +136,7 @@ macro_rules! variants {
         }
         impl From<$resp> for Response {
             fn from(r: $resp) -> Self {
-                Self::$res(r)
+                Self::$res(r.into())
             }
         }
     )*};
