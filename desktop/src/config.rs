@@ -219,6 +219,19 @@ impl fmt::Display for Settings {
                     let argv: Vec<String> = argv.iter().map(|a| q(a)).collect();
                     writeln!(f, "kind = \"command\"\nargv = [{}]", argv.join(", "))?
                 }
+                crate::executor::ExecutorKind::Acp(acp) => {
+                    let list = |v: &[String]| v.iter().map(|a| q(a)).collect::<Vec<_>>().join(", ");
+                    let d = |d: Duration| q(&humantime::format_duration(d).to_string());
+                    writeln!(f, "kind = \"acp\"\nargv = [{}]", list(&acp.argv))?;
+                    if !acp.auto_allow.is_empty() {
+                        writeln!(f, "auto_allow = [{}]", list(&acp.auto_allow))?;
+                    }
+                    if let Some(e) = acp.permission_expiry {
+                        writeln!(f, "permission_expiry = {}", d(e))?;
+                    }
+                    writeln!(f, "startup_timeout = {}", d(acp.startup_timeout))?;
+                    writeln!(f, "idle_timeout = {}", d(acp.idle_timeout))?;
+                }
             }
         }
         Ok(())
@@ -590,10 +603,28 @@ pub const TEMPLATE: &str = r#"# Errand desktop configuration. Every setting is o
 # kind = "command"
 # argv = ["my-agent", "--print", "--", "{instruction}"]
 #
+# An "acp" executor is an agent that speaks the Agent Client Protocol: the phone sees its
+# messages, tool calls and plan, answers its permission requests, and replies in the same
+# session (errand-phone reply / answer). Its argv starts the agent; no {instruction} needed.
+# auto_allow lists ACP tool kinds allowed without asking (each recorded in the thread);
+# permission_expiry rejects a request nobody answered in time (default: wait).
+#
 # [[executors]]
 # name = "claude"
-# kind = "command"
-# argv = ["claude", "-p", "{instruction}"]
+# kind = "acp"
+# argv = ["npx", "-y", "@zed-industries/claude-code-acp"]
+# auto_allow = ["read", "search", "think"]
+# permission_expiry = "30m"
+#
+# [[executors]]
+# name = "codex"
+# kind = "acp"
+# argv = ["npx", "-y", "@zed-industries/codex-acp"]
+#
+# [[executors]]
+# name = "gemini"
+# kind = "acp"
+# argv = ["gemini", "--experimental-acp"]
 "#;
 
 /// Writes [`TEMPLATE`] to the home's config file if there is none yet. Returns its path.
@@ -686,6 +717,32 @@ kind = "shell"
         ));
         // What `config` prints parses back to the same settings.
         assert_eq!(parse(&s.to_string()).unwrap(), s);
+    }
+
+    #[test]
+    fn an_acp_executor_parses_prints_and_refuses_its_options_elsewhere() {
+        let s = parse(
+            "[[executors]]\nname = \"claude\"\nkind = \"acp\"\n\
+             argv = [\"npx\", \"-y\", \"@zed-industries/claude-code-acp\"]\n\
+             auto_allow = [\"read\", \"think\"]\npermission_expiry = \"30m\"\n",
+        )
+        .unwrap();
+        let ExecutorKind::Acp(acp) = s.executor("claude").unwrap().kind() else {
+            panic!("not acp");
+        };
+        assert_eq!(acp.argv[2], "@zed-industries/claude-code-acp");
+        assert_eq!(acp.auto_allow, ["read", "think"]);
+        assert_eq!(acp.permission_expiry, Some(Duration::from_secs(1800)));
+        assert_eq!(acp.idle_timeout, crate::executor::DEFAULT_ACP_IDLE);
+        assert_eq!(parse(&s.to_string()).unwrap(), s);
+
+        let (_, _, msg) = invalid(
+            "[[executors]]\nname = \"c\"\nkind = \"command\"\nargv = [\"x\", \"{instruction}\"]\n\
+             auto_allow = [\"read\"]\n",
+        );
+        assert!(msg.contains("only used with kind = \"acp\""), "{msg}");
+        let (_, _, msg) = invalid("[[executors]]\nname = \"c\"\nkind = \"acp\"\n");
+        assert!(msg.contains("needs the agent's argv"), "{msg}");
     }
 
     #[test]

@@ -131,7 +131,35 @@ pub enum ExecutorKind {
         /// The template. Its first element is the program, looked up in `PATH`.
         argv: Vec<String>,
     },
+    /// An agent that speaks the Agent Client Protocol on its stdin and stdout, e.g.
+    /// `["npx", "-y", "@zed-industries/claude-code-acp"]`. A task is a conversation with it:
+    /// the instruction is its first prompt and each reply the next (see [`crate::acp`]).
+    Acp(AcpOptions),
 }
+
+/// How an `acp` executor runs its agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcpOptions {
+    /// The program and its arguments (no placeholder: the instruction goes in the prompt).
+    pub argv: Vec<String>,
+    /// ACP tool kinds (`read`, `search`, `think`, …) whose permission requests are allowed
+    /// once without asking; each is recorded in the thread.
+    pub auto_allow: Vec<String>,
+    /// A permission request unanswered this long is rejected once, and the thread says so.
+    /// `None`: the agent waits for the person as long as the task may run.
+    pub permission_expiry: Option<Duration>,
+    /// How long the agent may take to answer `initialize`.
+    pub startup_timeout: Duration,
+    /// How long an agent stays up after a turn, waiting for a reply, before it is stopped (a
+    /// later reply then loads the session again, or starts one with the transcript).
+    pub idle_timeout: Duration,
+}
+
+/// Default [`AcpOptions::startup_timeout`]: `npx` may first download the agent.
+pub const DEFAULT_ACP_STARTUP: Duration = Duration::from_secs(120);
+
+/// Default [`AcpOptions::idle_timeout`].
+pub const DEFAULT_ACP_IDLE: Duration = Duration::from_secs(10 * 60);
 
 /// A named, validated executor, as listed under `[[executors]]` in the desktop's config:
 ///
@@ -168,6 +196,34 @@ pub enum ExecutorConfigError {
     MissingArgv {
         /// The executor's name.
         executor: String,
+    },
+    /// `kind = "acp"` without `argv`.
+    #[error(
+        "executor \"{executor}\": kind = \"acp\" needs the agent's argv, \
+         e.g. argv = [\"npx\", \"-y\", \"@zed-industries/claude-code-acp\"]"
+    )]
+    MissingAgentArgv {
+        /// The executor's name.
+        executor: String,
+    },
+    /// An option only an `acp` executor has, on another kind.
+    #[error(
+        "executor \"{executor}\": auto_allow, permission_expiry, startup_timeout and \
+         idle_timeout are only used with kind = \"acp\""
+    )]
+    AcpOnly {
+        /// The executor's name.
+        executor: String,
+    },
+    /// A duration that does not parse.
+    #[error("executor \"{executor}\": {field}: {reason}")]
+    Duration {
+        /// The executor's name.
+        executor: String,
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
     },
     /// `kind = "shell"` with an `argv`, which it would ignore.
     #[error("executor \"{executor}\": argv is only used with kind = \"command\"")]
@@ -236,6 +292,16 @@ impl ExecutorConfig {
         if name.len() > MAX_SHORT_TEXT_BYTES {
             return Err(ExecutorConfigError::NameTooLong { len: name.len() });
         }
+        if let ExecutorKind::Acp(acp) = &kind {
+            let executor = name.clone();
+            match acp.argv.first() {
+                None => return Err(ExecutorConfigError::EmptyArgv { executor }),
+                Some(p) if p.is_empty() => {
+                    return Err(ExecutorConfigError::EmptyProgram { executor });
+                }
+                Some(_) => {}
+            }
+        }
         if let ExecutorKind::Command { argv } = &kind {
             let executor = name.clone();
             let Some((program, args)) = argv.split_first() else {
@@ -279,6 +345,7 @@ impl ExecutorConfig {
     /// argument that starts with the placeholder comes after a literal `--` argument.
     pub fn argv(&self, instruction: &str) -> Result<Vec<String>, ArgvError> {
         match &self.kind {
+            ExecutorKind::Acp(acp) => Ok(acp.argv.clone()),
             ExecutorKind::Shell => Ok(vec![
                 "sh".into(),
                 "-c".into(),
@@ -326,6 +393,10 @@ struct RawExecutorConfig {
     name: String,
     kind: RawExecutorKind,
     argv: Option<Vec<String>>,
+    auto_allow: Option<Vec<String>>,
+    permission_expiry: Option<String>,
+    startup_timeout: Option<String>,
+    idle_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -333,13 +404,46 @@ struct RawExecutorConfig {
 enum RawExecutorKind {
     Shell,
     Command,
+    Acp,
 }
 
 impl TryFrom<RawExecutorConfig> for ExecutorConfig {
     type Error = ExecutorConfigError;
 
     fn try_from(raw: RawExecutorConfig) -> Result<Self, Self::Error> {
+        let acp_only = raw.auto_allow.is_some()
+            || raw.permission_expiry.is_some()
+            || raw.startup_timeout.is_some()
+            || raw.idle_timeout.is_some();
+        if acp_only && !matches!(raw.kind, RawExecutorKind::Acp) {
+            return Err(ExecutorConfigError::AcpOnly { executor: raw.name });
+        }
+        let duration = |field: &'static str, v: Option<String>| {
+            v.map(|text| {
+                humantime::parse_duration(text.trim()).map_err(|e| ExecutorConfigError::Duration {
+                    executor: raw.name.clone(),
+                    field,
+                    reason: format!(
+                        "{text:?} is not a duration ({e}); use e.g. \"30s\" or \"10m\""
+                    ),
+                })
+            })
+            .transpose()
+        };
+        let permission_expiry = duration("permission_expiry", raw.permission_expiry)?;
+        let startup_timeout = duration("startup_timeout", raw.startup_timeout)?;
+        let idle_timeout = duration("idle_timeout", raw.idle_timeout)?;
         let kind = match (raw.kind, raw.argv) {
+            (RawExecutorKind::Acp, Some(argv)) => ExecutorKind::Acp(AcpOptions {
+                argv,
+                auto_allow: raw.auto_allow.unwrap_or_default(),
+                permission_expiry,
+                startup_timeout: startup_timeout.unwrap_or(DEFAULT_ACP_STARTUP),
+                idle_timeout: idle_timeout.unwrap_or(DEFAULT_ACP_IDLE),
+            }),
+            (RawExecutorKind::Acp, None) => {
+                return Err(ExecutorConfigError::MissingAgentArgv { executor: raw.name });
+            }
             (RawExecutorKind::Shell, None) => ExecutorKind::Shell,
             (RawExecutorKind::Shell, Some(_)) => {
                 return Err(ExecutorConfigError::ArgvWithShell { executor: raw.name });

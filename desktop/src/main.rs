@@ -46,6 +46,9 @@ enum Command {
     /// A one-command tour: a desktop and a phone in this process pair, queue three tasks
     /// offline, reconnect, and run them.
     Demo(demo::DemoArgs),
+    /// A scripted ACP agent for the demo and the tests (no LLM).
+    #[command(hide = true, name = "demo-agent")]
+    DemoAgent(errand_desktop::demo_agent::Options),
     /// Show the configuration in effect (file, then defaults), or where the file is.
     Config {
         /// Print only the config file's path.
@@ -164,6 +167,13 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
                 .await
                 .map_err(|e| ApiError::new(format!("{e:#}")))
         }
+        Command::DemoAgent(options) => {
+            // Logs go to stderr: stdout is the protocol.
+            cli::init_logging("warn");
+            errand_desktop::demo_agent::serve_stdio_with(options)
+                .await
+                .map_err(|e| ApiError::new(format!("{e:#}")))
+        }
         Command::Pair {
             ttl,
             png,
@@ -187,9 +197,11 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
 async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
     const CLI: DeviceKind = DeviceKind::Desktop;
     match command {
-        Command::Run { .. } | Command::Pair { .. } | Command::Config { .. } | Command::Demo(_) => {
-            Err(ApiError::with_code(exit::USAGE, "not a request"))
-        }
+        Command::Run { .. }
+        | Command::Pair { .. }
+        | Command::Config { .. }
+        | Command::Demo(_)
+        | Command::DemoAgent(_) => Err(ApiError::with_code(exit::USAGE, "not a request")),
         Command::Status { json } => cli::show(opened, api::GetStatus, json, CLI).await,
         Command::Devices { action, json } => match action {
             None => cli::show(opened, api::ListDevices, json, CLI).await,

@@ -48,9 +48,12 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     config::{ApprovalPolicy, Settings},
-    executor::{self, DEFAULT_TAIL_BYTES, ExecError, ExecOutcome, ExecSpec, ExecutorConfig},
+    executor::{
+        self, DEFAULT_TAIL_BYTES, ExecError, ExecOutcome, ExecSpec, ExecutorConfig, ExecutorKind,
+    },
     ledger::{self, LedgerEntry, LedgerError, LedgerState, ProcessGroup},
     transcript::{self, ThreadSnapshot, floor_boundary, tail},
+    turn::{Agents, PermissionAnswer, Turn},
 };
 
 /// The directory in the home that holds attempt logs and thread transcripts.
@@ -167,7 +170,7 @@ pub fn decide(i: &DecideInput<'_>) -> Decision {
     let v = i.view;
     match v.status {
         s if s.is_terminal() => return Decision::Nothing,
-        TaskStatus::Running => return Decision::Interrupt,
+        TaskStatus::Running | TaskStatus::AwaitingPermission => return Decision::Interrupt,
         _ => {}
     }
     if i.ledger.is_some_and(LedgerState::has_started) {
@@ -248,7 +251,7 @@ fn earliest(a: Option<Millis>, b: Option<Millis>) -> Option<Millis> {
 }
 
 /// `text` cut to what a `failed`/`cancelled` reason may hold.
-fn cap_text(text: &str) -> String {
+pub(crate) fn cap_text(text: &str) -> String {
     let cut = floor_boundary(text, MAX_SHORT_TEXT_BYTES);
     text[..cut].to_owned()
 }
@@ -262,7 +265,7 @@ fn cap_text(text: &str) -> String {
 /// within a byte and an event budget. What does not fit is counted, and the attempt's tail is
 /// appended at the end with a notice ([`OutputPlan::tail_event`]).
 #[derive(Debug)]
-struct OutputPlan {
+pub(crate) struct OutputPlan {
     live_bytes: usize,
     live_events: usize,
     tail_bytes: usize,
@@ -277,7 +280,7 @@ struct OutputPlan {
 impl OutputPlan {
     /// Budgets for a new attempt of a task whose events so far hold `existing_bytes` of output
     /// in `existing_events` events, with a per-task cap of `cap` bytes.
-    fn new(cap: usize, existing_bytes: usize, existing_events: usize) -> Self {
+    pub(crate) fn new(cap: usize, existing_bytes: usize, existing_events: usize) -> Self {
         let room = MAX_OUTPUT_PER_TASK_BYTES
             .saturating_sub(existing_bytes)
             .min(cap);
@@ -299,7 +302,7 @@ impl OutputPlan {
         }
     }
 
-    fn push(&mut self, text: &str) {
+    pub(crate) fn push(&mut self, text: &str) {
         if self.truncated {
             self.dropped_bytes += text.len() as u64;
             return;
@@ -325,7 +328,7 @@ impl OutputPlan {
     }
 
     /// When the pending text is due to be sent, if there is any.
-    fn due_at(&self) -> Option<Instant> {
+    pub(crate) fn due_at(&self) -> Option<Instant> {
         if self.pending.is_empty() {
             return None;
         }
@@ -339,7 +342,7 @@ impl OutputPlan {
     }
 
     /// The next event to append, if one is due (or `force`, at the end of the attempt).
-    fn take(&mut self, now: Instant, force: bool) -> Option<String> {
+    pub(crate) fn take(&mut self, now: Instant, force: bool) -> Option<String> {
         if self.pending.is_empty() {
             return None;
         }
@@ -440,6 +443,8 @@ impl Runner {
             rescan_at: None,
             attempts: JoinSet::new(),
             attempt_ids: HashMap::new(),
+            forwarded: HashMap::new(),
+            agents: Agents::default(),
             shutdown: shutdown.clone(),
         };
         let task = tokio::spawn(state.run(events, changes).instrument(info_span!("runner")));
@@ -475,6 +480,8 @@ struct Active {
     attempt: u32,
     cancel: CancellationToken,
     requested: Arc<AtomicBool>,
+    /// Permission answers for an agent's turn.
+    answers: mpsc::UnboundedSender<PermissionAnswer>,
 }
 
 /// What one load from the document and the ledger returned.
@@ -501,6 +508,10 @@ struct Loop {
     rescan_at: Option<Millis>,
     attempts: JoinSet<()>,
     attempt_ids: HashMap<tokio::task::Id, TaskId>,
+    /// Permission answers already handed to a running turn, by task.
+    forwarded: HashMap<TaskId, HashSet<String>>,
+    /// Agents waiting for a reply between turns.
+    agents: Agents,
     shutdown: CancellationToken,
 }
 
@@ -536,6 +547,7 @@ impl Loop {
                     };
                     if let Some(task) = self.attempt_ids.remove(&id) {
                         self.running.remove(&task);
+                        self.forwarded.remove(&task);
                         // Requests that arrived while it ran (a retry) are looked at now.
                         self.load_and_handle(Some(BTreeSet::from([task]))).await;
                     }
@@ -584,6 +596,7 @@ impl Loop {
 
     /// Stops running attempts (they record `interrupted`) and waits for them, bounded.
     async fn stop_attempts(&mut self) {
+        self.agents.stop_all().await;
         if self.running.is_empty() {
             return;
         }
@@ -792,6 +805,17 @@ impl Loop {
                 info!(task = %task.id, attempt = active.attempt, "cancel requested; stopping the task");
                 active.cancel.cancel();
             }
+            // Answers to the agent's permission requests go to the running turn, once each.
+            let forwarded = self.forwarded.entry(task.id).or_default();
+            for e in &task.events {
+                if let EventKind::PermissionAnswered { perm_id, option_id } = &e.kind
+                    && e.attempt == active.attempt
+                    && e.author != task.target
+                    && forwarded.insert(perm_id.clone())
+                {
+                    let _ = active.answers.send((perm_id.clone(), option_id.clone()));
+                }
+            }
             return;
         }
         let attempt = view.attempt;
@@ -908,10 +932,12 @@ impl Loop {
             return;
         };
         self.forget(task.id);
+        let (answers, answers_rx) = mpsc::unbounded_channel();
         let active = Active {
             attempt,
             cancel: CancellationToken::new(),
             requested: Arc::new(AtomicBool::new(false)),
+            answers,
         };
         self.running.insert(task.id, active.clone());
         let job = AttemptJob {
@@ -922,6 +948,8 @@ impl Loop {
             attempt,
             exec,
             active,
+            answers: answers_rx,
+            agents: self.agents.clone(),
             shutdown: self.shutdown.clone(),
         };
         let span = info_span!("task", task = %task.id, attempt);
@@ -960,6 +988,8 @@ struct AttemptJob {
     attempt: u32,
     exec: ExecutorConfig,
     active: Active,
+    answers: mpsc::UnboundedReceiver<PermissionAnswer>,
+    agents: Agents,
     shutdown: CancellationToken,
 }
 
@@ -970,14 +1000,40 @@ struct Reported {
 }
 
 impl AttemptJob {
-    async fn run(self) {
+    async fn run(mut self) {
         let id = self.task.id;
         let attempt = self.attempt;
         let log_path = self.logs.join(format!("{id}-{attempt}.log"));
         let thread_path = self.logs.join(format!("{id}-{attempt}.thread.md"));
+        if let ExecutorKind::Acp(opts) = self.exec.kind().clone() {
+            let (answers_tx, answers) = mpsc::unbounded_channel();
+            let answers = std::mem::replace(&mut self.answers, answers);
+            drop(answers_tx);
+            let turn = Turn {
+                peer: &self.peer,
+                task: &self.task,
+                attempt,
+                executor: self.exec.name(),
+                opts: &opts,
+                workspace: &self.settings.workspace,
+                log_path: &log_path,
+                thread_context: self.settings.thread_context,
+                task_timeout: self.settings.task_timeout,
+                output: self.output_plan(),
+                cancel: &self.active.cancel,
+                requested: &self.active.requested,
+                shutdown: &self.shutdown,
+                agents: &self.agents,
+            };
+            let (fact, summary) = turn.run(answers).await;
+            self.finish(fact, summary, &log_path).await;
+            return;
+        }
 
+        // The prompt of this attempt: a reply, else the instruction.
+        let instruction = errand_core::prompt_of(&self.task, attempt).to_owned();
         // An instruction the executor would take for an option is refused before anything runs.
-        let result = match self.exec.argv(&self.task.instruction) {
+        let result = match self.exec.argv(&instruction) {
             Err(refused) => Err(refused.to_string()),
             Ok(argv) => match self.write_transcript(&thread_path).await {
                 Ok(()) => Ok(self.execute(argv, &log_path, &thread_path).await),
@@ -1006,6 +1062,12 @@ impl AttemptJob {
                 self.conclude(outcome, reported.started)
             }
         };
+        self.finish(fact, summary, &log_path).await;
+    }
+
+    /// Posts the log note, appends the terminal fact and closes the ledger entry.
+    async fn finish(&self, fact: EventKind, summary: String, log_path: &Path) {
+        let (id, attempt) = (self.task.id, self.attempt);
         let note = format!(
             "Task {id} (attempt {attempt}): {summary}. Full log: {}",
             log_path.display()
@@ -1109,6 +1171,24 @@ impl AttemptJob {
         }
     }
 
+    /// The output budget of this attempt: what earlier attempts used counts against it.
+    fn output_plan(&self) -> OutputPlan {
+        let existing_bytes = self
+            .task
+            .events
+            .iter()
+            .map(|e| match &e.kind {
+                EventKind::Output { text } => text.len(),
+                _ => 0,
+            })
+            .sum();
+        OutputPlan::new(
+            self.settings.output_cap,
+            existing_bytes,
+            self.task.events.len(),
+        )
+    }
+
     /// Writes the thread so far for `ERRAND_THREAD` (owner-only).
     async fn write_transcript(&self, path: &Path) -> Result<(), String> {
         let current = self.task.clone();
@@ -1169,20 +1249,7 @@ impl AttemptJob {
             Ok(())
         };
         let (out_tx, out_rx) = mpsc::channel(OUTPUT_CHANNEL_CAPACITY);
-        let existing_bytes = self
-            .task
-            .events
-            .iter()
-            .map(|e| match &e.kind {
-                EventKind::Output { text } => text.len(),
-                _ => 0,
-            })
-            .sum();
-        let plan = OutputPlan::new(
-            self.settings.output_cap,
-            existing_bytes,
-            self.task.events.len(),
-        );
+        let plan = self.output_plan();
         let cancel = self.active.cancel.clone();
         tokio::join!(
             executor::run(spec, cancel, on_spawn, out_tx),

@@ -1,0 +1,370 @@
+//! Agents over the Agent Client Protocol (issue 19), between real processes: an
+//! `errand-desktop run` whose `acp` executor is the scripted agent that ships with it
+//! (`errand-desktop demo-agent`, built on the official Rust SDK) or the TypeScript SDK's
+//! agent in `tests/acp-ts`, and an `errand-phone daemon`, on 127.0.0.1.
+//!
+//! The agent's script is in its prompt (`[permission]`, `[wait]`, `[read PATH]`, …; see
+//! `desktop/src/demo_agent.rs`) and it logs what it received, one JSON line each, to a file
+//! the test reads: what the agent saw is checked there, not in the thread.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use errand_tests::{Daemon, Home, bin, trust_pair, wait_for};
+use serde_json::Value;
+
+/// For waits that take a second on a quiet machine.
+const SHORT: Duration = Duration::from_secs(60);
+
+struct Setup {
+    root: tempfile::TempDir,
+    desktop: Home,
+    phone: Home,
+    desktop_daemon: Option<Daemon>,
+    phone_daemon: Option<Daemon>,
+    addr: String,
+    log: PathBuf,
+}
+
+/// The agent's command line: the scripted Rust agent, or the TypeScript one.
+fn rust_agent(log: &Path, extra: &[&str]) -> Vec<String> {
+    let mut argv = vec![
+        bin("errand-desktop").display().to_string(),
+        "demo-agent".to_owned(),
+        "--log".to_owned(),
+        log.display().to_string(),
+    ];
+    argv.extend(extra.iter().map(|s| (*s).to_owned()));
+    argv
+}
+
+fn config(argv: &[String], extra: &str) -> String {
+    let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+    format!(
+        "[[executors]]\nname = \"agent\"\nkind = \"acp\"\nargv = [{}]\n{extra}\n\
+         [[executors]]\nname = \"shell\"\nkind = \"shell\"\n",
+        argv.join(", ")
+    )
+}
+
+/// A desktop whose first executor is the agent, and a phone, paired and running.
+fn setup(argv: impl FnOnce(&Path) -> Vec<String>, extra: &str) -> Result<Setup> {
+    let root = tempfile::Builder::new().prefix("errand-acp-").tempdir()?;
+    let log = root.path().join("agent.log");
+    let desktop = Home::desktop(root.path(), "desktop");
+    std::fs::create_dir_all(&desktop.dir)?;
+    std::fs::write(desktop.dir.join("config.toml"), config(&argv(&log), extra))?;
+    let phone = Home::phone(root.path(), "phone");
+    let (d, addr) = desktop.start(&[])?;
+    trust_pair(&desktop, &phone, Some(&addr))?;
+    let (p, _) = phone.start(&[])?;
+    wait_for("the phone to get the desktop's thread", SHORT, || {
+        phone.thread().ok()
+    })?;
+    Ok(Setup {
+        root,
+        desktop,
+        phone,
+        desktop_daemon: Some(d),
+        phone_daemon: Some(p),
+        addr,
+        log,
+    })
+}
+
+impl Setup {
+    fn send(&self, text: &str) -> Result<String> {
+        let v = self
+            .phone
+            .json(&["send", text, "--executor", "agent", "--json"])?;
+        Ok(v["task_id"].as_str().context("task_id")?.to_owned())
+    }
+
+    fn task(&self, home: &Home, id: &str) -> Result<Value> {
+        home.json(&["task", id, "--json"])
+    }
+
+    /// Waits until the phone shows the task with `status`.
+    fn wait_status(&self, id: &str, status: &str) -> Result<Value> {
+        let mut last = Value::Null;
+        wait_for(&format!("task {id} to be {status}"), SHORT, || {
+            let t = self.task(&self.phone, id).ok()?;
+            last = t.clone();
+            (t["status"] == status).then_some(t)
+        })
+        .with_context(|| format!("last seen: {last:#}"))
+    }
+
+    /// The agent's log: one JSON object per line.
+    fn agent_log(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn logged(&self, event: &str) -> Vec<Value> {
+        self.agent_log()
+            .into_iter()
+            .filter(|v| v["event"] == event)
+            .collect()
+    }
+
+    fn run_phone(&self, args: &[&str]) -> Result<std::process::Output> {
+        self.phone.run(args)
+    }
+}
+
+fn output_of(t: &Value) -> String {
+    t["conversation"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|u| u["role"] == "agent")
+        .filter_map(|u| u["text"].as_str())
+        .collect()
+}
+
+/// Runs the whole flow against one agent: offline queue, permission across a reconnect, a
+/// reply in the same session, and a cancel mid-turn.
+fn conversation_flow(argv: impl FnOnce(&Path) -> Vec<String>) -> Result<()> {
+    let mut s = setup(argv, "")?;
+
+    // The phone queues a task while the desktop is down; it runs once they reconnect.
+    s.desktop_daemon.take().context("desktop")?.stop()?;
+    let id = s.send("tidy the notes [permission]")?;
+    let (d, _) = s.desktop.start_at(&s.addr, &[])?;
+    s.desktop_daemon = Some(d);
+
+    // The permission request reaches the phone while the agent waits.
+    let t = s.wait_status(&id, "awaiting_permission")?;
+    let perm = &t["permission"];
+    ensure!(perm["title"] == "Write summary.md", "{t:#}");
+    let options: Vec<&str> = perm["options"]
+        .as_array()
+        .context("options")?
+        .iter()
+        .filter_map(|o| o["id"].as_str())
+        .collect();
+    ensure!(
+        options == ["allow-once", "allow-always", "reject-once", "reject-always"],
+        "{options:?}"
+    );
+    ensure!(
+        s.logged("permission").is_empty(),
+        "answered before the phone did"
+    );
+
+    // The phone goes away and comes back, then answers; the agent gets exactly that option.
+    s.phone_daemon.take().context("phone")?.stop()?;
+    let out = s.run_phone(&["answer", &id, "allow-always", "--json"])?;
+    ensure!(
+        out.status.success(),
+        "answer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (p, _) = s.phone.start(&[])?;
+    s.phone_daemon = Some(p);
+    let t = s.wait_status(&id, "done")?;
+    let answers = s.logged("permission");
+    ensure!(answers.len() == 1, "{answers:?}");
+    ensure!(
+        answers[0]["outcome"] == "selected" && answers[0]["option_id"] == "allow-always",
+        "{answers:?}"
+    );
+    let said = output_of(&t);
+    ensure!(said.contains("permission: allow-always"), "{said}");
+    ensure!(t["permission"].is_null(), "{t:#}");
+    let calls = t["tool_calls"].as_array().context("tool_calls")?;
+    ensure!(
+        calls
+            .iter()
+            .any(|c| c["id"] == "call-1" && c["status"] == "completed"),
+        "{calls:?}"
+    );
+    ensure!(!t["plan"].as_array().context("plan")?.is_empty(), "{t:#}");
+
+    // A reply continues the same session: same session id, the second prompt.
+    let out = s.run_phone(&["reply", &id, "and the second part", "--json"])?;
+    ensure!(
+        out.status.success(),
+        "reply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = wait_for("the reply's turn to end", SHORT, || {
+        let t = s.task(&s.phone, &id).ok()?;
+        (t["attempt"] == 2 && t["status"] == "done").then_some(t)
+    })?;
+    let prompts = s.logged("prompt");
+    ensure!(prompts.len() == 2, "{prompts:?}");
+    ensure!(
+        prompts[0]["session_id"] == prompts[1]["session_id"],
+        "{prompts:?}"
+    );
+    ensure!(
+        prompts[1]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("and the second part")),
+        "{prompts:?}"
+    );
+    ensure!(output_of(&t).contains("turn 2 of session"), "{t:#}");
+    let roles: Vec<&str> = t["conversation"]
+        .as_array()
+        .context("conversation")?
+        .iter()
+        .filter_map(|u| u["role"].as_str())
+        .collect();
+    ensure!(roles == ["user", "agent", "user", "agent"], "{roles:?}");
+
+    // A cancel mid-turn reaches the agent as session/cancel.
+    let id = s.send("hold on [wait]")?;
+    s.wait_status(&id, "running")?;
+    wait_for("the agent to get the prompt", SHORT, || {
+        (s.logged("prompt").len() == 3).then_some(())
+    })?;
+    let out = s.run_phone(&["cancel", &id])?;
+    ensure!(out.status.success(), "cancel");
+    let t = s.wait_status(&id, "cancelled")?;
+    ensure!(s.logged("cancel").len() == 1, "{:?}", s.agent_log());
+    ensure!(t["reason"] == "requested", "{t:#}");
+    drop(s.root);
+    Ok(())
+}
+
+#[test]
+fn a_conversation_with_the_rust_sdk_agent_survives_offline_and_reconnects() -> Result<()> {
+    conversation_flow(|log| rust_agent(log, &[]))
+}
+
+#[test]
+fn a_desktop_killed_mid_turn_interrupts_the_turn_and_never_prompts_it_twice() -> Result<()> {
+    let mut s = setup(|log| rust_agent(log, &[]), "")?;
+    let id = s.send("wait for me [wait]")?;
+    s.wait_status(&id, "running")?;
+    wait_for("the agent to get the prompt", SHORT, || {
+        (!s.logged("prompt").is_empty()).then_some(())
+    })?;
+    s.desktop_daemon.take().context("desktop")?.kill();
+    let (d, _) = s.desktop.start_at(&s.addr, &[])?;
+    s.desktop_daemon = Some(d);
+    let t = s.wait_status(&id, "interrupted")?;
+    std::thread::sleep(Duration::from_secs(1));
+    ensure!(s.logged("prompt").len() == 1, "{:?}", s.agent_log());
+    // The person can go on: a reply opens the next turn, in a new agent process.
+    let out = s.run_phone(&["reply", &id, "go on"])?;
+    ensure!(out.status.success(), "reply");
+    let t2 = wait_for("the reply's turn", SHORT, || {
+        let t = s.task(&s.phone, &id).ok()?;
+        (t["attempt"] == 2 && t["status"] == "done").then_some(t)
+    })?;
+    let how: Vec<&str> = t2["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .filter(|e| e["kind"] == "agent_session")
+        .filter_map(|e| e["how"].as_str())
+        .collect();
+    // The scripted agent can load sessions, so the second turn loads the first one's.
+    ensure!(how == ["new", "loaded"], "{how:?} {t:#}");
+    ensure!(s.logged("load_session").len() == 1, "{:?}", s.agent_log());
+    Ok(())
+}
+
+#[test]
+fn hostile_agents_get_a_clear_reason_and_the_desktop_keeps_serving() -> Result<()> {
+    let s = setup(|log| rust_agent(log, &[]), "startup_timeout = \"3s\"")?;
+    let ws = s.desktop.dir.join("workspace");
+    std::fs::create_dir_all(&ws)?;
+    let outside = s.root.path().join("outside.txt");
+    std::fs::write(&outside, "secret")?;
+    std::os::unix::fs::symlink(&outside, ws.join("link.txt"))?;
+
+    // A read out of the workspace through `..`, and a write through a symbolic link.
+    let id = s.send(&format!(
+        "peek [read {}/../../etc/passwd] [write {}]",
+        ws.display(),
+        ws.join("link.txt").display()
+    ))?;
+    let t = s.wait_status(&id, "done")?;
+    let said = output_of(&t);
+    ensure!(
+        said.contains("read refused") && said.contains("write refused"),
+        "{said}"
+    );
+    ensure!(std::fs::read_to_string(&outside)? == "secret");
+    let thread = s.phone.thread()?;
+    let notes: Vec<&str> = thread["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["text"].as_str())
+        .filter(|m| m.contains("refused"))
+        .collect();
+    ensure!(notes.len() == 2, "{notes:?}");
+
+    // An agent that exits mid-turn: failed, with how it ended.
+    let id = s.send("crash [exit]")?;
+    let t = s.wait_status(&id, "failed")?;
+    let reason = t["reason"].as_str().unwrap_or_default();
+    ensure!(reason.contains("exited"), "{reason}");
+
+    // A flood of 20,000 chunks: batched, within the output cap, and the task ends.
+    let id = s.send("flood [flood 20000]")?;
+    let t = s.wait_status(&id, "done")?;
+    let outputs = t["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .filter(|e| e["kind"] == "output")
+        .count();
+    ensure!(outputs < 200, "{outputs} output events for one flood");
+
+    // The desktop still runs a plain task.
+    let v = s
+        .phone
+        .json(&["send", "echo still here", "--executor", "shell", "--json"])?;
+    let plain = v["task_id"].as_str().context("id")?.to_owned();
+    s.wait_status(&plain, "done")?;
+    Ok(())
+}
+
+#[test]
+fn an_agent_that_never_answers_initialize_fails_the_task_with_a_reason() -> Result<()> {
+    let s = setup(
+        |log| rust_agent(log, &["--no-initialize"]),
+        "startup_timeout = \"2s\"",
+    )?;
+    let id = s.send("hello")?;
+    let t = s.wait_status(&id, "failed")?;
+    let reason = t["reason"].as_str().unwrap_or_default();
+    ensure!(reason.contains("did not answer initialize"), "{reason}");
+    Ok(())
+}
+
+#[test]
+fn a_conversation_with_the_typescript_sdk_agent() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("acp-ts");
+    if !dir.join("node_modules/@agentclientprotocol/sdk").exists() {
+        if std::env::var_os("CI").is_some() {
+            bail!("run `npm ci` in {} first", dir.display());
+        }
+        eprintln!(
+            "skipped: the TypeScript SDK is not installed (npm ci in {})",
+            dir.display()
+        );
+        return Ok(());
+    }
+    let agent = dir.join("agent.mjs");
+    conversation_flow(move |log| {
+        vec![
+            "env".to_owned(),
+            format!("ERRAND_DEMO_AGENT_LOG={}", log.display()),
+            "node".to_owned(),
+            agent.display().to_string(),
+        ]
+    })
+}
