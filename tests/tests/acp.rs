@@ -312,8 +312,8 @@ fn hostile_agents_get_a_clear_reason_and_the_desktop_keeps_serving() -> Result<(
     let reason = t["reason"].as_str().unwrap_or_default();
     ensure!(reason.contains("exited"), "{reason}");
 
-    // A flood of 20,000 chunks: batched, within the output cap, and the task ends.
-    let id = s.send("flood [flood 20000]")?;
+    // A flood of 100,000 chunks: batched, within the output cap, and the task ends.
+    let id = s.send("flood [flood 100000]")?;
     let t = s.wait_status(&id, "done")?;
     let outputs = t["events"]
         .as_array()
@@ -322,6 +322,12 @@ fn hostile_agents_get_a_clear_reason_and_the_desktop_keeps_serving() -> Result<(
         .filter(|e| e["kind"] == "output")
         .count();
     ensure!(outputs < 200, "{outputs} output events for one flood");
+    let said = output_of(&t);
+    ensure!(
+        said.len() <= 256 * 1024,
+        "{} bytes of output kept",
+        said.len()
+    );
 
     // The desktop still runs a plain task.
     let v = s
@@ -333,15 +339,61 @@ fn hostile_agents_get_a_clear_reason_and_the_desktop_keeps_serving() -> Result<(
 }
 
 #[test]
-fn an_agent_that_never_answers_initialize_fails_the_task_with_a_reason() -> Result<()> {
-    let s = setup(
-        |log| rust_agent(log, &["--no-initialize"]),
-        "startup_timeout = \"2s\"",
-    )?;
-    let id = s.send("hello")?;
-    let t = s.wait_status(&id, "failed")?;
+fn agents_that_break_the_protocol_fail_their_task_with_a_reason() -> Result<()> {
+    // Three more executors on one desktop: one that never answers `initialize`, one that
+    // writes garbage before its first message, and the scripted one.
+    let extra = |name: &str, flags: &[&str], log: &Path| {
+        let argv: Vec<String> = rust_agent(log, flags)
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect();
+        format!(
+            "[[executors]]\nname = \"{name}\"\nkind = \"acp\"\nargv = [{}]\n\
+             startup_timeout = \"3s\"\n",
+            argv.join(", ")
+        )
+    };
+    let root = tempfile::Builder::new().prefix("errand-acp-").tempdir()?;
+    let log = root.path().join("agent.log");
+    let more = format!(
+        "{}{}",
+        extra("silent", &["--no-initialize"], &log),
+        extra("garbled", &["--garbage-first"], &log)
+    );
+    let s = setup(|log| rust_agent(log, &[]), &more)?;
+    let send = |executor: &str, text: &str| -> Result<String> {
+        let v = s
+            .phone
+            .json(&["send", text, "--executor", executor, "--json"])?;
+        Ok(v["task_id"].as_str().context("task_id")?.to_owned())
+    };
+
+    let silent = send("silent", "hello")?;
+    let t = s.wait_status(&silent, "failed")?;
     let reason = t["reason"].as_str().unwrap_or_default();
     ensure!(reason.contains("did not answer initialize"), "{reason}");
+
+    // A line that is not JSON-RPC, before the first message and in the middle of a turn.
+    for (executor, text) in [("garbled", "hello"), ("agent", "noise [garbage]")] {
+        let id = send(executor, text)?;
+        let t = wait_for(&format!("the {executor} task to end"), SHORT, || {
+            let t = s.task(&s.phone, &id).ok()?;
+            ["done", "failed"]
+                .contains(&t["status"].as_str()?)
+                .then_some(t)
+        })?;
+        if t["status"] == "failed" {
+            let reason = t["reason"].as_str().unwrap_or_default();
+            ensure!(!reason.is_empty(), "{t:#}");
+        }
+    }
+
+    // The desktop still runs a plain task.
+    let v = s
+        .phone
+        .json(&["send", "echo still here", "--executor", "shell", "--json"])?;
+    let plain = v["task_id"].as_str().context("id")?.to_owned();
+    s.wait_status(&plain, "done")?;
     Ok(())
 }
 
