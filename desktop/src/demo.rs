@@ -2,8 +2,12 @@
 //!
 //! - Starts a desktop (with its task runner) and a phone on 127.0.0.1, mDNS off.
 //! - Pairs them with a real ticket: the phone runs the pairing handshake against the desktop.
-//! - Takes the phone offline, queues three tasks on it, brings it back, and follows the thread
-//!   on the phone as each task goes delivered → running → done, printing its output.
+//! - Takes the phone offline, queues three shell tasks and one for an agent on it, brings it
+//!   back, and follows the thread on the phone as each task goes delivered → running → done,
+//!   printing its output.
+//! - The agent is the scripted ACP agent that ships with the desktop (`demo-agent`, no LLM): it
+//!   streams text, makes a tool call and asks one permission, which the demo's phone grants;
+//!   then the phone replies and the agent answers in the same session.
 //! - Prints the timings, cleans up, and exits 0 (1 if a task did not finish in time).
 
 use std::{
@@ -15,7 +19,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use errand_core::{DeviceKind, Task, TaskId, TaskStatus, fold};
-use errand_desktop::{config::Settings, runner::Runner};
+use errand_desktop::{
+    config::Settings,
+    executor::{AcpOptions, DEFAULT_ACP_IDLE, DEFAULT_ACP_STARTUP, ExecutorConfig, ExecutorKind},
+    runner::Runner,
+};
 use errand_p2p::{
     api::{self, Call as _},
     pairing,
@@ -29,6 +37,12 @@ const TASKS: [&str; 3] = [
     "printf '%s\\n' pear apple fig | sort",
     "for i in 1 2 3; do echo \"step $i of 3\"; sleep 0.4; done",
 ];
+
+/// The agent task: the scripted agent asks a permission for it.
+const AGENT_TASK: &str = "Tidy the notes in the workspace [permission]";
+
+/// The phone's reply once the agent's first turn has ended.
+const AGENT_REPLY: &str = "Thanks! What did you change?";
 
 /// How long the tour waits for the three tasks. They take about two seconds; the rest is for
 /// a slow or busy machine.
@@ -79,7 +93,18 @@ async fn tour(root: &Path) -> Result<()> {
 
     // The desktop: runner first (it recovers nothing in a fresh home), then the network.
     let desktop = open(DeviceKind::Desktop, "desktop", "demo desktop")?;
-    let settings = Settings::defaults(desktop.home());
+    let mut settings = Settings::defaults(desktop.home());
+    let exe = std::env::current_exe().context("while finding this program for the demo agent")?;
+    settings.executors.push(ExecutorConfig::new(
+        "agent",
+        ExecutorKind::Acp(AcpOptions {
+            argv: vec![exe.display().to_string(), "demo-agent".into()],
+            auto_allow: Vec::new(),
+            permission_expiry: None,
+            startup_timeout: DEFAULT_ACP_STARTUP,
+            idle_timeout: DEFAULT_ACP_IDLE,
+        }),
+    )?);
     desktop.publish_self(settings.executor_names()).await?;
     let runner = Runner::start(desktop.clone(), settings)
         .await
@@ -136,10 +161,14 @@ async fn tour(root: &Path) -> Result<()> {
     let phone = reopen(|| open(DeviceKind::Phone, "phone", "demo phone")).await?;
     step(t0, "phone goes offline");
     let mut ids = Vec::new();
-    for text in TASKS {
+    let all = TASKS
+        .iter()
+        .map(|t| (*t, None))
+        .chain([(AGENT_TASK, Some("agent"))]);
+    for (text, executor) in all {
         let send = api::SendTask {
             text: text.into(),
-            executor: None,
+            executor: executor.map(str::to_owned),
             not_after: None,
         };
         let sent = send
@@ -159,15 +188,54 @@ async fn tour(root: &Path) -> Result<()> {
         .await
         .context("while reconnecting the phone")?;
     step(t0, "phone is back online and dials the desktop");
-    let mut seen: BTreeMap<TaskId, (TaskStatus, usize)> = BTreeMap::new();
+    let mut seen: BTreeMap<TaskId, Seen> = BTreeMap::new();
     let mut timings: BTreeMap<TaskId, HashMap<TaskStatus, Duration>> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + FINISH_TIMEOUT;
+    let agent_id = *ids.last().context("the agent task")?;
+    let (mut granted, mut replied) = (false, false);
     loop {
         let tasks = read_tasks(&phone, &ids).await?;
         for (n, task) in tasks.iter().enumerate() {
             report(t0, online_at, n + 1, task, &mut seen, &mut timings);
         }
-        if tasks.len() == ids.len() && tasks.iter().all(|t| fold(t).status.is_terminal()) {
+        // The phone's part in the agent's conversation: grant its permission, then reply.
+        if let Some(task) = tasks.iter().find(|t| t.id == agent_id) {
+            let v = fold(task);
+            if v.status == TaskStatus::AwaitingPermission && !granted {
+                let answer = api::Answer {
+                    id: agent_id,
+                    option: "allow".into(),
+                };
+                let answered = answer
+                    .run(&phone)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e.message))?;
+                granted = true;
+                step(
+                    t0,
+                    &format!("phone grants the agent's request ({})", answered.option),
+                );
+            }
+            if v.status == TaskStatus::Done && v.attempt == 1 && !replied {
+                let reply = api::Reply {
+                    id: agent_id,
+                    text: AGENT_REPLY.into(),
+                };
+                reply
+                    .run(&phone)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e.message))?;
+                replied = true;
+                step(t0, &format!("phone replies to the agent: {AGENT_REPLY}"));
+            }
+        }
+        let agent_done = tasks
+            .iter()
+            .any(|t| t.id == agent_id && fold(t).attempt == 2);
+        if tasks.len() == ids.len()
+            && agent_done
+            && tasks.iter().all(|t| fold(t).status.is_terminal())
+        {
             break;
         }
         if tokio::time::Instant::now() >= deadline {
@@ -195,6 +263,23 @@ async fn tour(root: &Path) -> Result<()> {
         let code = v
             .exit_code
             .map_or(String::new(), |c| format!(", exit code {c}"));
+        if task.id == agent_id {
+            println!(
+                "\n  task {} — {}{code}, a conversation with the agent",
+                n + 1,
+                v.status
+            );
+            for u in &v.conversation {
+                let who = match u.role {
+                    errand_core::Role::User => "phone",
+                    errand_core::Role::Agent => "agent",
+                };
+                for line in u.text.lines() {
+                    println!("  {who:>5} │ {line}");
+                }
+            }
+            continue;
+        }
         println!(
             "\n  task {} — {}{code}\n  $ {}",
             n + 1,
@@ -262,28 +347,48 @@ async fn read_tasks(phone: &Peer, ids: &[TaskId]) -> Result<Vec<Task>> {
     Ok(found)
 }
 
+/// What the tour has shown of a task.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    status: TaskStatus,
+    attempt: u32,
+    output: usize,
+    tool_calls: usize,
+}
+
 /// Prints what changed for task `n` since the last look: each new status (including the ones
-/// passed between two looks) and new output lines.
+/// passed between two looks), new output lines and new tool calls.
 fn report(
     t0: Instant,
     online_at: Instant,
     n: usize,
     task: &Task,
-    seen: &mut BTreeMap<TaskId, (TaskStatus, usize)>,
+    seen: &mut BTreeMap<TaskId, Seen>,
     timings: &mut BTreeMap<TaskId, HashMap<TaskStatus, Duration>>,
 ) {
     let v = fold(task);
-    let (old_status, old_len) = seen
-        .get(&task.id)
-        .copied()
-        .unwrap_or((TaskStatus::Queued, 0));
+    let mut old = seen.get(&task.id).copied().unwrap_or(Seen {
+        status: TaskStatus::Queued,
+        attempt: 1,
+        output: 0,
+        tool_calls: 0,
+    });
+    if old.attempt != v.attempt {
+        step(t0, &format!("task {n}: turn {} begins", v.attempt));
+        old = Seen {
+            status: TaskStatus::Queued,
+            attempt: v.attempt,
+            output: 0,
+            tool_calls: 0,
+        };
+    }
     let reached = |s: TaskStatus| {
         task.events.iter().any(|e| {
             e.author == task.target && e.attempt == v.attempt && e.kind.name() == fact_of(s)
         })
     };
     for s in [TaskStatus::Delivered, TaskStatus::Running] {
-        let passed = reached(s) && rank(old_status) < rank(s);
+        let passed = reached(s) && rank(old.status) < rank(s);
         if passed && !timings.get(&task.id).is_some_and(|t| t.contains_key(&s)) {
             timings
                 .entry(task.id)
@@ -292,12 +397,34 @@ fn report(
             step(t0, &format!("task {n} {}", s.as_str()));
         }
     }
-    if v.output.len() > old_len {
-        for line in v.output[old_len..].lines() {
+    for c in v.tool_calls.iter().skip(old.tool_calls) {
+        step(t0, &format!("task {n} tool call: {} ({})", c.title, c.kind));
+    }
+    // Whole lines only while it runs (an agent's text comes in pieces); the rest at the end.
+    let shown = if v.status.is_terminal() {
+        v.output.len()
+    } else {
+        v.output.rfind('\n').map_or(0, |i| i + 1).max(old.output)
+    };
+    if shown > old.output {
+        for line in v.output[old.output..shown].lines() {
             step(t0, &format!("task {n} output │ {line}"));
         }
     }
-    if v.status.is_terminal() && old_status != v.status {
+    if let Some(p) = &v.permission
+        && old.status != TaskStatus::AwaitingPermission
+    {
+        let options: Vec<&str> = p.options.iter().map(|o| o.name.as_str()).collect();
+        step(
+            t0,
+            &format!(
+                "task {n} asks permission: {} [{}]",
+                p.title,
+                options.join(" / ")
+            ),
+        );
+    }
+    if v.status.is_terminal() && old.status != v.status {
         timings
             .entry(task.id)
             .or_default()
@@ -307,7 +434,15 @@ fn report(
             .map_or(String::new(), |c| format!(" (exit code {c})"));
         step(t0, &format!("task {n} {}{code}", v.status));
     }
-    seen.insert(task.id, (v.status, v.output.len()));
+    seen.insert(
+        task.id,
+        Seen {
+            status: v.status,
+            attempt: v.attempt,
+            output: shown,
+            tool_calls: v.tool_calls.len(),
+        },
+    );
 }
 
 fn fact_of(s: TaskStatus) -> &'static str {
@@ -323,7 +458,7 @@ fn rank(s: TaskStatus) -> u8 {
         TaskStatus::Queued => 0,
         TaskStatus::Delivered => 1,
         TaskStatus::AwaitingApproval => 2,
-        TaskStatus::Running => 3,
+        TaskStatus::Running | TaskStatus::AwaitingPermission => 3,
         _ => 4,
     }
 }

@@ -192,9 +192,7 @@ impl Turn<'_> {
                 self.flush_plan(&mut state).await;
             }
         };
-        while let Some(text) = self.output.take(Instant::now(), true) {
-            self.append(EventKind::Output { text }).await;
-        }
+        self.flush_output().await;
         self.flush_plan(&mut state).await;
         self.conclude(end, agent, started_at, timed_out).await
     }
@@ -360,6 +358,7 @@ impl Turn<'_> {
                 }
                 state.tool_facts += 1;
                 state.tool_status.insert(id.clone(), status.clone());
+                self.flush_output().await;
                 self.append(EventKind::ToolCall {
                     call_id: cap_text(&id),
                     title: cap_text(&title),
@@ -398,6 +397,7 @@ impl Turn<'_> {
     async fn on_permission(&mut self, ask: PermissionAsk, state: &mut TurnState) {
         state.permissions += 1;
         let perm_id = format!("p{}", state.permissions);
+        self.flush_output().await;
         let options: Vec<PermissionChoice> = ask
             .options
             .iter()
@@ -480,6 +480,14 @@ impl Turn<'_> {
                 p.title
             ))
             .await;
+        }
+    }
+
+    /// Writes the text batched so far, so that the thread keeps the agent's order: what it said
+    /// before a tool call or a question comes before it.
+    async fn flush_output(&mut self) {
+        while let Some(text) = self.output.take(Instant::now(), true) {
+            self.append(EventKind::Output { text }).await;
         }
     }
 

@@ -478,6 +478,12 @@ fn the_demo_pairs_queues_offline_runs_three_tasks_and_exits_0() -> Result<()> {
         "│ Hello from",
         "│ apple\n  │ fig\n  │ pear",
         "│ step 3 of 3",
+        "task 4 asks permission: Write summary.md",
+        "phone grants the agent's request (allow-once)",
+        "task 4 — done, exit code 0, a conversation with the agent",
+        "agent │ permission: allow-once",
+        "phone │ Thanks! What did you change?",
+        "agent │ Done (turn 2 of session",
         "Timings:",
     ] {
         ensure!(
