@@ -138,7 +138,7 @@ impl Turn<'_> {
         let started_at = Instant::now();
         let (mut agent, how) = match self.agent().await {
             Ok(x) => x,
-            Err(reason) => return failed(reason),
+            Err(reason) => return failed(format!("{}: {reason}", self.executor)),
         };
         if let Err(reason) = self.record_start(&agent, how).await {
             return failed(reason);

@@ -417,3 +417,44 @@ fn a_conversation_with_the_typescript_sdk_agent() -> Result<()> {
         ]
     })
 }
+
+#[test]
+fn a_real_agent_from_npm_starts_or_says_in_words_why_it_cannot() -> Result<()> {
+    // Claude Code's ACP adapter, installed by `.ci/run` (npm ci in tests/acp-real). Without a
+    // login, or as root (it refuses to skip its permission prompts under root), it cannot
+    // complete a prompt; the phone must get the reason in words, not "internal error".
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("acp-real");
+    let agent = dir.join("node_modules/.bin/claude-code-acp");
+    if !agent.exists() {
+        eprintln!(
+            "skipped: @zed-industries/claude-code-acp is not installed (npm ci in {})",
+            dir.display()
+        );
+        return Ok(());
+    }
+    let s = setup(
+        |_| vec![agent.display().to_string()],
+        "startup_timeout = \"60s\"",
+    )?;
+    let id = s.send("Say hello in one word.")?;
+    let t = wait_for(
+        "the real agent's task to end",
+        Duration::from_secs(180),
+        || {
+            let t = s.task(&s.phone, &id).ok()?;
+            ["done", "failed"]
+                .contains(&t["status"].as_str()?)
+                .then_some(t)
+        },
+    )?;
+    eprintln!("status {}, reason {}", t["status"], t["reason"]);
+    if t["status"] == "failed" {
+        let reason = t["reason"].as_str().unwrap_or_default();
+        ensure!(
+            reason.contains("login") || reason.contains("root"),
+            "a reason a person cannot act on: {reason}"
+        );
+        ensure!(!reason.starts_with("Internal error"), "{reason}");
+    }
+    Ok(())
+}
