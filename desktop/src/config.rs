@@ -217,7 +217,10 @@ impl fmt::Display for Settings {
                 crate::executor::ExecutorKind::Shell => writeln!(f, "kind = \"shell\"")?,
                 crate::executor::ExecutorKind::Command { argv } => {
                     let argv: Vec<String> = argv.iter().map(|a| q(a)).collect();
-                    writeln!(f, "kind = \"command\"\nargv = [{}]", argv.join(", "))?
+                    writeln!(f, "kind = \"command\"\nargv = [{}]", argv.join(", "))?;
+                    if e.stdin_thread() {
+                        writeln!(f, "stdin = \"thread\"")?;
+                    }
                 }
                 crate::executor::ExecutorKind::Acp(acp) => {
                     let list = |v: &[String]| v.iter().map(|a| q(a)).collect::<Vec<_>>().join(", ");
@@ -598,10 +601,19 @@ pub const TEMPLATE: &str = r#"# Errand desktop configuration. Every setting is o
 # name = "shell"
 # kind = "shell"
 #
+# {thread_file} in the argv is the path of a file holding the thread so far (also in
+# $ERRAND_THREAD), and stdin = "thread" hands that text to the program on stdin:
+#
 # [[executors]]
 # name = "agent"
 # kind = "command"
-# argv = ["my-agent", "--print", "--", "{instruction}"]
+# argv = ["my-agent", "--print", "--context", "{thread_file}", "--", "{instruction}"]
+#
+# [[executors]]
+# name = "claude-print"
+# kind = "command"
+# argv = ["claude", "-p", "{instruction}"]
+# stdin = "thread"
 #
 # An "acp" executor is an agent that speaks the Agent Client Protocol: the phone sees its
 # messages, tool calls and plan, answers its permission requests, and replies in the same

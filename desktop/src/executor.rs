@@ -98,6 +98,9 @@ const FINAL_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// as `sh`).
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
+/// Like [`GATE_SCRIPT`], with stdin from the file `$ERRAND_STDIN_FILE` (the thread so far).
+const GATE_SCRIPT_STDIN_FILE: &str = r#"IFS= read -r gate || exit 125; [ "$gate" = go ] || exit 125; exec "$@" <"$ERRAND_STDIN_FILE""#;
+
 /// The start gate's shell. An absolute path, so it does not depend on the task's `PATH`.
 const GATE_SHELL: &str = "/bin/sh";
 
@@ -174,7 +177,14 @@ pub const DEFAULT_ACP_IDLE: Duration = Duration::from_secs(10 * 60);
 pub struct ExecutorConfig {
     name: String,
     kind: ExecutorKind,
+    /// A `command` executor gets the thread's transcript on stdin (`stdin = "thread"`);
+    /// otherwise stdin is empty.
+    stdin_thread: bool,
 }
+
+/// Replaced, in a `command` executor's argv, by the path of a file holding the thread so far
+/// (the same file `ERRAND_THREAD` names).
+pub const THREAD_FILE_PLACEHOLDER: &str = "{thread_file}";
 
 /// Why an executor configuration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -205,6 +215,17 @@ pub enum ExecutorConfigError {
     MissingAgentArgv {
         /// The executor's name.
         executor: String,
+    },
+    /// `stdin` other than `"thread"` on a `command` executor.
+    #[error(
+        "executor \"{executor}\": stdin = {value:?} is not supported; a kind = \"command\" \
+         executor may set stdin = \"thread\" to read the thread so far on stdin"
+    )]
+    Stdin {
+        /// The executor's name.
+        executor: String,
+        /// What was given.
+        value: String,
     },
     /// An option only an `acp` executor has, on another kind.
     #[error(
@@ -317,7 +338,46 @@ impl ExecutorConfig {
                 return Err(ExecutorConfigError::MissingInstruction { executor });
             }
         }
-        Ok(Self { name, kind })
+        Ok(Self {
+            name,
+            kind,
+            stdin_thread: false,
+        })
+    }
+
+    /// Hands the thread's transcript to a `command` executor on stdin.
+    pub fn with_stdin_thread(mut self) -> Self {
+        self.stdin_thread = matches!(self.kind, ExecutorKind::Command { .. });
+        self
+    }
+
+    /// Whether the executor reads the transcript on stdin.
+    pub fn stdin_thread(&self) -> bool {
+        self.stdin_thread
+    }
+
+    /// [`Self::argv`], with every [`THREAD_FILE_PLACEHOLDER`] of the template replaced by
+    /// `thread_file` (before the instruction goes in, so an instruction's text stays as is).
+    pub fn argv_with_thread(
+        &self,
+        instruction: &str,
+        thread_file: &str,
+    ) -> Result<Vec<String>, ArgvError> {
+        match &self.kind {
+            ExecutorKind::Command { argv } => {
+                let template: Vec<String> = argv
+                    .iter()
+                    .map(|a| a.replace(THREAD_FILE_PLACEHOLDER, thread_file))
+                    .collect();
+                Self {
+                    name: self.name.clone(),
+                    kind: ExecutorKind::Command { argv: template },
+                    stdin_thread: self.stdin_thread,
+                }
+                .argv(instruction)
+            }
+            _ => self.argv(instruction),
+        }
     }
 
     /// The embedded default: `shell`, running `sh -c -- <instruction>`.
@@ -325,6 +385,7 @@ impl ExecutorConfig {
         Self {
             name: SHELL_EXECUTOR_NAME.to_owned(),
             kind: ExecutorKind::Shell,
+            stdin_thread: false,
         }
     }
 
@@ -397,6 +458,7 @@ struct RawExecutorConfig {
     permission_expiry: Option<String>,
     startup_timeout: Option<String>,
     idle_timeout: Option<String>,
+    stdin: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -411,6 +473,16 @@ impl TryFrom<RawExecutorConfig> for ExecutorConfig {
     type Error = ExecutorConfigError;
 
     fn try_from(raw: RawExecutorConfig) -> Result<Self, Self::Error> {
+        let stdin_thread = match raw.stdin.as_deref() {
+            None | Some("none") => false,
+            Some("thread") if matches!(raw.kind, RawExecutorKind::Command) => true,
+            Some(other) => {
+                return Err(ExecutorConfigError::Stdin {
+                    executor: raw.name,
+                    value: other.to_owned(),
+                });
+            }
+        };
         let acp_only = raw.auto_allow.is_some()
             || raw.permission_expiry.is_some()
             || raw.startup_timeout.is_some()
@@ -453,7 +525,12 @@ impl TryFrom<RawExecutorConfig> for ExecutorConfig {
                 return Err(ExecutorConfigError::MissingArgv { executor: raw.name });
             }
         };
-        Self::new(raw.name, kind)
+        let config = Self::new(raw.name, kind)?;
+        Ok(if stdin_thread {
+            config.with_stdin_thread()
+        } else {
+            config
+        })
     }
 }
 
@@ -483,6 +560,8 @@ pub struct ExecSpec {
     pub batch_bytes: usize,
     /// How much of the end of the output [`ExecOutcome::tail`] keeps.
     pub tail_bytes: usize,
+    /// The program's stdin: this file, else empty (`/dev/null`).
+    pub stdin_file: Option<PathBuf>,
 }
 
 impl ExecSpec {
@@ -502,6 +581,7 @@ impl ExecSpec {
             batch_interval: DEFAULT_BATCH_INTERVAL,
             batch_bytes: DEFAULT_BATCH_BYTES,
             tail_bytes: DEFAULT_TAIL_BYTES,
+            stdin_file: None,
         }
     }
 }
@@ -791,9 +871,15 @@ fn spawn_gated(spec: &ExecSpec, program: &str) -> Result<(Child, i32), ExecError
         program: program.to_owned(),
         source,
     };
-    let child = Command::new(GATE_SHELL)
-        .arg("-c")
-        .arg(GATE_SCRIPT)
+    let mut command = Command::new(GATE_SHELL);
+    command.arg("-c");
+    match &spec.stdin_file {
+        Some(file) => command
+            .arg(GATE_SCRIPT_STDIN_FILE)
+            .env("ERRAND_STDIN_FILE", file),
+        None => command.arg(GATE_SCRIPT),
+    };
+    let child = command
         .arg(GATE_ARG0)
         .args(&spec.argv)
         .current_dir(&spec.cwd)

@@ -1033,7 +1033,10 @@ impl AttemptJob {
         // The prompt of this attempt: a reply, else the instruction.
         let instruction = errand_core::prompt_of(&self.task, attempt).to_owned();
         // An instruction the executor would take for an option is refused before anything runs.
-        let result = match self.exec.argv(&instruction) {
+        let result = match self
+            .exec
+            .argv_with_thread(&instruction, &thread_path.to_string_lossy())
+        {
             Err(refused) => Err(refused.to_string()),
             Ok(argv) => match self.write_transcript(&thread_path).await {
                 Ok(()) => Ok(self.execute(argv, &log_path, &thread_path).await),
@@ -1225,6 +1228,9 @@ impl AttemptJob {
         let attempt = self.attempt;
         let workspace = &self.settings.workspace;
         let mut spec = ExecSpec::new(argv, workspace, log_path, self.settings.task_timeout);
+        if self.exec.stdin_thread() {
+            spec.stdin_file = Some(thread_path.to_owned());
+        }
         spec.env = vec![
             ("ERRAND_TASK_ID".into(), id.to_string()),
             (

@@ -259,6 +259,33 @@ fn the_command_executor_gets_the_instruction_literally_and_the_thread_so_far() -
     Ok(())
 }
 
+#[test]
+fn a_command_executor_gets_the_thread_as_a_file_argument_and_on_stdin() -> Result<()> {
+    // `{thread_file}` names the transcript in the argv; `stdin = "thread"` pipes it in, so an
+    // agent CLI that reads context from stdin (`claude -p`) sees the thread.
+    let root = test_root()?;
+    let config = "[[executors]]\nname = \"shell\"\nkind = \"shell\"\n\n\
+         [[executors]]\nname = \"ctx\"\nkind = \"command\"\nstdin = \"thread\"\n\
+         argv = [\"sh\", \"-c\", \"printf 'file=%s\\\\n' \\\"$(grep -c 4242 \\\"$1\\\")\\\"; \
+         printf 'stdin=%s\\\\n' \\\"$(grep -c 4242)\\\"; printf 'said=%s\\\\n' \\\"$2\\\"\", \
+         \"sh\", \"{thread_file}\", \"{instruction}\"]\n";
+    let p = pair(root.path(), Some(config), &[])?;
+    let first = send(&p.phone, "echo the earlier result is 4242", &[])?;
+    wait_status(&p.phone, &first, "done", SHORT)?;
+    let second = send(
+        &p.phone,
+        "what was it? {thread_file}",
+        &["--executor", "ctx"],
+    )?;
+    let t = wait_status(&p.phone, &second, "done", SHORT)?;
+    let out = t["output_tail"].as_str().unwrap_or_default();
+    ensure!(!out.contains("file=0") && out.contains("file="), "{out}");
+    ensure!(!out.contains("stdin=0") && out.contains("stdin="), "{out}");
+    // The placeholder is the template's, never the instruction's.
+    ensure!(out.contains("said=what was it? {thread_file}\n"), "{out}");
+    Ok(())
+}
+
 // ---- 3. crash safety --------------------------------------------------------------------
 
 /// kill -9 during a long task; restart: it is interrupted, its processes are gone, it never runs
