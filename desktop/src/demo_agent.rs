@@ -582,8 +582,11 @@ impl Turn {
         ];
         let request = RequestPermissionRequest::new(self.session_id.clone(), tool_call, options);
         let log = self.state.log.clone();
+        // From sending the request to the answer: errand-bench's P9.
+        let asked = std::time::Instant::now();
         let answer = ask(&self.cx, request, move |answer| {
-            let event = match answer {
+            let waited_ms = asked.elapsed().as_secs_f64() * 1e3;
+            let mut event = match answer {
                 Ok(response) => match &response.outcome {
                     RequestPermissionOutcome::Selected(selected) => json!({
                         "event": "permission",
@@ -599,6 +602,7 @@ impl Turn {
                     "error": e.message,
                 }),
             };
+            event["waited_ms"] = json!(waited_ms);
             log.record(event);
         })
         .await?;

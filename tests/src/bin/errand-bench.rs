@@ -131,6 +131,7 @@ struct Plan {
     p7_large_runs: usize,
     p8_runs: usize,
     p8_large_runs: usize,
+    p9_runs: usize,
     settle_ms: u64,
 }
 
@@ -160,6 +161,7 @@ impl Plan {
                 p7_large_runs: 0,
                 p8_runs: 5,
                 p8_large_runs: 0,
+                p9_runs: 5,
                 settle_ms: 1_000,
             }
         } else {
@@ -186,6 +188,7 @@ impl Plan {
                 p7_large_runs: 2,
                 p8_runs: 20,
                 p8_large_runs: 5,
+                p9_runs: 30,
                 settle_ms: 3_000,
             }
         }
@@ -2640,6 +2643,134 @@ fn run_p8(ctx: &mut Ctx, small: &Fixture, large: Option<&Fixture>) -> Vec<Row> {
     rows
 }
 
+// ---- P9 ----------------------------------------------------------------------------------
+
+/// Permission round trips through a real `errand-desktop run`, its `acp` executor (the scripted
+/// agent, which times each request) and a phone that answers as soon as the request merges.
+fn p9_samples(ctx: &mut Ctx, runs: usize) -> Result<Vec<f64>> {
+    const WARMUP: usize = 2;
+    let dir = ctx.fresh_dir("p9")?;
+    let (dh, ph) = (dir.join("desktop"), dir.join("phone"));
+    let (dhs, phs) = (dh.display().to_string(), ph.display().to_string());
+    let log = dir.join("agent.log");
+    std::fs::create_dir_all(&dh)?;
+    let agent = [
+        ctx.bin("errand-desktop")?.display().to_string(),
+        "demo-agent".into(),
+        "--log".into(),
+        log.display().to_string(),
+    ];
+    let argv: Vec<String> = agent.iter().map(|a| format!("{a:?}")).collect();
+    std::fs::write(
+        dh.join("config.toml"),
+        format!(
+            "[[executors]]\nname = \"agent\"\nkind = \"acp\"\nargv = [{}]\n",
+            argv.join(", ")
+        ),
+    )?;
+    let v = ctx.cli_json("errand-phone", &["--home", &phs, "status", "--json"])?;
+    let phone_id = v["peer_id"].as_str().context("peer id")?.to_owned();
+    let out = ctx.cli(
+        "errand-desktop",
+        &["--home", &dhs, "devices", "add", &phone_id],
+    )?;
+    if !out.status.success() {
+        bail!(
+            "errand-desktop devices add: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let args: Vec<String> = [
+        "--home",
+        &dhs,
+        "run",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut desktop = Proc::spawn(
+        "errand-desktop",
+        &ctx.bin("errand-desktop")?,
+        &args,
+        &ctx.logs,
+    )?;
+    let (_, running) = desktop.wait_line("running", LONG, |l| l.contains(" running"))?;
+    let desktop_id = running
+        .split_whitespace()
+        .nth(1)
+        .context("no peer id in the running line")?
+        .to_owned();
+    let (_, listening) =
+        desktop.wait_line("listening", STEP, |l| l.starts_with("listening on "))?;
+    let addr = listening
+        .trim_start_matches("listening on ")
+        .trim()
+        .to_owned();
+    let out = ctx.cli(
+        "errand-phone",
+        &[
+            "--home",
+            &phs,
+            "devices",
+            "add",
+            &desktop_id,
+            "--addr",
+            &addr,
+        ],
+    )?;
+    if !out.status.success() {
+        bail!(
+            "errand-phone devices add: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let (mut phone, _) = ctx.bench_peer("p9-phone", &ph, "phone", &[])?;
+    phone.wait_ev("in sync with the desktop", LONG, |v| v["ev"] == "in_sync")?;
+    phone.request("auto-answer", "auto-answer", STEP)?;
+    let waited = |log: &Path| -> Vec<f64> {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == "permission")
+            .filter_map(|v| v["waited_ms"].as_f64())
+            .collect()
+    };
+    for i in 0..WARMUP + runs {
+        phone.request(
+            &format!("send-to agent p9 task {i} [permission]"),
+            "sent",
+            STEP,
+        )?;
+        let end = Instant::now() + STEP;
+        while waited(&log).len() <= i {
+            if Instant::now() > end {
+                bail!("no answer reached the agent for task {i}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(ctx.plan.p1_gap_ms));
+    }
+    phone.stop();
+    desktop.stop();
+    Ok(waited(&log).into_iter().skip(WARMUP).collect())
+}
+
+fn run_p9(ctx: &mut Ctx) -> Vec<Row> {
+    let runs = ctx.plan.p9_runs;
+    let metric = "permission round trip: the agent's session/request_permission → its answer, phone answering at once, loopback";
+    vec![match p9_samples(ctx, runs) {
+        Ok(s) => Row::new("P9", metric, Unit::Ms)
+            .samples(s)
+            .goals(vec![Check::P50AtMost(10.0)])
+            .note("timed inside the agent (the scripted ACP agent); the request crosses the desktop's runner, the thread to the phone and the answer back"),
+        Err(e) => Row::missing("P9", metric, Unit::Ms, format!("{e:#}")),
+    }]
+}
+
 // ---- automerge-repo ----------------------------------------------------------------------
 
 /// Runs automerge-repo's script; `Err` says why the column is skipped.
@@ -2878,6 +3009,10 @@ fn run() -> Result<()> {
     if want("P8") {
         progress!("P8");
         rows.extend(run_p8(&mut ctx, &small, large.as_ref()));
+    }
+    if want("P9") {
+        progress!("P9");
+        rows.extend(run_p9(&mut ctx));
     }
     rows.sort_by_key(|r| r.id);
 

@@ -126,8 +126,9 @@ struct PeerArgs {
 }
 
 /// The line commands of `peer` mode, one per line on stdin.
-const COMMANDS: &str = "send TEXT | send-measure TEXT | fill N TEXT | dial PEER ADDR | \
-stop-net | start-net [PEER ADDR] | status | cpu | ticket | pair TICKET | quit";
+const COMMANDS: &str = "send TEXT | send-to EXECUTOR TEXT | send-measure TEXT | fill N TEXT | \
+dial PEER ADDR | stop-net | start-net [PEER ADDR] | status | cpu | ticket | pair TICKET | \
+auto-answer | quit";
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -293,6 +294,42 @@ async fn print_events(mut events: tokio::sync::broadcast::Receiver<PeerEvent>) {
     }
 }
 
+/// Answers every permission request that merges in with `allow`, and says when.
+async fn auto_answer(peer: Peer, mut events: tokio::sync::broadcast::Receiver<PeerEvent>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let tasks = match events.recv().await {
+            Ok(PeerEvent::Merged { tasks, .. }) => tasks,
+            Ok(_) | Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => return,
+        };
+        for id in tasks {
+            let pending = peer
+                .replica()
+                .read(move |d| d.task(&id))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|t| errand_core::fold(&t).permission);
+            if pending.is_none() {
+                continue;
+            }
+            let answer = api::Answer {
+                id,
+                option: "allow".into(),
+            };
+            match answer.run(&peer).await {
+                Ok(a) => emit(json!({
+                    "ev": "answered", "t": mono_ns(), "task": id.to_string(), "option": a.option,
+                })),
+                Err(e) => emit(
+                    json!({ "ev": "error", "t": mono_ns(), "cmd": "auto-answer", "error": e.message }),
+                ),
+            }
+        }
+    }
+}
+
 /// The desktop that runs tasks: the thread's owner.
 fn target(peer: &Peer) -> Result<errand_core::DeviceId> {
     peer.replica()
@@ -340,6 +377,22 @@ async fn peer_command(peer: &Peer, cmd: &str, rest: &str) -> Result<Value> {
             let id = peer.enqueue_task(task).await?;
             let t1 = mono_ns();
             Ok(json!({ "ev": "sent", "t": t1, "t0": t0, "t1": t1, "task": id.to_string() }))
+        }
+        "send-to" => {
+            // `send-to EXECUTOR TEXT`: a task for one of the desktop's executors.
+            let (executor, text) = rest.split_once(' ').context("expected EXECUTOR TEXT")?;
+            let mut task = new_task(target(peer)?, text);
+            task.executor = executor.to_owned();
+            let t0 = mono_ns();
+            let id = peer.enqueue_task(task).await?;
+            let t1 = mono_ns();
+            Ok(json!({ "ev": "sent", "t": t1, "t0": t0, "t1": t1, "task": id.to_string() }))
+        }
+        "auto-answer" => {
+            // From now on, a permission request that merges in is answered "allow" at once, as
+            // a phone app would when its listener fires.
+            tokio::spawn(auto_answer(peer.clone(), peer.events()));
+            Ok(json!({ "ev": "auto-answer", "t": mono_ns() }))
         }
         "send-measure" => {
             // Like `send`, and also the size of the change itself (Automerge's encoding of it).
