@@ -458,3 +458,53 @@ fn a_real_agent_from_npm_starts_or_says_in_words_why_it_cannot() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn send_wait_shows_a_permission_prompt_as_it_comes() -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let s = setup(|log| rust_agent(log, &[]), "")?;
+    let mut child = std::process::Command::new(bin("errand-phone"))
+        .args(["--home", &s.phone.dir.display().to_string()])
+        .args(["send", "--wait", "--timeout", "120s", "--executor", "agent"])
+        .arg("write it up [permission]")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let id = BufReader::new(stdout)
+        .lines()
+        .next()
+        .context("no task id")??;
+    let stderr = child.stderr.take().context("stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let asked = loop {
+        let line = rx
+            .recv_timeout(SHORT)
+            .with_context(|| format!("no permission prompt; stderr so far: {seen:?}"))?;
+        seen.push(line.clone());
+        if line.contains("asks permission: Write summary.md") {
+            break line;
+        }
+    };
+    ensure!(asked.contains(id.trim()), "{asked}");
+    let out = s.run_phone(&["answer", id.trim(), "deny"])?;
+    ensure!(
+        out.status.success(),
+        "answer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = wait_for("send --wait to exit", SHORT, || {
+        child.try_wait().ok().flatten()
+    })?;
+    ensure!(status.success(), "send --wait exited {status}");
+    let answers = s.logged("permission");
+    ensure!(answers[0]["option_id"] == "reject-once", "{answers:?}");
+    Ok(())
+}

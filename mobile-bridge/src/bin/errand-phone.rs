@@ -1,6 +1,6 @@
 //! `errand-phone`: the reference phone client for a terminal (Termux works).
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{collections::HashSet, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use errand_core::{DeviceKind, TaskId, TaskStatus};
@@ -372,8 +372,12 @@ async fn follow_task(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut printed = 0usize;
     let mut last_status = None;
+    let mut asked = HashSet::new();
     loop {
         let t = opened.call(api::GetTask { id }).await?;
+        if !json {
+            prompt_permission(opened, &t, &mut asked).await?;
+        }
         let status = t.status;
         let outputs: Vec<&str> = t.outputs().collect();
         if !json {
@@ -409,14 +413,77 @@ async fn follow_task(
     }
 }
 
+/// Shows a permission request the first time it is seen; in a terminal, lets the person answer
+/// it in place (Enter leaves it for later, or for `errand-phone answer`).
+async fn prompt_permission(
+    opened: &Opened,
+    t: &TaskInfo,
+    asked: &mut HashSet<(TaskId, String)>,
+) -> Result<(), ApiError> {
+    let Some(p) = &t.permission else {
+        return Ok(());
+    };
+    if !asked.insert((t.id, p.id.clone())) {
+        return Ok(());
+    }
+    let text = |s: &str| cli::printable(s, false);
+    eprintln!(
+        "task {} asks permission: {} ({})",
+        t.id,
+        text(&p.title),
+        text(&p.kind)
+    );
+    for (n, o) in p.options.iter().enumerate() {
+        eprintln!("  {}) {} [{}]", n + 1, text(&o.name), text(&o.kind));
+    }
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        eprintln!(
+            "answer with: errand-phone answer {} OPTION (or allow / deny)",
+            t.id
+        );
+        return Ok(());
+    }
+    eprint!("choose 1-{} (Enter: later): ", p.options.len());
+    let line = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    })
+    .await
+    .map_err(|e| ApiError::new(e.to_string()))?
+    .map_err(|e| ApiError::new(format!("cannot read the answer: {e}")))?;
+    let Some(option) = line
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_sub(1))
+        .and_then(|n| p.options.get(n))
+    else {
+        eprintln!("left for later: errand-phone answer {} OPTION", t.id);
+        return Ok(());
+    };
+    let answered = opened
+        .call(api::Answer {
+            id: t.id,
+            option: option.id.clone(),
+        })
+        .await?;
+    eprintln!("answered {}", text(&answered.option));
+    Ok(())
+}
+
 /// Prints tasks as they change until interrupted.
 async fn follow_thread(opened: &Opened, json: bool) -> Result<(), ApiError> {
     let shutdown = cli::Shutdown::listen();
     let mut seen: std::collections::HashMap<TaskId, TaskInfo> = Default::default();
+    let mut asked = HashSet::new();
     let follow = async {
         loop {
             let thread = opened.call(api::GetThread { all: false }).await?;
             for t in thread.tasks {
+                if !json {
+                    prompt_permission(opened, &t, &mut asked).await?;
+                }
                 if seen.get(&t.id) != Some(&t) {
                     if json {
                         use std::io::Write;
