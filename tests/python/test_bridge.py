@@ -265,6 +265,36 @@ def main():
                   lambda k: k.is_delivered(), lambda k: k.is_started(),
                   lambda k: k.is_finished())), str(events))
         check("task() agrees with the listener", client.task(task_id) == last)
+
+        # A conversation with the desktop's ACP agent: its permission request reaches the
+        # listener, the bridge answers it, and a reply continues the session.
+        agent = client.send_task("tidy the notes [permission]", "agent", None)
+        asking = rec.wait(lambda r: any(t.id == agent and t.permission is not None
+                                        for t in r.tasks), timeout=2 * DEADLINE)
+        view = rec.last(agent)
+        check("the listener shows the agent's permission request",
+              asking and view.status == em.TaskStatus.AWAITING_PERMISSION
+              and [o.id for o in view.permission.options][0] == "allow-once", str(view))
+        check("answer_permission picks the first allowing option",
+              client.answer_permission(agent, "allow") == "allow-once")
+        check("the turn ends done",
+              rec.wait(lambda r: any(t.id == agent and t.status == em.TaskStatus.DONE
+                                     for t in r.tasks), timeout=2 * DEADLINE))
+        raises("a second answer is InvalidInput", em.ErrandError.InvalidInput,
+               lambda: client.answer_permission(agent, "allow"))
+        check("reply opens the next turn", client.reply(agent, "and then?") == 2)
+        check("the second turn ends done",
+              rec.wait(lambda r: any(t.id == agent and t.attempt == 2
+                                     and t.status == em.TaskStatus.DONE for t in r.tasks),
+                       timeout=2 * DEADLINE))
+        view = client.task(agent)
+        check("the conversation alternates user and agent",
+              [u.role for u in view.conversation]
+              == [em.Role.USER, em.Role.AGENT, em.Role.USER, em.Role.AGENT],
+              str(view.conversation))
+        check("the agent's tool call is listed",
+              any(c.id == "call-1" and c.status == "completed" for c in view.tool_calls),
+              str(view.tool_calls))
     else:
         print("note: no --expect-done (the desktop does not run tasks yet): checked up to "
               "the desktop having the task", flush=True)

@@ -152,6 +152,16 @@ fn python_pairs_queues_offline_and_follows_the_task_through_the_listener() -> Re
     std::fs::copy(&lib, py_dir.join(lib.file_name().context("lib name")?))?;
 
     let desktop = Home::desktop(tmp.path(), "desktop");
+    // The shell first (the default executor), and the scripted ACP agent for the conversation.
+    std::fs::create_dir_all(&desktop.dir)?;
+    std::fs::write(
+        desktop.dir.join("config.toml"),
+        format!(
+            "[[executors]]\nname = \"shell\"\nkind = \"shell\"\n\n\
+             [[executors]]\nname = \"agent\"\nkind = \"acp\"\nargv = [{:?}, \"demo-agent\"]\n",
+            errand_tests::bin("errand-desktop").display().to_string()
+        ),
+    )?;
     let (daemon, addr) = desktop.start(&[])?;
     let mut daemon: Option<Daemon> = Some(daemon);
     // Restarts listen on the same port again (besides a fresh one), so the phone finds it.
