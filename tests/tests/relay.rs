@@ -732,6 +732,7 @@ fn routable(ns: &str, addr: &str) -> bool {
 
 #[test]
 fn in_namespaces_the_peers_pair_queue_offline_and_resume_after_a_relay_restart() -> Result<()> {
+    const RELAY_DOWN: Duration = Duration::from_secs(10);
     if !is_root() {
         println!("skipped: needs root (network namespaces)");
         return Ok(());
@@ -797,11 +798,20 @@ fn in_namespaces_the_peers_pair_queue_offline_and_resume_after_a_relay_restart()
         .then_some(())
     })?;
     let after_restart = phone.send(": queued while the relay was down")?;
+    // Down long enough for the peers' redial backoffs to grow (a restart by a service manager,
+    // a reboot of the relay's machine).
+    std::thread::sleep(RELAY_DOWN);
     let restarted = Instant::now();
     relay = Relay::start(Some(&relay_ns), &relay_home, &relay_args, 2, logs)?;
     ensure!(
         relay.peer_id()? == relay_id,
         "the relay's PeerId changed across the restart"
+    );
+    arrives(&desktop, &after_restart, LONG)?;
+    println!(
+        "the task queued while the relay was down reached the desktop {:?} after the relay \
+         was up again ({RELAY_DOWN:?} down)",
+        restarted.elapsed()
     );
     reserved(&desktop, LONG)?;
     reserved(&phone, LONG)?;

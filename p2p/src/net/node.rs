@@ -89,6 +89,8 @@ pub enum NodeEvent {
     },
     /// We listen on a new address.
     NewListenAddr(Multiaddr),
+    /// A relay accepted our reservation (again): peers behind it may be reachable now.
+    RelayReady(PeerId),
 }
 
 /// Why a node command failed.
@@ -554,6 +556,7 @@ impl NodeActor {
                 relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
             )) => {
                 self.relays.on_reservation(relay_peer_id, &mut self.swarm);
+                self.emit(NodeEvent::RelayReady(relay_peer_id)).await;
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rendezvous(
                 rendezvous::client::Event::Discovered {

@@ -24,6 +24,12 @@ pub const REREGISTER_EVERY: Duration = Duration::from_secs(REGISTRATION_TTL_SECS
 pub const DISCOVER_EVERY: Duration = Duration::from_secs(5);
 /// First delay before re-reserving after the relay went away; doubles up to the cap.
 const RESERVE_BACKOFF_START: Duration = Duration::from_secs(1);
+/// First pause between dials of a relay that is not connected. A dial is one TCP connect,
+/// nothing the relay counts against anyone, so it starts small and stays small: a restarted
+/// relay is used again within [`DIAL_BACKOFF_MAX`] of coming back.
+const DIAL_BACKOFF_START: Duration = Duration::from_millis(250);
+/// Cap of the relay dial backoff.
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Cap of the re-reservation backoff: a restarted relay is used again within 30 s.
 const RESERVE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -72,6 +78,8 @@ struct RelayEntry {
     cookie: Option<rendezvous::Cookie>,
     next_attempt: Instant,
     backoff: Duration,
+    next_dial: Instant,
+    dial_backoff: Duration,
     last_discover: Option<Instant>,
 }
 
@@ -122,6 +130,8 @@ impl Relays {
             cookie: None,
             next_attempt: Instant::now(),
             backoff: RESERVE_BACKOFF_START,
+            next_dial: Instant::now(),
+            dial_backoff: DIAL_BACKOFF_START,
             last_discover: None,
         });
         true
@@ -192,9 +202,9 @@ impl Relays {
         let ns = self.namespace.clone();
         for e in &mut self.entries {
             if !swarm.is_connected(&e.peer) {
-                if e.listener.is_none() && e.next_attempt <= now {
-                    e.next_attempt = now + e.backoff;
-                    e.backoff = (e.backoff * 2).min(RESERVE_BACKOFF_MAX);
+                if e.listener.is_none() && e.next_dial <= now {
+                    e.next_dial = now + e.dial_backoff;
+                    e.dial_backoff = (e.dial_backoff * 2).min(DIAL_BACKOFF_MAX);
                     if let Err(err) = swarm.dial(e.addr.clone()) {
                         tracing::debug!(relay = %e.peer, error = %err, "relay dial failed");
                     }
@@ -273,20 +283,28 @@ impl Relays {
     /// backoff (the dial already waited for it).
     pub fn on_connected(&mut self, peer: PeerId) {
         let now = Instant::now();
-        for e in self
-            .entries
-            .iter_mut()
-            .filter(|e| e.peer == peer && e.listener.is_none())
-        {
-            e.next_attempt = now;
+        for e in self.entries.iter_mut().filter(|e| e.peer == peer) {
+            e.dial_backoff = DIAL_BACKOFF_START;
+            if e.listener.is_none() {
+                e.next_attempt = now;
+            }
         }
     }
 
     /// The connection to a relay closed.
+    /// The relay restarted or the network dropped: it is dialed again from the smallest
+    /// backoff, and a reservation it had accepted is asked for again at once.
     pub fn on_disconnected(&mut self, peer: PeerId) {
+        let now = Instant::now();
         for e in self.entries.iter_mut().filter(|e| e.peer == peer) {
+            if e.reservation == Reservation::Accepted {
+                e.backoff = RESERVE_BACKOFF_START;
+                e.next_attempt = now;
+            }
             e.reservation = Reservation::None;
             e.registered_at = None;
+            e.next_dial = now;
+            e.dial_backoff = DIAL_BACKOFF_START;
         }
     }
 
