@@ -36,6 +36,7 @@ const STATUSES: &[&str] = &[
     "delivered",
     "awaiting_approval",
     "running",
+    "awaiting_permission",
     "done",
     "failed",
     "cancelled",
@@ -94,6 +95,16 @@ const TASK: &[(&str, Ty)] = &[
     ("output_tail", Str),
     ("requests", Arr),
     ("events", Arr),
+    ("conversation", Arr),
+    ("tool_calls", Arr),
+    ("plan", Arr),
+    ("permission", OptObj),
+];
+/// Each of a task's `conversation`.
+const UTTERANCE: &[(&str, Ty)] = &[
+    ("at", Str),
+    ("role", OneOf(&["user", "agent"])),
+    ("text", Str),
 ];
 /// Each of a task's `events`: these always, plus `text` (output), `exit_code` (finished) or
 /// `reason` (failed, cancelled).
@@ -114,6 +125,13 @@ const EVENT: &[(&str, Ty)] = &[
             "approved",
             "cancel_requested",
             "retried",
+            "replied",
+            "agent_session",
+            "tool_call",
+            "plan",
+            "permission_requested",
+            "permission_answered",
+            "permission_resolved",
         ]),
     ),
     ("attempt", Int),
@@ -205,6 +223,23 @@ fn task_shape(what: &str, v: &Value) -> Result<()> {
             Some("output") => &[("text", Str)],
             Some("finished") => &[("exit_code", Int)],
             Some("failed" | "cancelled") => &[("reason", Str)],
+            Some("replied") => &[("text", Str)],
+            Some("agent_session") => &[("session_id", Str), ("how", Str)],
+            Some("tool_call") => &[
+                ("call_id", Str),
+                ("title", Str),
+                ("tool_kind", Str),
+                ("status", Str),
+            ],
+            Some("plan") => &[("entries", Arr)],
+            Some("permission_requested") => &[
+                ("perm_id", Str),
+                ("title", Str),
+                ("tool_kind", Str),
+                ("options", Arr),
+            ],
+            Some("permission_answered") => &[("perm_id", Str), ("option_id", Str)],
+            Some("permission_resolved") => &[("perm_id", Str), ("option_id", Str), ("by", Str)],
             _ => &[],
         };
         shape_with(&format!("{what}.events[{i}]"), e, EVENT, extra)?;
@@ -214,6 +249,14 @@ fn task_shape(what: &str, v: &Value) -> Result<()> {
                 "{what}.events[{i}] lacks {key:?}: {e}"
             );
         }
+    }
+    for (i, u) in v["conversation"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        shape(&format!("{what}.conversation[{i}]"), u, UTTERANCE)?;
     }
     for r in v["requests"].as_array().into_iter().flatten() {
         ensure!(
