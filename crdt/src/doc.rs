@@ -1768,6 +1768,8 @@ impl Reader<'_> {
             return None;
         }
         let short = limits::MAX_SHORT_TEXT_BYTES;
+        let field = |obj: &ObjId, key: &str| self.str_by(obj, key, by, short);
+        let text = |key: &str| field(ev, key);
         let kind = match self.str_by(ev, "kind", by, 32)?.as_str() {
             "delivered" => EventKind::Delivered,
             "approval_requested" => EventKind::ApprovalRequested,
@@ -1793,14 +1795,14 @@ impl Reader<'_> {
                 text: self.str_by(ev, "text", by, limits::MAX_MESSAGE_BYTES)?,
             },
             "agent_session" => EventKind::AgentSession {
-                session_id: self.str_by(ev, "session_id", by, short)?,
-                how: self.str_by(ev, "how", by, short)?,
+                session_id: text("session_id")?,
+                how: text("how")?,
             },
             "tool_call" => EventKind::ToolCall {
-                call_id: self.str_by(ev, "call_id", by, short)?,
-                title: self.str_by(ev, "title", by, short)?,
-                tool_kind: self.str_by(ev, "tool_kind", by, short)?,
-                status: self.str_by(ev, "status", by, short)?,
+                call_id: text("call_id")?,
+                title: text("title")?,
+                tool_kind: text("tool_kind")?,
+                status: text("status")?,
             },
             "plan" => EventKind::Plan {
                 entries: self
@@ -1808,36 +1810,36 @@ impl Reader<'_> {
                     .into_iter()
                     .map(|m| {
                         Some(PlanEntry {
-                            content: self.str_by(&m, "content", by, short)?,
-                            status: self.str_by(&m, "status", by, short)?,
+                            content: field(&m, "content")?,
+                            status: field(&m, "status")?,
                         })
                     })
                     .collect::<Option<_>>()?,
             },
             "permission_requested" => EventKind::PermissionRequested {
-                perm_id: self.str_by(ev, "perm_id", by, short)?,
-                title: self.str_by(ev, "title", by, short)?,
-                tool_kind: self.str_by(ev, "tool_kind", by, short)?,
+                perm_id: text("perm_id")?,
+                title: text("title")?,
+                tool_kind: text("tool_kind")?,
                 options: self
                     .maps_by(ev, "options", by, errand_core::task::MAX_PERMISSION_OPTIONS)?
                     .into_iter()
                     .map(|m| {
                         Some(PermissionChoice {
-                            id: self.str_by(&m, "id", by, short)?,
-                            name: self.str_by(&m, "name", by, short)?,
-                            kind: self.str_by(&m, "kind", by, short)?,
+                            id: field(&m, "id")?,
+                            name: field(&m, "name")?,
+                            kind: field(&m, "kind")?,
                         })
                     })
                     .collect::<Option<_>>()?,
             },
             "permission_answered" => EventKind::PermissionAnswered {
-                perm_id: self.str_by(ev, "perm_id", by, short)?,
-                option_id: self.str_by(ev, "option_id", by, short)?,
+                perm_id: text("perm_id")?,
+                option_id: text("option_id")?,
             },
             "permission_resolved" => EventKind::PermissionResolved {
-                perm_id: self.str_by(ev, "perm_id", by, short)?,
-                option_id: self.str_by(ev, "option_id", by, short)?,
-                by: self.str_by(ev, "by", by, short)?,
+                perm_id: text("perm_id")?,
+                option_id: text("option_id")?,
+                by: text("by")?,
             },
             _ => return None,
         };

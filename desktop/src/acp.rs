@@ -73,9 +73,9 @@ const EVENT_BUFFER: usize = 256;
 const MAX_READ_BYTES: u64 = 16 * 1024 * 1024;
 
 /// How to start an agent.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentSpec {
-    /// The program (looked up in `PATH` already) and its arguments.
+    /// The program (a name is looked up in `PATH`) and its arguments.
     pub argv: Vec<String>,
     /// The working directory: the workspace. File access is confined to it.
     pub workspace: PathBuf,
@@ -85,6 +85,20 @@ pub struct AgentSpec {
     pub log_path: PathBuf,
     /// How long `initialize` may take (an `npx` agent may first download itself).
     pub startup_timeout: Duration,
+}
+
+impl std::fmt::Debug for AgentSpec {
+    /// The environment may hold secrets (API keys): only its names are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env_names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("AgentSpec")
+            .field("argv", &self.argv)
+            .field("workspace", &self.workspace)
+            .field("env_names", &env_names)
+            .field("log_path", &self.log_path)
+            .field("startup_timeout", &self.startup_timeout)
+            .finish()
+    }
 }
 
 /// Something the agent did during a turn.

@@ -2442,34 +2442,37 @@ fn run_p6(ctx: &mut Ctx) -> Vec<Row> {
 
 // ---- P7 ----------------------------------------------------------------------------------
 
-/// Idle RSS (desktop, phone) of the real daemons, connected and in sync.
-fn p7_run(ctx: &mut Ctx, fx: Option<&Fixture>) -> Result<(f64, f64)> {
-    let dir = ctx.fresh_dir("p7")?;
-    let (dh, ph) = (dir.join("desktop"), dir.join("phone"));
-    let (dhs, phs) = (dh.display().to_string(), ph.display().to_string());
-    match fx {
-        Some(f) => {
-            copy_dir(&f.desktop(), &dh)?;
-            copy_dir(&f.phone(), &ph)?;
-        }
-        None => {
-            let v = ctx.cli_json("errand-phone", &["--home", &phs, "status", "--json"])?;
-            let phone_id = v["peer_id"].as_str().context("peer id")?.to_owned();
-            let out = ctx.cli(
-                "errand-desktop",
-                &["--home", &dhs, "devices", "add", &phone_id],
-            )?;
-            if !out.status.success() {
-                bail!(
-                    "errand-desktop devices add: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-        }
+/// The desktop home `dhs` trusts the phone home `phs` (which gets its identity here).
+fn trust_phone(ctx: &Ctx, dhs: &str, phs: &str) -> Result<()> {
+    let v = ctx.cli_json("errand-phone", &["--home", phs, "status", "--json"])?;
+    let phone_id = v["peer_id"].as_str().context("peer id")?.to_owned();
+    let out = ctx.cli(
+        "errand-desktop",
+        &["--home", dhs, "devices", "add", &phone_id],
+    )?;
+    if !out.status.success() {
+        bail!(
+            "errand-desktop devices add: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
-    let listen = ["run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"];
-    let mut args = vec!["--home".to_owned(), dhs.clone()];
-    args.extend(listen.iter().map(|s| s.to_string()));
+    Ok(())
+}
+
+/// Starts `errand-desktop run` on `dhs` (loopback, no mDNS); returns it, its peer id and its
+/// listen address.
+fn start_desktop(ctx: &Ctx, dhs: &str) -> Result<(Proc, String, String)> {
+    let args: Vec<String> = [
+        "--home",
+        dhs,
+        "run",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let mut desktop = Proc::spawn(
         "errand-desktop",
         &ctx.bin("errand-desktop")?,
@@ -2488,17 +2491,14 @@ fn p7_run(ctx: &mut Ctx, fx: Option<&Fixture>) -> Result<(f64, f64)> {
         .trim_start_matches("listening on ")
         .trim()
         .to_owned();
+    Ok((desktop, desktop_id, addr))
+}
+
+/// The phone home `phs` trusts the desktop, dialing it at `addr`.
+fn trust_desktop(ctx: &Ctx, phs: &str, desktop_id: &str, addr: &str) -> Result<()> {
     let out = ctx.cli(
         "errand-phone",
-        &[
-            "--home",
-            &phs,
-            "devices",
-            "add",
-            &desktop_id,
-            "--addr",
-            &addr,
-        ],
+        &["--home", phs, "devices", "add", desktop_id, "--addr", addr],
     )?;
     if !out.status.success() {
         bail!(
@@ -2506,6 +2506,23 @@ fn p7_run(ctx: &mut Ctx, fx: Option<&Fixture>) -> Result<(f64, f64)> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    Ok(())
+}
+
+/// Idle RSS (desktop, phone) of the real daemons, connected and in sync.
+fn p7_run(ctx: &mut Ctx, fx: Option<&Fixture>) -> Result<(f64, f64)> {
+    let dir = ctx.fresh_dir("p7")?;
+    let (dh, ph) = (dir.join("desktop"), dir.join("phone"));
+    let (dhs, phs) = (dh.display().to_string(), ph.display().to_string());
+    match fx {
+        Some(f) => {
+            copy_dir(&f.desktop(), &dh)?;
+            copy_dir(&f.phone(), &ph)?;
+        }
+        None => trust_phone(ctx, &dhs, &phs)?,
+    }
+    let (desktop, desktop_id, addr) = start_desktop(ctx, &dhs)?;
+    trust_desktop(ctx, &phs, &desktop_id, &addr)?;
     let args: Vec<String> = [
         "--home",
         &phs,
@@ -2668,65 +2685,9 @@ fn p9_samples(ctx: &mut Ctx, runs: usize) -> Result<Vec<f64>> {
             argv.join(", ")
         ),
     )?;
-    let v = ctx.cli_json("errand-phone", &["--home", &phs, "status", "--json"])?;
-    let phone_id = v["peer_id"].as_str().context("peer id")?.to_owned();
-    let out = ctx.cli(
-        "errand-desktop",
-        &["--home", &dhs, "devices", "add", &phone_id],
-    )?;
-    if !out.status.success() {
-        bail!(
-            "errand-desktop devices add: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let args: Vec<String> = [
-        "--home",
-        &dhs,
-        "run",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut desktop = Proc::spawn(
-        "errand-desktop",
-        &ctx.bin("errand-desktop")?,
-        &args,
-        &ctx.logs,
-    )?;
-    let (_, running) = desktop.wait_line("running", LONG, |l| l.contains(" running"))?;
-    let desktop_id = running
-        .split_whitespace()
-        .nth(1)
-        .context("no peer id in the running line")?
-        .to_owned();
-    let (_, listening) =
-        desktop.wait_line("listening", STEP, |l| l.starts_with("listening on "))?;
-    let addr = listening
-        .trim_start_matches("listening on ")
-        .trim()
-        .to_owned();
-    let out = ctx.cli(
-        "errand-phone",
-        &[
-            "--home",
-            &phs,
-            "devices",
-            "add",
-            &desktop_id,
-            "--addr",
-            &addr,
-        ],
-    )?;
-    if !out.status.success() {
-        bail!(
-            "errand-phone devices add: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    trust_phone(ctx, &dhs, &phs)?;
+    let (desktop, desktop_id, addr) = start_desktop(ctx, &dhs)?;
+    trust_desktop(ctx, &phs, &desktop_id, &addr)?;
     let (mut phone, _) = ctx.bench_peer("p9-phone", &ph, "phone", &[])?;
     phone.wait_ev("in sync with the desktop", LONG, |v| v["ev"] == "in_sync")?;
     phone.request("auto-answer", "auto-answer", STEP)?;
