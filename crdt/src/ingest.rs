@@ -94,6 +94,9 @@ pub enum IngestError {
     /// A whole document where only changes are accepted ([`Bounds::documents`]).
     #[error("the peer sent a whole document; only changes are accepted from it")]
     Document,
+    /// A bundle where only changes are accepted ([`Bounds::bundles`]).
+    #[error("the peer sent a bundle of changes; only changes one by one are accepted from it")]
+    Bundle,
     /// The peer is over its budget of ops per minute.
     #[error(
         "the peer sent {ops} ops, over its budget of {per_minute} ops per minute; it may go on in {retry_after_secs} s"
@@ -141,6 +144,11 @@ pub struct Bounds {
     /// the desktop refuses them from phones, which it asks for changes instead
     /// (`SyncSession::refuse_documents`).
     pub documents: bool,
+    /// Whether a bundle chunk is accepted. Automerge decodes a bundle's columns whole before
+    /// anything can be counted, and a run-length column makes that unbounded: a 320-byte
+    /// bundle found by fuzzing made it allocate 2 GiB. The desktop refuses bundles from
+    /// phones, which send changes one by one (`SyncSession::send_no_bundles`).
+    pub bundles: bool,
 }
 
 impl Bounds {
@@ -149,6 +157,7 @@ impl Bounds {
         max_ops_per_change: Some(MAX_OPS_PER_CHANGE),
         max_string_bytes: Some(MAX_PHONE_STRING_BYTES),
         documents: false,
+        bundles: false,
     };
     /// What a phone enforces on its desktop: no string longer than any field may be (the
     /// desktop's own changes, such as revoking a device with many tasks, may be large).
@@ -156,12 +165,14 @@ impl Bounds {
         max_ops_per_change: None,
         max_string_bytes: Some(MAX_STRING_BYTES),
         documents: true,
+        bundles: true,
     };
     /// No bounds beyond parsing.
     pub const NONE: Self = Self {
         max_ops_per_change: None,
         max_string_bytes: None,
         documents: true,
+        bundles: true,
     };
 }
 
@@ -266,6 +277,9 @@ pub fn check_sync_message(
                     admit(&mut out, change, doc, authority, bounds)?;
                 }
             } else if is_bundle_chunk(part) {
+                if !bounds.bundles {
+                    return Err(IngestError::Bundle);
+                }
                 for change in bundle_changes(part, bounds)? {
                     admit(&mut out, change, doc, authority, bounds)?;
                 }
@@ -387,8 +401,15 @@ pub fn split_chunks(mut bytes: &[u8]) -> Result<Vec<&[u8]>, IngestError> {
     Ok(out)
 }
 
-/// Parses one change chunk (plain or compressed), checking its checksum.
+/// Parses one change chunk (plain or compressed), checking its checksum. Any other chunk is
+/// refused before Automerge sees it: `Change::try_from` also takes a bundle, and decodes all
+/// of its columns.
 pub fn parse_change(chunk: &[u8]) -> Result<Change, IngestError> {
+    if !matches!(chunk.get(8), Some(&CHUNK_CHANGE | &CHUNK_COMPRESSED_CHANGE)) {
+        return Err(IngestError::Malformed(
+            "a chunk that is not a change where a change belongs".into(),
+        ));
+    }
     let change = std::panic::catch_unwind(|| Change::try_from(chunk))
         .map_err(|_| IngestError::Malformed("automerge panicked while parsing them".into()))?
         .map_err(|e| IngestError::Malformed(e.to_string()))?;
@@ -408,10 +429,16 @@ pub fn parse_change(chunk: &[u8]) -> Result<Change, IngestError> {
 /// than a minute's worth.
 pub const MAX_BUNDLE_OPS: u64 = PEER_OPS_PER_MINUTE;
 
-/// True for an Automerge bundle chunk (chunk type 3), as [`crate::sync`] sends large
-/// catch-ups.
+/// Automerge's chunk type of a change.
+const CHUNK_CHANGE: u8 = 1;
+/// Automerge's chunk type of a deflated change.
+const CHUNK_COMPRESSED_CHANGE: u8 = 2;
+/// Automerge's chunk type of a bundle.
+const CHUNK_BUNDLE: u8 = 3;
+
+/// True for an Automerge bundle chunk, as [`crate::sync`] sends large catch-ups.
 pub fn is_bundle_chunk(bytes: &[u8]) -> bool {
-    bytes.len() > 8 && bytes[..4] == crate::CHUNK_MAGIC[..] && bytes[8] == 3
+    bytes.len() > 8 && bytes[..4] == crate::CHUNK_MAGIC[..] && bytes[8] == CHUNK_BUNDLE
 }
 
 /// The changes of a bundle chunk. Under bounds on ops per change, the ops are counted from
@@ -563,6 +590,52 @@ mod tests {
     }
 
     /// A bundle of every change of `doc`.
+    /// A phone's bounds, with bundles taken (what a custom bound on a bundle would be).
+    const BUNDLES_TAKEN: Bounds = Bounds {
+        bundles: true,
+        ..Bounds::PHONE
+    };
+
+    /// A 320-byte bundle chunk, found by the `ingest` fuzz target, whose run-length columns
+    /// made Automerge's bundle parser allocate 2 GiB (`Change::try_from` takes bundles too).
+    const RLE_BOMB: &[u8] = include_bytes!("ingest-rle-bomb.bin");
+
+    #[test]
+    fn a_bundle_from_a_phone_is_refused_before_automerge_parses_it() {
+        assert!(is_bundle_chunk(RLE_BOMB));
+        let empty = Automerge::new();
+        let phone = Authority::default();
+        let t = std::time::Instant::now();
+        assert!(matches!(
+            check_pushed(RLE_BOMB, &empty, &phone, Bounds::PHONE),
+            Err(IngestError::Malformed(why)) if why.contains("not a change")
+        ));
+        assert!(matches!(
+            check_sync_message(&message(RLE_BOMB.to_vec()), &empty, &phone, Bounds::PHONE),
+            Err(IngestError::Bundle)
+        ));
+        // A well-formed bundle is refused the same way.
+        let mut ours = AutoCommit::new();
+        for i in 0..10 {
+            ours.put(ROOT, format!("k{i}"), i).unwrap();
+            ours.commit();
+        }
+        assert!(matches!(
+            check_sync_message(
+                &message(bundle(&mut ours)),
+                &empty,
+                &allow(&[&ours]),
+                Bounds::PHONE
+            ),
+            Err(IngestError::Bundle)
+        ));
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
     fn bundle(doc: &mut AutoCommit) -> Vec<u8> {
         let hashes: Vec<_> = doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
         doc.bundle(hashes).unwrap().bytes().to_vec()
@@ -582,7 +655,7 @@ mod tests {
             &message(chunk.clone()),
             &empty,
             &allow(&[&ours]),
-            Bounds::PHONE,
+            BUNDLES_TAKEN,
         )
         .unwrap();
         let want: Vec<_> = ours.get_changes(&[]).iter().map(|c| c.hash()).collect();
@@ -593,14 +666,14 @@ mod tests {
         assert_eq!(checked.ops, 20);
         // Another device's actor: refused, as change by change.
         assert!(matches!(
-            check_sync_message(&message(chunk.clone()), &empty, &allow(&[]), Bounds::PHONE),
+            check_sync_message(&message(chunk.clone()), &empty, &allow(&[]), BUNDLES_TAKEN),
             Err(IngestError::ForeignActor { .. })
         ));
         // A wrong checksum (which loading would drop silently) is refused.
         let mut bad = chunk;
         bad[5] ^= 0xff;
         assert!(matches!(
-            check_sync_message(&message(bad), &empty, &allow(&[&ours]), Bounds::PHONE),
+            check_sync_message(&message(bad), &empty, &allow(&[&ours]), BUNDLES_TAKEN),
             Err(IngestError::Malformed(_))
         ));
     }
@@ -620,7 +693,7 @@ mod tests {
                 &message(chunk.clone()),
                 &empty,
                 &allow(&[&big]),
-                Bounds::PHONE
+                BUNDLES_TAKEN
             ),
             Err(IngestError::BundleTooLarge {
                 what: "in one change",
@@ -639,7 +712,7 @@ mod tests {
         }
         let chunk = bundle(&mut many);
         assert!(matches!(
-            check_sync_message(&message(chunk), &empty, &allow(&[&many]), Bounds::PHONE),
+            check_sync_message(&message(chunk), &empty, &allow(&[&many]), BUNDLES_TAKEN),
             Err(IngestError::BundleTooLarge { what: "in all", .. })
         ));
     }

@@ -79,6 +79,8 @@ pub struct SyncSession {
     /// False: our messages do not advertise Automerge's v2 messages, so the peer sends
     /// changes, never a whole document (see [`Self::refuse_documents`]).
     documents: bool,
+    /// False: our changes go one by one, never as a bundle (see [`Self::send_no_bundles`]).
+    bundles: bool,
 }
 
 impl std::fmt::Debug for SyncSession {
@@ -101,6 +103,7 @@ impl SyncSession {
             state: sync::State::new(),
             unconfirmed: false,
             documents: true,
+            bundles: true,
         }
     }
 
@@ -112,6 +115,7 @@ impl SyncSession {
             state: sync::State::decode(bytes)?,
             unconfirmed: false,
             documents: true,
+            bundles: true,
         })
     }
 
@@ -129,12 +133,12 @@ impl SyncSession {
     pub fn next_message(&mut self, doc: &mut Part) -> Option<Vec<u8>> {
         let am = doc.automerge();
         let msg = am.sync().generate_sync_message(&mut self.state);
-        let documents = self.documents;
+        let (documents, bundles) = (self.documents, self.bundles);
         msg.map(|mut m| {
             if !documents {
                 m.flags = None;
             }
-            if let Some(bundle) = bundle_of(am, &m.changes) {
+            if bundles && let Some(bundle) = bundle_of(am, &m.changes) {
                 m.changes = vec![bundle].into();
             }
             m.encode()
@@ -147,6 +151,12 @@ impl SyncSession {
     /// and seconds to load); changes can, one by one. The owner desktop asks this of phones.
     pub fn refuse_documents(&mut self) {
         self.documents = false;
+    }
+
+    /// Sends changes one by one, never as a bundle: what a phone does for its desktop, which
+    /// takes no bundle from a phone (`ingest::Bounds::bundles`).
+    pub fn send_no_bundles(&mut self) {
+        self.bundles = false;
     }
 
     /// Applies a message from the peer. Panics inside Automerge are caught and reported.

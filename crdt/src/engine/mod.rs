@@ -445,6 +445,7 @@ impl Engine {
 
     fn session(&mut self, peer: &DeviceId, doc_id: &DocId) -> &mut SyncSession {
         let store = &self.store;
+        let owner = self.owner;
         self.sessions
             .entry((peer.clone(), doc_id.clone()))
             .or_insert_with(|| {
@@ -459,6 +460,10 @@ impl Engine {
                 // engine harness found a segment's genesis re-hashed that way, which the
                 // receiver then took for a forgery and refused for good).
                 session.refuse_documents();
+                // Nor as a bundle from a phone: its desktop takes none (ingest).
+                if !owner {
+                    session.send_no_bundles();
+                }
                 session
             })
     }
@@ -1078,6 +1083,9 @@ impl Engine {
             {
                 let mut session = SyncSession::new(doc_id.clone());
                 session.refuse_documents();
+                if !self.owner {
+                    session.send_no_bundles();
+                }
                 session.assume_in_sync(&doc.segment_genesis_heads(n));
                 self.sessions.insert(key, session);
             }

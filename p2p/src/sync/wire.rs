@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 /// Version 2: segmented threads (the hello lists each document's heads digest) and the push
 /// path (`Changes` frames). Version 3: large pushes may be deflated (`ChangesDeflate`).
 /// Version 4: sync messages of many changes carry them as one Automerge bundle
-/// (`errand_crdt::sync::BUNDLE_MIN_CHANGES`).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// (`errand_crdt::sync::BUNDLE_MIN_CHANGES`). Version 5: only the desktop sends bundles; the
+/// desktop refuses them from phones (Automerge decodes a bundle's columns unbounded).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame. The first sync of a large thread carries the whole document in one
 /// Automerge message (about 140 KB per 10,000 tasks compressed, several MB uncompressed
