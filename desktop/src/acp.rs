@@ -792,8 +792,9 @@ async fn serve(
     result.map_err(|e| describe(&e))
 }
 
-/// The document's view of a session update; `None` for kinds it does not keep.
-fn from_update(update: SessionUpdate) -> Option<AgentEvent> {
+/// What the desktop keeps of a session update; `None` for kinds it does not keep (the fuzz
+/// target `acp` feeds it every update the SDK decodes).
+pub fn from_update(update: SessionUpdate) -> Option<AgentEvent> {
     match update {
         SessionUpdate::AgentMessageChunk(chunk) => match chunk.content {
             ContentBlock::Text(t) => Some(AgentEvent::Text(t.text)),
