@@ -77,9 +77,14 @@ fn setup(argv: impl FnOnce(&Path) -> Vec<String>, extra: &str) -> Result<Setup> 
 
 impl Setup {
     fn send(&self, text: &str) -> Result<String> {
+        self.send_to("agent", text)
+    }
+
+    /// Queues `text` on the phone for the desktop's `executor`; returns the task id.
+    fn send_to(&self, executor: &str, text: &str) -> Result<String> {
         let v = self
             .phone
-            .json(&["send", text, "--executor", "agent", "--json"])?;
+            .json(&["send", text, "--executor", executor, "--json"])?;
         Ok(v["task_id"].as_str().context("task_id")?.to_owned())
     }
 
@@ -336,10 +341,7 @@ fn hostile_agents_get_a_clear_reason_and_the_desktop_keeps_serving() -> Result<(
     );
 
     // The desktop still runs a plain task.
-    let v = s
-        .phone
-        .json(&["send", "echo still here", "--executor", "shell", "--json"])?;
-    let plain = v["task_id"].as_str().context("id")?.to_owned();
+    let plain = s.send_to("shell", "echo still here")?;
     s.wait_status(&plain, "done")?;
     Ok(())
 }
@@ -367,21 +369,15 @@ fn agents_that_break_the_protocol_fail_their_task_with_a_reason() -> Result<()> 
         extra("garbled", &["--garbage-first"], &log)
     );
     let s = setup(|log| rust_agent(log, &[]), &more)?;
-    let send = |executor: &str, text: &str| -> Result<String> {
-        let v = s
-            .phone
-            .json(&["send", text, "--executor", executor, "--json"])?;
-        Ok(v["task_id"].as_str().context("task_id")?.to_owned())
-    };
 
-    let silent = send("silent", "hello")?;
+    let silent = s.send_to("silent", "hello")?;
     let t = s.wait_status(&silent, "failed")?;
     let reason = t["reason"].as_str().unwrap_or_default();
     ensure!(reason.contains("did not answer initialize"), "{reason}");
 
     // A line that is not JSON-RPC, before the first message and in the middle of a turn.
     for (executor, text) in [("garbled", "hello"), ("agent", "noise [garbage]")] {
-        let id = send(executor, text)?;
+        let id = s.send_to(executor, text)?;
         let t = wait_for(&format!("the {executor} task to end"), SHORT, || {
             let t = s.task(&s.phone, &id).ok()?;
             ["done", "failed"]
@@ -395,10 +391,7 @@ fn agents_that_break_the_protocol_fail_their_task_with_a_reason() -> Result<()> 
     }
 
     // The desktop still runs a plain task.
-    let v = s
-        .phone
-        .json(&["send", "echo still here", "--executor", "shell", "--json"])?;
-    let plain = v["task_id"].as_str().context("id")?.to_owned();
+    let plain = s.send_to("shell", "echo still here")?;
     s.wait_status(&plain, "done")?;
     Ok(())
 }
