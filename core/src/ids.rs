@@ -35,6 +35,14 @@ macro_rules! ulid_id {
             pub fn timestamp_ms(&self) -> i64 {
                 self.0.timestamp_ms() as i64
             }
+            /// An id from its time and its 80 random bits, for ids derived from others.
+            pub fn from_parts(ms: i64, random: u128) -> Self {
+                Self(Ulid::from_parts(ms.max(0) as u64, random))
+            }
+            /// The id's 80 random bits.
+            pub fn random_bits(&self) -> u128 {
+                self.0.random()
+            }
         }
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -92,6 +100,10 @@ ulid_id!(
 ulid_id!(
     /// Identifies a chat message.
     MessageId
+);
+ulid_id!(
+    /// Identifies a routine: a scheduled instruction whose occurrences become tasks.
+    RoutineId
 );
 ulid_id!(
     /// Identifies a thread: the one conversation a desktop and its phones share.

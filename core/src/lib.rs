@@ -13,6 +13,7 @@ pub mod device;
 pub mod ids;
 pub mod limits;
 pub mod message;
+pub mod routine;
 pub mod task;
 pub mod ticket;
 pub mod time;
@@ -22,7 +23,10 @@ pub use action::{
     check_reply,
 };
 pub use device::{Device, DeviceKind};
-pub use ids::{DeviceId, IdError, MessageId, TaskId, ThreadId};
+pub use ids::{DeviceId, IdError, MessageId, RoutineId, TaskId, ThreadId};
+pub use routine::{
+    CatchUp, Routine, RoutineEvent, RoutineEventKind, RoutineState, Schedule, ScheduleError,
+};
 pub use message::{Message, MessageKind};
 pub use task::{
     EventKind, PendingPermission, PermissionChoice, PlanEntry, Request, Role, Task, TaskEvent,

@@ -21,6 +21,22 @@ pub fn rfc3339(ms: Millis) -> String {
     )
 }
 
+/// A duration in short words: `2s`, `90m` is `1h 30m`, `1d`.
+pub fn human_duration(d: std::time::Duration) -> String {
+    let mut secs = d.as_secs();
+    if secs == 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    let mut out = Vec::new();
+    for (unit, name) in [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")] {
+        if secs >= unit {
+            out.push(format!("{}{name}", secs / unit));
+            secs %= unit;
+        }
+    }
+    out.join(" ")
+}
+
 /// Howard Hinnant's days-to-civil algorithm (public domain), proleptic Gregorian calendar.
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
