@@ -24,10 +24,10 @@ pub use action::{
 };
 pub use device::{Device, DeviceKind};
 pub use ids::{DeviceId, IdError, MessageId, RoutineId, TaskId, ThreadId};
+pub use message::{Message, MessageKind};
 pub use routine::{
     CatchUp, Routine, RoutineEvent, RoutineEventKind, RoutineState, Schedule, ScheduleError,
 };
-pub use message::{Message, MessageKind};
 pub use task::{
     EventKind, PendingPermission, PermissionChoice, PlanEntry, Request, Role, Task, TaskEvent,
     TaskStatus, TaskView, ToolCallView, Utterance, fold, prompt_of,

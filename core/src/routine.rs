@@ -35,7 +35,9 @@ pub enum ScheduleError {
     #[error("an interval must be between 1s and 366 days, not {0}")]
     Every(String),
     /// The cron expression does not parse.
-    #[error("{expr:?} is not a cron expression ({why}); write it as \"MIN HOUR DAY MONTH WEEKDAY\", e.g. \"0 8 * * 1-5\"")]
+    #[error(
+        "{expr:?} is not a cron expression ({why}); write it as \"MIN HOUR DAY MONTH WEEKDAY\", e.g. \"0 8 * * 1-5\""
+    )]
     Cron {
         /// The expression.
         expr: String,
@@ -355,6 +357,12 @@ impl Routine {
             .unwrap_or(0)
     }
 
+    /// True if `task` is one of this routine's occurrences: its id carries the routine's
+    /// random bits, and the routine's desktop wrote it (nobody else may create one).
+    pub fn is_occurrence(&self, task: &crate::Task) -> bool {
+        task.id.random_bits() == self.id.random_bits() && task.author == self.target
+    }
+
     /// The next due time strictly after `t` (none once deleted or paused).
     pub fn next_after(&self, t: Millis) -> Option<Millis> {
         match self.state() {
@@ -661,12 +669,15 @@ mod tests {
 
         // Nothing due: nothing to do, handled stays.
         let idle = plan(&routine(every.clone(), CatchUp::Once), 11_000, 12_000);
-        assert_eq!(idle, Plan {
-            run: vec![],
-            missed: None,
-            handled_until: 11_000,
-            next: Some(13_000)
-        });
+        assert_eq!(
+            idle,
+            Plan {
+                run: vec![],
+                missed: None,
+                handled_until: 11_000,
+                next: Some(13_000)
+            }
+        );
     }
 
     #[test]

@@ -31,6 +31,9 @@ use errand_core::{
     PlanEntry, Task, TaskEvent, TaskId, ThreadId, limits, time::Millis,
 };
 
+mod routines;
+pub use routines::NewRoutine;
+
 /// The actor of the genesis change. Fixed, so every peer's genesis is byte-identical.
 const GENESIS_ACTOR: &[u8] = b"errand-genesis-v1";
 /// The schema version written in genesis.
@@ -150,6 +153,15 @@ pub enum WriteError {
     /// The task does not exist (or has not synced here yet).
     #[error("no task {0} in this thread")]
     UnknownTask(TaskId),
+    /// The routine does not exist (or has not synced here yet).
+    #[error("no routine {0} in this thread")]
+    UnknownRoutine(errand_core::RoutineId),
+    /// The schedule is not one a routine can have.
+    #[error(transparent)]
+    Schedule(errand_core::ScheduleError),
+    /// A task with this id exists already.
+    #[error("task {0} exists already")]
+    TaskExists(TaskId),
     /// The segment the write belongs in is not held in memory.
     #[error("segment {0} of the thread is not loaded")]
     NotLoaded(u32),
@@ -217,7 +229,7 @@ impl Part {
     /// The thread's meta document with its genesis, `actor` writing from then on.
     fn meta(genesis: &ThreadGenesis, actor: ActorId) -> Self {
         let mut doc = genesis_doc(
-            actor,
+            actor.clone(),
             |doc| {
                 doc.put(ROOT, "owner", genesis.owner.as_str())?;
                 doc.put(ROOT, "owner_actor", genesis.owner_actor.as_str())?;
@@ -226,6 +238,7 @@ impl Part {
             },
             genesis,
         );
+        routines::add_routines_map(&mut doc, actor);
         Self {
             n: 0,
             id: genesis.doc_id(),
@@ -1083,7 +1096,22 @@ impl ThreadDoc {
             &task.executor,
             limits::MAX_SHORT_TEXT_BYTES,
         )?;
-        let id = TaskId::new_at(now);
+        self.enqueue_task_with_id(task, TaskId::new_at(now), now)
+    }
+
+    /// Enqueues a task with a given id (a routine's occurrence) in the newest segment.
+    fn enqueue_task_with_id(
+        &mut self,
+        task: &NewTask,
+        id: TaskId,
+        now: Millis,
+    ) -> Result<TaskId, WriteError> {
+        if task.instruction.trim().is_empty() {
+            return Err(WriteError::EmptyInstruction);
+        }
+        if self.task_segment(&id).is_some() {
+            return Err(WriteError::TaskExists(id));
+        }
         let p = self.newest_part()?;
         let tasks = p.tasks.clone();
         let result = (|| {
@@ -1233,7 +1261,9 @@ impl ThreadDoc {
                 let Ok(actor) = ActorId::try_from(a.as_str()) else {
                     continue;
                 };
-                if actor == genesis || (self.owner_actor.as_ref() == Some(&actor) && d.id != *owner)
+                if actor == genesis
+                    || actor == routines::routines_actor()
+                    || (self.owner_actor.as_ref() == Some(&actor) && d.id != *owner)
                 {
                     continue;
                 }
@@ -1294,7 +1324,7 @@ impl ThreadDoc {
     /// True if an actor may be bound to `device`: it is not the genesis actor, not the
     /// owner's (unless `device` is the owner), and no other device lists it.
     pub fn actor_is_free_for(&self, device: &DeviceId, actor: &ActorId) -> bool {
-        if *actor == genesis_actor() {
+        if *actor == genesis_actor() || *actor == routines::routines_actor() {
             return false;
         }
         if self.owner_actor.as_ref() == Some(actor) {

@@ -18,8 +18,8 @@ pub mod sync;
 pub mod tables;
 
 pub use doc::{
-    CHUNK_MAGIC, DocId, NewTask, Part, SEGMENT_AHEAD, SEGMENT_MAX_CHANGES, SEGMENT_MAX_OPS,
-    TaskTouch, ThreadDoc, ThreadGenesis, Touched, WriteError, is_document_chunk,
+    CHUNK_MAGIC, DocId, NewRoutine, NewTask, Part, SEGMENT_AHEAD, SEGMENT_MAX_CHANGES,
+    SEGMENT_MAX_OPS, TaskTouch, ThreadDoc, ThreadGenesis, Touched, WriteError, is_document_chunk,
 };
 pub use ingest::IngestError;
 pub use store::{LoadedDoc, MemoryImage, Store, StoreError, StoreTxn, TrustedPeer};
