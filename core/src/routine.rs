@@ -331,8 +331,10 @@ impl Routine {
         self.events.iter().filter(|e| !e.kind.is_fact())
     }
 
-    /// The `missed` facts that count: only the target's.
+    /// The `missed` facts that count: only the target's, each range once (a desktop that
+    /// stopped between recording a range and remembering it records it again).
     pub fn missed(&self) -> impl Iterator<Item = (Millis, Millis, u64)> + '_ {
+        let mut seen = std::collections::BTreeSet::new();
         self.events
             .iter()
             .filter(|e| e.author == self.target)
@@ -340,6 +342,7 @@ impl Routine {
                 RoutineEventKind::Missed { first, last, count } => Some((first, last, count)),
                 _ => None,
             })
+            .filter(move |(first, last, _)| seen.insert((*first, *last)))
     }
 
     /// Occurrences missed in all, by the target's facts.

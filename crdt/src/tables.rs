@@ -26,6 +26,9 @@ pub const TASK_SEGMENT: TableDefinition<&str, u32> = TableDefinition::new("task_
 pub const OPEN_TASKS: TableDefinition<&str, u32> = TableDefinition::new("open_tasks");
 /// The desktop runner's write-ahead ledger: (task, attempt) → entry (`errand-desktop`).
 pub const TASK_LEDGER: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("task_ledger");
+/// The desktop's scheduler: routine → every due time up to here is handled (ran, missed, or
+/// fell in a pause), UTC milliseconds (`errand-desktop`).
+pub const ROUTINE_HANDLED: TableDefinition<&str, i64> = TableDefinition::new("routine_handled");
 /// Pairing tickets that are live or were used: ticket id → record (`errand-p2p`'s ticket
 /// book).
 pub const PAIR_TICKETS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pair_tickets");

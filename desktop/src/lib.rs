@@ -17,5 +17,6 @@ pub mod executor;
 pub mod ledger;
 pub mod qr;
 pub mod runner;
+mod schedule;
 pub mod transcript;
 mod turn;

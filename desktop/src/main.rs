@@ -78,6 +78,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Routines: instructions this desktop runs on a schedule (cron or interval).
+    Routine {
+        #[command(subcommand)]
+        cmd: cli::RoutineCommand,
+    },
     /// List trusted devices, or add or revoke one.
     Devices {
         #[command(subcommand)]
@@ -203,6 +208,7 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
         | Command::Demo(_)
         | Command::DemoAgent(_) => Err(ApiError::with_code(exit::USAGE, "not a request")),
         Command::Status { json } => cli::show(opened, api::GetStatus, json, CLI).await,
+        Command::Routine { cmd } => cli::routine::run(opened, cmd, CLI).await,
         Command::Devices { action, json } => match action {
             None => cli::show(opened, api::ListDevices, json, CLI).await,
             Some(DevicesCommand::Revoke { id }) => {

@@ -412,6 +412,8 @@ pub enum RunnerError {
 pub struct Runner {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// The scheduler that turns routines into tasks.
+    scheduler: tokio::task::JoinHandle<()>,
     recovered: Vec<ledger::Recovered>,
 }
 
@@ -431,6 +433,10 @@ impl Runner {
         let changes = peer.replica().subscribe_changes();
         let recovered = ledger::recover(&peer).await?;
         let shutdown = CancellationToken::new();
+        let scheduler = tokio::spawn(
+            crate::schedule::run(peer.clone(), shutdown.clone())
+                .instrument(info_span!("scheduler")),
+        );
         let state = Loop {
             me: peer.device_id(),
             peer,
@@ -451,6 +457,7 @@ impl Runner {
         Ok(Self {
             shutdown,
             task,
+            scheduler,
             recovered,
         })
     }
@@ -464,6 +471,7 @@ impl Runner {
     /// `interrupted`; waits for that, bounded.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
+        let _ = self.scheduler.await;
         let abort = self.task.abort_handle();
         if tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(2), self.task)
             .await

@@ -155,6 +155,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Routines: instructions the desktop runs on a schedule (cron or interval).
+    Routine {
+        #[command(subcommand)]
+        cmd: cli::RoutineCommand,
+    },
     /// Answer the permission request a task's agent waits on.
     Answer {
         /// Task id.
@@ -619,6 +624,7 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
             let id = api::ops::parse_task_id(&id)?;
             cli::show(opened, api::Reply { id, text }, json, CLI).await
         }
+        Command::Routine { cmd } => cli::routine::run(opened, cmd, CLI).await,
         Command::Answer { id, option, json } => {
             let id = api::ops::parse_task_id(&id)?;
             cli::show(opened, api::Answer { id, option }, json, CLI).await

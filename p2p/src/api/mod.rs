@@ -13,6 +13,7 @@
 //!   response records carry the stable shapes the README documents.
 
 pub mod ops;
+pub mod routines;
 pub mod views;
 
 use std::future::Future;
@@ -24,6 +25,9 @@ pub use self::{
     ops::{
         Act, AddDevice, Answer, Forget, GetStatus, GetTask, GetThread, IssueTicket, ListDevices,
         PairWith, Reply, Revoke, SendTask, Thread,
+    },
+    routines::{
+        AddRoutine, ChangeRoutine, ListRoutines, OccurrenceInfo, RoutineChange, RoutineInfo,
     },
     views::{
         Answered, ConnectionPath, ConversationLine, DeviceAdded, DeviceInfo, DocumentLine,
@@ -90,6 +94,12 @@ pub enum Request {
     Forget(Forget),
     /// `devices add PEER_ID`.
     DevicesAdd(AddDevice),
+    /// `routine add`.
+    RoutineAdd(AddRoutine),
+    /// `routine list`.
+    Routines(ListRoutines),
+    /// `routine pause|resume|rm`.
+    RoutineChange(ChangeRoutine),
 }
 
 /// Any response, as the daemon sends it back: the response record itself, untagged (the
@@ -123,6 +133,10 @@ pub enum Response {
     Forgotten(Forgotten),
     /// To [`AddDevice`].
     DeviceAdded(DeviceAdded),
+    /// To [`AddRoutine`] and [`ChangeRoutine`].
+    Routine(Box<RoutineInfo>),
+    /// To [`ListRoutines`].
+    Routines(Vec<RoutineInfo>),
 }
 
 /// Ties each request struct to its [`Request`] variant and its response to its [`Response`]
@@ -156,6 +170,14 @@ variants! {
     Revoke => Revoke, Revoked => Revoked;
     Forget => Forget, Forgotten => Forgotten;
     AddDevice => DevicesAdd, DeviceAdded => DeviceAdded;
+    AddRoutine => RoutineAdd, RoutineInfo => Routine;
+    ListRoutines => Routines, Vec<RoutineInfo> => Routines;
+}
+
+impl From<ChangeRoutine> for Request {
+    fn from(c: ChangeRoutine) -> Self {
+        Self::RoutineChange(c)
+    }
 }
 
 /// Answers any request on an opened peer: what a daemon does for its control socket.
@@ -177,6 +199,9 @@ pub async fn handle(peer: &Peer, req: Request) -> Result<Response, ApiError> {
         Request::Revoke(c) => answer(peer, c).await,
         Request::Forget(c) => answer(peer, c).await,
         Request::DevicesAdd(c) => answer(peer, c).await,
+        Request::RoutineAdd(c) => answer(peer, c).await,
+        Request::Routines(c) => answer(peer, c).await,
+        Request::RoutineChange(c) => answer(peer, c).await,
     }
 }
 

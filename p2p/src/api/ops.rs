@@ -185,7 +185,7 @@ impl Call for SendTask {
 }
 
 /// The desktop a new task goes to, and its default executor.
-async fn desktop_target(peer: &Peer) -> Result<(DeviceId, String), ApiError> {
+pub(super) async fn desktop_target(peer: &Peer) -> Result<(DeviceId, String), ApiError> {
     let (owner, devices) = peer
         .replica()
         .read(|d| (d.genesis().owner.clone(), d.devices()))

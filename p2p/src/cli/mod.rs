@@ -10,8 +10,10 @@
 //! - Human output passes text from the thread through [`printable`]; `--json` prints it exactly.
 
 mod print;
+pub mod routine;
 
 pub use print::{Show, print_json, print_text, printable, show, task_line};
+pub use routine::RoutineCommand;
 
 use std::{path::PathBuf, time::Duration};
 

@@ -337,6 +337,56 @@ impl Peer {
         Ok(())
     }
 
+    /// Creates a routine; returns once it is durable here. Never waits for the network.
+    pub async fn create_routine(
+        &self,
+        routine: errand_crdt::NewRoutine,
+    ) -> Result<errand_core::RoutineId, PeerError> {
+        let now = now_ms();
+        let (id, _) = self
+            .inner
+            .replica
+            .commit(move |d| d.create_routine(&routine, now))
+            .await?;
+        Ok(id)
+    }
+
+    /// Appends to a routine's history (pause, resume, delete; `missed` from its desktop);
+    /// durable on return.
+    pub async fn routine_event(
+        &self,
+        routine: errand_core::RoutineId,
+        kind: errand_core::RoutineEventKind,
+    ) -> Result<(), PeerError> {
+        let now = now_ms();
+        self.inner
+            .replica
+            .commit(move |d| d.append_routine_event(routine, &kind, now))
+            .await?;
+        Ok(())
+    }
+
+    /// Enqueues the task of `routine`'s occurrence due at `due` (this desktop's scheduler);
+    /// `None` if it exists already. Durable on return.
+    pub async fn enqueue_occurrence(
+        &self,
+        routine: errand_core::Routine,
+        due: errand_core::time::Millis,
+    ) -> Result<Option<TaskId>, PeerError> {
+        let now = now_ms();
+        let (id, tasks) = self
+            .inner
+            .replica
+            .commit(move |d| d.enqueue_occurrence(&routine, due, now))
+            .await?;
+        if id.is_some() {
+            let _ = self.inner.events.send(PeerEvent::Committed {
+                tasks: tasks.into_iter().collect(),
+            });
+        }
+        Ok(id)
+    }
+
     /// Posts a message; durable on return.
     pub async fn post_message(
         &self,
