@@ -25,7 +25,8 @@ use crate::{
     error::ErrandError,
     listener::{self, Subscription, ThreadListener},
     types::{
-        DesktopStatus, MessageView, OpenOptions, PairResult, StatusView, TaskView, ThreadView,
+        DesktopStatus, MessageView, OpenOptions, PairResult, RoutineView, StatusView, TaskView,
+        ThreadView,
     },
 };
 
@@ -250,6 +251,85 @@ impl PhoneClient {
         })
     }
 
+    /// Creates a routine: an instruction the desktop runs on a schedule, each occurrence an
+    /// ordinary task. Give `every_secs` (an interval from now) or `cron` (five fields, or six
+    /// with seconds first) with `tz` (an IANA zone, default UTC). `catch_up`: `skip`, `once`
+    /// (default) or `all` (up to `catch_up_cap`, default 10). Stored at once, offline too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_routine(
+        &self,
+        text: String,
+        executor: Option<String>,
+        every_secs: Option<u64>,
+        cron: Option<String>,
+        tz: Option<String>,
+        catch_up: Option<String>,
+        catch_up_cap: Option<u32>,
+    ) -> Result<RoutineView, ErrandError> {
+        let schedule = match (every_secs, cron) {
+            (Some(secs), None) => {
+                errand_core::Schedule::every(std::time::Duration::from_secs(secs))
+            }
+            (None, Some(expr)) => {
+                errand_core::Schedule::cron(&expr, tz.as_deref().unwrap_or("UTC"))
+            }
+            _ => {
+                return Err(ErrandError::invalid(
+                    "give either every_secs or cron".to_owned(),
+                ));
+            }
+        }
+        .map_err(|e| ErrandError::invalid(e.to_string()))?;
+        let catch_up = match catch_up {
+            Some(c) => c
+                .parse()
+                .map_err(|e: errand_core::ScheduleError| ErrandError::invalid(e.to_string()))?,
+            None => errand_core::CatchUp::default(),
+        };
+        let add = api::AddRoutine {
+            text,
+            executor,
+            schedule,
+            catch_up,
+            catch_up_cap,
+        };
+        self.run(move |peer| async move {
+            require_thread(&peer)?;
+            let info = add
+                .run(&peer)
+                .await
+                .map_err(|e| ErrandError::from_api(e, ErrandError::invalid_kind))?;
+            Ok(RoutineView::from(&info))
+        })
+    }
+
+    /// The routines, with their last and next occurrence; deleted ones too with `all`.
+    pub fn routines(&self, all: bool) -> Result<Vec<RoutineView>, ErrandError> {
+        self.run(move |peer| async move {
+            require_thread(&peer)?;
+            let list = api::ListRoutines { all }
+                .run(&peer)
+                .await
+                .map_err(|e| ErrandError::from_api(e, ErrandError::storage_kind))?;
+            Ok(list.iter().map(RoutineView::from).collect())
+        })
+    }
+
+    /// Pauses a routine (its id, or a prefix only it has). Stored at once, offline too.
+    pub fn pause_routine(&self, id: String) -> Result<RoutineView, ErrandError> {
+        self.change_routine(id, api::RoutineChange::Pause)
+    }
+
+    /// Resumes a paused routine from now on.
+    pub fn resume_routine(&self, id: String) -> Result<RoutineView, ErrandError> {
+        self.change_routine(id, api::RoutineChange::Resume)
+    }
+
+    /// Deletes a routine for good; its past occurrences stay in the thread.
+    pub fn delete_routine(&self, id: String) -> Result<RoutineView, ErrandError> {
+        self.change_routine(id, api::RoutineChange::Delete)
+    }
+
     /// This phone, its thread and its desktop: connected, how, in sync, last sync.
     pub fn status(&self) -> Result<StatusView, ErrandError> {
         self.run(|peer| async move {
@@ -428,6 +508,21 @@ impl PhoneClient {
         rx.recv().map_err(|_| {
             ErrandError::internal("the call did not complete: the client shut down meanwhile")
         })?
+    }
+
+    fn change_routine(
+        &self,
+        id: String,
+        change: api::RoutineChange,
+    ) -> Result<RoutineView, ErrandError> {
+        self.run(move |peer| async move {
+            require_thread(&peer)?;
+            let info = api::ChangeRoutine { id, change }
+                .run(&peer)
+                .await
+                .map_err(|e| ErrandError::from_api(e, ErrandError::invalid_kind))?;
+            Ok(RoutineView::from(&info))
+        })
     }
 
     fn act(&self, id: String, action: Action) -> Result<(), ErrandError> {

@@ -23,8 +23,8 @@ pub use client::PhoneClient;
 pub use error::ErrandError;
 pub use listener::{Subscription, ThreadListener};
 pub use types::{
-    ConnectionPath, DesktopStatus, MessageKind, MessageView, OpenOptions, PairResult, StatusView,
-    TaskEventKind, TaskEventView, TaskRequest, TaskStatus, TaskView, ThreadView,
+    ConnectionPath, DesktopStatus, MessageKind, MessageView, OpenOptions, PairResult, RoutineView,
+    StatusView, TaskEventKind, TaskEventView, TaskRequest, TaskStatus, TaskView, ThreadView,
 };
 
 uniffi::setup_scaffolding!();

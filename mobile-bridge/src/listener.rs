@@ -26,7 +26,8 @@ const NOTICE_CAPACITY: usize = 256;
 /// order; marshal to the UI thread yourself. A listener may call the client.
 #[uniffi::export(foreign)]
 pub trait ThreadListener: Send + Sync {
-    /// Something in the thread changed (tasks, messages, devices): reread what you show.
+    /// Something in the thread changed (tasks, messages, devices, routines): reread what you
+    /// show.
     fn on_thread_changed(&self);
     /// A task has new content (status, output, requests), locally or from the desktop.
     fn on_task_changed(&self, task: TaskView);

@@ -363,3 +363,72 @@ pub struct PairResult {
     thread_id: String,
     synced: bool,
 }
+
+/// A routine as this phone sees it now.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct RoutineView {
+    /// Routine id (a ULID).
+    pub id: String,
+    /// What each occurrence does.
+    pub instruction: String,
+    /// The executor that runs it.
+    pub executor: String,
+    /// When it is due, in words (`every 2h`, `cron "0 8 * * 1-5" (Europe/Berlin)`).
+    pub schedule: String,
+    /// The interval in milliseconds, for an interval routine.
+    pub every_ms: Option<u64>,
+    /// The cron expression, for a cron routine.
+    pub cron: Option<String>,
+    /// The cron expression's time zone.
+    pub tz: Option<String>,
+    /// `skip`, `once` or `all`.
+    pub catch_up: String,
+    /// With `all`: most missed occurrences run after a gap.
+    pub catch_up_cap: u32,
+    /// `active`, `paused` or `deleted`.
+    pub state: String,
+    /// Who created it (PeerId).
+    pub author: String,
+    /// When it was created, RFC 3339.
+    pub created_at: String,
+    /// The newest occurrence's task id, if this phone holds one.
+    pub last_task_id: Option<String>,
+    /// When that occurrence was due, RFC 3339.
+    pub last_scheduled_at: Option<String>,
+    /// That occurrence's status.
+    pub last_status: Option<TaskStatus>,
+    /// The next due time, RFC 3339 (none unless active).
+    pub next_at: Option<String>,
+    /// Occurrences the desktop recorded as missed, in all.
+    pub missed: u64,
+}
+
+impl From<&errand_p2p::api::RoutineInfo> for RoutineView {
+    fn from(r: &errand_p2p::api::RoutineInfo) -> Self {
+        let (every_ms, cron, tz) = match &r.schedule_spec {
+            errand_core::Schedule::Every { every_ms } => (Some(*every_ms), None, None),
+            errand_core::Schedule::Cron { expr, tz } => {
+                (None, Some(expr.clone()), Some(tz.clone()))
+            }
+        };
+        Self {
+            id: r.id.clone(),
+            instruction: r.instruction.clone(),
+            executor: r.executor.clone(),
+            schedule: r.schedule.clone(),
+            every_ms,
+            cron,
+            tz,
+            catch_up: r.catch_up.name().to_owned(),
+            catch_up_cap: r.catch_up_cap,
+            state: r.state.name().to_owned(),
+            author: r.author.to_string(),
+            created_at: r.created_at.clone(),
+            last_task_id: r.last.as_ref().map(|l| l.task_id.clone()),
+            last_scheduled_at: r.last.as_ref().map(|l| l.scheduled_at.clone()),
+            last_status: r.last.as_ref().map(|l| l.status),
+            next_at: r.next_at.clone(),
+            missed: r.missed,
+        }
+    }
+}

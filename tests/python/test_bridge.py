@@ -197,6 +197,15 @@ def main():
                                  for t in r.tasks)))
     raises("an empty instruction is InvalidInput", em.ErrandError.InvalidInput,
            lambda: client.send_task("   ", None, None))
+    routine = client.create_routine("echo routine", None, 1, None, None, None, None)
+    check("create_routine works offline",
+          routine.state == "active" and routine.every_ms == 1000 and routine.catch_up == "once",
+          str(routine))
+    check("routines lists it", [r.id for r in client.routines(False)] == [routine.id])
+    raises("a bad cron expression is InvalidInput", em.ErrandError.InvalidInput,
+           lambda: client.create_routine("x", None, None, "0 8 * *", None, None, None))
+    raises("an unknown time zone is InvalidInput", em.ErrandError.InvalidInput,
+           lambda: client.create_routine("x", None, None, "0 8 * * *", "Mars/Base", None, None))
     raises("retrying a task that has not ended is InvalidInput", em.ErrandError.InvalidInput,
            lambda: client.retry(task_id))
     raises("acting on an unknown task is InvalidInput", em.ErrandError.InvalidInput,
@@ -265,6 +274,24 @@ def main():
                   lambda k: k.is_delivered(), lambda k: k.is_started(),
                   lambda k: k.is_finished())), str(events))
         check("task() agrees with the listener", client.task(task_id) == last)
+
+        # The routine made offline runs once the desktop has it; pause and delete it.
+        end = time.monotonic() + 2 * DEADLINE
+        while time.monotonic() < end and not any(
+                r.last_status == em.TaskStatus.DONE for r in client.routines(False)):
+            time.sleep(0.2)
+        ran = client.routines(False)
+        check("the routine's occurrence ran on the desktop",
+              ran and ran[0].last_status == em.TaskStatus.DONE and ran[0].next_at is not None,
+              str(ran))
+        paused = client.pause_routine(routine.id)
+        check("pause_routine pauses it", paused.state == "paused" and paused.next_at is None,
+              str(paused))
+        check("resume_routine resumes it", client.resume_routine(routine.id).state == "active")
+        check("delete_routine takes a prefix of the id",
+              client.delete_routine(routine.id[:12]).state == "deleted")
+        check("a deleted routine is listed only with all",
+              client.routines(False) == [] and len(client.routines(True)) == 1)
 
         # A conversation with the desktop's ACP agent: its permission request reaches the
         # listener, the bridge answers it, and a reply continues the session.
