@@ -1,6 +1,7 @@
 //! `errand-desktop`: the desktop daemon and its CLI.
 
 mod demo;
+mod service;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -71,6 +72,12 @@ enum Command {
         json: bool,
         #[command(flatten)]
         net: NetArgs,
+    },
+    /// Run the daemon as your user's service (systemd on Linux, launchd on macOS): install,
+    /// uninstall, status.
+    Service {
+        #[command(subcommand)]
+        action: service::ServiceCommand,
     },
     /// Show this desktop's id, thread, addresses and peers.
     Status {
@@ -179,6 +186,7 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
                 .await
                 .map_err(|e| ApiError::new(format!("{e:#}")))
         }
+        Command::Service { action } => service::run(&home, action),
         Command::Pair {
             ttl,
             png,
@@ -205,6 +213,7 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
         Command::Run { .. }
         | Command::Pair { .. }
         | Command::Config { .. }
+        | Command::Service { .. }
         | Command::Demo(_)
         | Command::DemoAgent(_) => Err(ApiError::with_code(exit::USAGE, "not a request")),
         Command::Status { json } => cli::show(opened, api::GetStatus, json, CLI).await,
@@ -479,6 +488,13 @@ mod tests {
         &["thread", "--all"],
         &["status", "--home", "/tmp/h"],
         &["devices", "revoke", "ID", "--home", "/tmp/h", "--json"],
+        &["service", "install"],
+        &["service", "install", "--print"],
+        &["service", "install", "--print", "--platform", "macos"],
+        &["service", "install", "--print", "--platform", "linux"],
+        &["service", "uninstall"],
+        &["service", "status"],
+        &["service", "status", "--json"],
     ];
 
     #[test]
