@@ -681,6 +681,30 @@ mod tests {
         &["daemon"],
         &["status", "--home", "/tmp/h"],
         &["devices", "add", "ID", "--home", "/tmp/h", "--json"],
+        &[
+            "routine",
+            "add",
+            "summarise ~/inbox",
+            "--cron",
+            "0 8 * * 1-5",
+            "--tz",
+            "Europe/Berlin",
+        ],
+        &[
+            "routine",
+            "add",
+            "df -h /",
+            "--every",
+            "6h",
+            "--catch-up",
+            "skip",
+        ],
+        &["routine", "add", "x", "--every", "1h", "--json"],
+        &["routine", "list"],
+        &["routine", "list", "--all", "--json"],
+        &["routine", "pause", "ID"],
+        &["routine", "resume", "ID", "--json"],
+        &["routine", "rm", "ID"],
     ];
 
     #[test]
