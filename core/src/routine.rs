@@ -25,6 +25,9 @@ pub const MAX_CATCH_UP_CAP: u32 = 100;
 /// Most due times one [`plan`] walks: a cron routine left alone for years is planned in
 /// several steps, each recording its own `missed` fact.
 pub const MAX_DUE_PER_PLAN: usize = 10_000;
+/// Most active routines a desktop runs (the oldest ones): each can make a task a second, so
+/// a phone cannot flood its desktop with them. A phone refuses to make more.
+pub const MAX_ACTIVE_ROUTINES: usize = 100;
 /// Most events read per routine (pauses, resumes, missed facts).
 pub const MAX_EVENTS_PER_ROUTINE: usize = limits::MAX_EVENTS_PER_TASK;
 

@@ -12,7 +12,7 @@ use std::{collections::HashMap, time::Duration};
 
 use errand_core::{
     Routine, RoutineEventKind, RoutineId,
-    routine::{self, Plan},
+    routine::{self, MAX_ACTIVE_ROUTINES, Plan},
     time::Millis,
 };
 use errand_crdt::{Store, StoreError, tables::ROUTINE_HANDLED};
@@ -75,23 +75,44 @@ async fn pass(
         })
         .await?;
     let mut next: Option<Millis> = None;
+    let active = routines
+        .iter()
+        .filter(|r| r.state() == errand_core::RoutineState::Active)
+        .count();
+    if active > MAX_ACTIVE_ROUTINES {
+        warn!(
+            active,
+            max = MAX_ACTIVE_ROUTINES,
+            "more active routines than this desktop runs: the newest wait until older ones are paused or deleted"
+        );
+    }
+    let mut running = 0;
     for r in routines {
+        if r.state() == errand_core::RoutineState::Active {
+            running += 1;
+            if running > MAX_ACTIVE_ROUTINES {
+                continue;
+            }
+        }
         let since = match handled.get(&r.id) {
             Some(t) => *t,
             None => {
+                // First sight in this process: where the last run left off, past any
+                // occurrence it created without remembering it.
                 let id = r.id;
                 let stored = peer
                     .replica()
                     .store_blocking(move |s| load_handled(s, &id))
                     .await??;
-                stored.unwrap_or(r.created_at)
+                skip_existing(peer, &r, stored.unwrap_or(r.created_at)).await?
             }
         };
-        let since = skip_existing(peer, &r, since).await?;
         let now = now_ms();
         let plan = routine::plan(&r, since, now);
         apply(peer, &r, &plan).await?;
-        if plan.handled_until != since {
+        // A paused or deleted routine owes nothing, and its resume bounds what it owes
+        // after: only an active one's progress is worth a write.
+        if plan.handled_until != since && r.state() == errand_core::RoutineState::Active {
             let (id, until) = (r.id, plan.handled_until);
             peer.replica()
                 .store_blocking(move |s| save_handled(s, &id, until))

@@ -3,7 +3,7 @@
 use errand_core::{
     CatchUp, DeviceId, Routine, RoutineEventKind, RoutineId, RoutineState, Schedule, TaskStatus,
     fold, limits,
-    routine::{DEFAULT_CATCH_UP_CAP, MAX_CATCH_UP_CAP},
+    routine::{DEFAULT_CATCH_UP_CAP, MAX_ACTIVE_ROUTINES, MAX_CATCH_UP_CAP},
     time::rfc3339,
 };
 use errand_crdt::NewRoutine;
@@ -55,6 +55,21 @@ impl Call for AddRoutine {
         if !(1..=MAX_CATCH_UP_CAP).contains(&cap) {
             return Err(usage(format!(
                 "the catch-up cap must be between 1 and {MAX_CATCH_UP_CAP}, not {cap}"
+            )));
+        }
+        let active = peer
+            .replica()
+            .read(|d| {
+                d.routines()
+                    .iter()
+                    .filter(|r| r.state() == RoutineState::Active)
+                    .count()
+            })
+            .await
+            .map_err(err)?;
+        if active >= MAX_ACTIVE_ROUTINES {
+            return Err(usage(format!(
+                "the thread has {active} active routines, the most a desktop runs: pause or delete one first"
             )));
         }
         let (target, default_exec) = super::ops::desktop_target(peer).await?;
