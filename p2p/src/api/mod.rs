@@ -12,6 +12,7 @@
 //! - JSON appears only where a response is printed (`--json`) or crosses the socket; the
 //!   response records carry the stable shapes the README documents.
 
+pub mod export;
 pub mod ops;
 pub mod views;
 
@@ -21,6 +22,7 @@ pub use errand_core::Action;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub use self::{
+    export::{Export, Imported, Manifest},
     ops::{
         Act, AddDevice, Answer, Forget, GetStatus, GetTask, GetThread, IssueTicket, ListDevices,
         PairWith, Reply, Revoke, SendTask, Thread,
@@ -90,6 +92,8 @@ pub enum Request {
     Forget(Forget),
     /// `devices add PEER_ID`.
     DevicesAdd(AddDevice),
+    /// `export DIR`.
+    Export(Export),
 }
 
 /// Any response, as the daemon sends it back: the response record itself, untagged (the
@@ -123,6 +127,8 @@ pub enum Response {
     Forgotten(Forgotten),
     /// To [`AddDevice`].
     DeviceAdded(DeviceAdded),
+    /// To [`Export`].
+    Exported(Box<Manifest>),
 }
 
 /// Ties each request struct to its [`Request`] variant and its response to its [`Response`]
@@ -156,6 +162,7 @@ variants! {
     Revoke => Revoke, Revoked => Revoked;
     Forget => Forget, Forgotten => Forgotten;
     AddDevice => DevicesAdd, DeviceAdded => DeviceAdded;
+    Export => Export, Manifest => Exported;
 }
 
 /// Answers any request on an opened peer: what a daemon does for its control socket.
@@ -177,6 +184,7 @@ pub async fn handle(peer: &Peer, req: Request) -> Result<Response, ApiError> {
         Request::Revoke(c) => answer(peer, c).await,
         Request::Forget(c) => answer(peer, c).await,
         Request::DevicesAdd(c) => answer(peer, c).await,
+        Request::Export(c) => answer(peer, c).await,
     }
 }
 

@@ -10,8 +10,10 @@
 //! - Human output passes text from the thread through [`printable`]; `--json` prints it exactly.
 
 mod print;
+mod transfer;
 
 pub use print::{Show, print_json, print_text, printable, show, task_line};
+pub use transfer::{export, import};
 
 use std::{path::PathBuf, time::Duration};
 
