@@ -372,6 +372,20 @@ fn a_running_desktops_export_reads_in_javascript_and_moves_the_desktop_to_a_new_
         task_ids(&new.json(&["thread", "--all", "--json"])?).contains(&id.to_owned()),
         "the old phone's new task reached the moved desktop"
     );
+    // The newcomer's own task reads as its own: its device record, written by the moved
+    // desktop, counts as the owner's.
+    let newcomer_id = newcomer.peer_id()?;
+    let sent = newcomer.json(&["send", "--json", "echo from the newcomer"])?;
+    let out = newcomer.run(&["sync", "--timeout", "60s"])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let id = sent["task_id"].as_str().context("task_id")?;
+    for (who, home) in [("newcomer", &newcomer), ("moved desktop", &new)] {
+        let t = home.json(&["task", id, "--json"])?;
+        ensure!(
+            t["author"] == newcomer_id.as_str(),
+            "the {who} reads the newcomer's task as the newcomer's: {t}"
+        );
+    }
     eprintln!("done after {:?}", started.elapsed());
     Ok(())
 }
