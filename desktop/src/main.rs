@@ -129,6 +129,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the thread into a new or empty folder: one .automerge file per document,
+    /// thread.json, manifest.json, and this desktop's secret identity key (to move the
+    /// desktop to another machine with `import`). Works with the daemon running or not.
+    Export {
+        /// The folder (must not exist, or be empty).
+        dir: PathBuf,
+        /// Leave the secret identity key out (the export cannot then be imported).
+        #[arg(long)]
+        no_identity: bool,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make this home, which must be new and empty, the desktop that wrote an export (moving a
+    /// desktop to a new machine); stop the old one for good first.
+    Import {
+        /// The export folder.
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -197,6 +219,7 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             cli::init_logging("warn");
             pair(home, ttl, png, svg, json, net).await
         }
+        Command::Import { dir, json } => cli::import(&home, &dir, json).await,
         other => {
             cli::one_shot(home, DeviceKind::Desktop, async |opened| {
                 request(opened, other).await
@@ -215,7 +238,8 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
         | Command::Config { .. }
         | Command::Service { .. }
         | Command::Demo(_)
-        | Command::DemoAgent(_) => Err(ApiError::with_code(exit::USAGE, "not a request")),
+        | Command::DemoAgent(_)
+        | Command::Import { .. } => Err(ApiError::with_code(exit::USAGE, "not a request")),
         Command::Status { json } => cli::show(opened, api::GetStatus, json, CLI).await,
         Command::Routine { cmd } => cli::routine::run(opened, cmd, CLI).await,
         Command::Devices { action, json } => match action {
@@ -255,6 +279,11 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
             let id = api::ops::parse_task_id(&id)?;
             cli::show(opened, api::GetTask { id }, json, CLI).await
         }
+        Command::Export {
+            dir,
+            no_identity,
+            json,
+        } => cli::export(opened, &dir, !no_identity, json).await,
     }
 }
 
@@ -519,6 +548,9 @@ mod tests {
         &["routine", "pause", "ID"],
         &["routine", "resume", "ID", "--json"],
         &["routine", "rm", "ID"],
+        &["export", "/tmp/errand-export"],
+        &["export", "/tmp/errand-export", "--no-identity", "--json"],
+        &["--home", "/tmp/new", "import", "/tmp/errand-export"],
     ];
 
     #[test]

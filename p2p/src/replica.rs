@@ -18,7 +18,7 @@ pub use errand_crdt::engine::{
 };
 use errand_crdt::{
     ActorId, ChangeHash, DocId, Store, ThreadDoc, ThreadGenesis, WriteError,
-    engine::{Engine, EngineConfig},
+    engine::{Engine, EngineConfig, ExportedDoc, TransferError},
     ingest::PEER_OPS_PER_MINUTE,
 };
 use libp2p::PeerId;
@@ -186,6 +186,17 @@ impl Replica {
         f: impl FnOnce(&ThreadDoc) -> T + Send + 'static,
     ) -> Result<T, ReplicaError> {
         self.blocking(move |e| e.read_all(f)).await?
+    }
+
+    /// Every document of the thread as a whole `save()` with its genesis, and `f`'s read of
+    /// the whole thread at the same moment (see [`Engine::export`]).
+    pub async fn export<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ThreadDoc) -> T + Send + 'static,
+    ) -> Result<(Vec<ExportedDoc>, T), TransferError> {
+        self.blocking(move |e| e.export(f))
+            .await
+            .map_err(TransferError::from)?
     }
 
     /// A page of the thread's history: up to `limit` tasks older than `before` (all tasks when

@@ -10,7 +10,10 @@
 //! returning, and merged remote changes are stored in the same transaction as the peer's
 //! updated sync state.
 
+mod export;
 pub mod loopback;
+
+pub use export::{ExportedDoc, TransferError, check_document};
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},

@@ -171,6 +171,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the thread into a new or empty folder: one .automerge file per document,
+    /// thread.json and manifest.json. Works with the daemon running or not.
+    Export {
+        /// The folder (must not exist, or be empty).
+        dir: PathBuf,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the trusted desktop, or add one by hand.
     Devices {
         #[command(subcommand)]
@@ -632,6 +641,7 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
         Command::Devices { action: None, json } => {
             cli::show(opened, api::ListDevices, json, CLI).await
         }
+        Command::Export { dir, json } => cli::export(opened, &dir, false, json).await,
         Command::Devices {
             action: Some(DevicesCommand::Add { peer_id, addrs }),
             json,
@@ -705,6 +715,7 @@ mod tests {
         &["routine", "pause", "ID"],
         &["routine", "resume", "ID", "--json"],
         &["routine", "rm", "ID"],
+        &["export", "/tmp/errand-export", "--json"],
     ];
 
     #[test]

@@ -12,6 +12,7 @@
 //! - JSON appears only where a response is printed (`--json`) or crosses the socket; the
 //!   response records carry the stable shapes the README documents.
 
+pub mod export;
 pub mod ops;
 pub mod routines;
 pub mod views;
@@ -22,6 +23,7 @@ pub use errand_core::Action;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub use self::{
+    export::{Export, Imported, Manifest},
     ops::{
         Act, AddDevice, Answer, Forget, GetStatus, GetTask, GetThread, IssueTicket, ListDevices,
         PairWith, Reply, Revoke, SendTask, Thread,
@@ -100,6 +102,8 @@ pub enum Request {
     Routines(ListRoutines),
     /// `routine pause|resume|rm`.
     RoutineChange(ChangeRoutine),
+    /// `export DIR`.
+    Export(Export),
 }
 
 /// Any response, as the daemon sends it back: the response record itself, untagged (the
@@ -137,6 +141,8 @@ pub enum Response {
     Routine(Box<RoutineInfo>),
     /// To [`ListRoutines`].
     Routines(Vec<RoutineInfo>),
+    /// To [`Export`].
+    Exported(Box<Manifest>),
 }
 
 /// Ties each request struct to its [`Request`] variant and its response to its [`Response`]
@@ -172,6 +178,7 @@ variants! {
     AddDevice => DevicesAdd, DeviceAdded => DeviceAdded;
     AddRoutine => RoutineAdd, RoutineInfo => Routine;
     ListRoutines => Routines, Vec<RoutineInfo> => Routines;
+    Export => Export, Manifest => Exported;
 }
 
 impl From<ChangeRoutine> for Request {
@@ -202,6 +209,7 @@ pub async fn handle(peer: &Peer, req: Request) -> Result<Response, ApiError> {
         Request::RoutineAdd(c) => answer(peer, c).await,
         Request::Routines(c) => answer(peer, c).await,
         Request::RoutineChange(c) => answer(peer, c).await,
+        Request::Export(c) => answer(peer, c).await,
     }
 }
 

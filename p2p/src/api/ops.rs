@@ -64,6 +64,16 @@ pub struct Thread {
     pub messages: Vec<Message>,
 }
 
+impl From<&Thread> for ThreadInfo {
+    fn from(thread: &Thread) -> Self {
+        Self {
+            thread_id: thread.thread_id.clone(),
+            tasks: thread.tasks.iter().map(TaskInfo::from).collect(),
+            messages: thread.messages.iter().map(Into::into).collect(),
+        }
+    }
+}
+
 /// `thread [--all]`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GetThread {
@@ -95,12 +105,7 @@ impl GetThread {
 impl Call for GetThread {
     type Response = ThreadInfo;
     async fn run(self, peer: &Peer) -> Result<ThreadInfo, ApiError> {
-        let thread = self.read(peer).await?;
-        Ok(ThreadInfo {
-            thread_id: thread.thread_id,
-            tasks: thread.tasks.iter().map(TaskInfo::from).collect(),
-            messages: thread.messages.iter().map(Into::into).collect(),
-        })
+        Ok(ThreadInfo::from(&self.read(peer).await?))
     }
 }
 

@@ -11,9 +11,11 @@
 
 mod print;
 pub mod routine;
+mod transfer;
 
 pub use print::{Show, print_json, print_text, printable, show, task_line};
 pub use routine::RoutineCommand;
+pub use transfer::{export, import};
 
 use std::{path::PathBuf, time::Duration};
 

@@ -27,9 +27,9 @@ use crate::{
 use super::types::{PeerConfig, PeerError, PeerEvent, parse_peer_id};
 
 /// Store key of the node's libp2p keypair (protobuf encoding).
-const META_IDENTITY: &str = "identity";
+pub(crate) const META_IDENTITY: &str = "identity";
 /// Store key of this device's name.
-const META_NAME: &str = "name";
+pub(crate) const META_NAME: &str = "name";
 /// Store key of the relays this home uses (JSON list of multiaddrs).
 const META_RELAYS: &str = "relays";
 

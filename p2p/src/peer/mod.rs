@@ -19,6 +19,7 @@ mod types;
 
 pub use crate::clock::now_ms;
 pub use handle::Peer;
+pub(crate) use handle::{META_IDENTITY, META_NAME};
 pub use status::{DocumentStatus, PeerStatus, Status};
 pub use supervisor::{BACKOFF_MAX, SHUTDOWN_TIMEOUT};
 pub use types::{PeerConfig, PeerError, PeerEvent, changed_tasks, parse_addr, parse_peer_id};
