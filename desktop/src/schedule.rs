@@ -104,7 +104,11 @@ async fn pass(
                     .replica()
                     .store_blocking(move |s| load_handled(s, &id))
                     .await??;
-                skip_existing(peer, &r, stored.unwrap_or(r.created_at)).await?
+                let start = match stored {
+                    Some(t) => t,
+                    None => from_thread(peer, &r).await?,
+                };
+                skip_existing(peer, &r, start).await?
             }
         };
         let now = now_ms();
@@ -124,6 +128,32 @@ async fn pass(
         }
     }
     Ok(next)
+}
+
+/// Where a routine this home has no record of stands, by the thread: its newest occurrence
+/// or missed range (a desktop moved to a new home by `import` carries no scheduler state),
+/// else its creation.
+async fn from_thread(
+    peer: &Peer,
+    r: &Routine,
+) -> Result<Millis, Box<dyn std::error::Error + Send + Sync>> {
+    let routine = r.clone();
+    let newest_occurrence = peer
+        .replica()
+        .read(move |d| {
+            d.tasks()
+                .iter()
+                .filter(|t| routine.is_occurrence(t))
+                .map(|t| t.id.timestamp_ms())
+                .max()
+        })
+        .await?;
+    let newest_missed = r.missed().map(|(_, last, _)| last).max();
+    Ok([Some(r.created_at), newest_occurrence, newest_missed]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(r.created_at))
 }
 
 /// Moves past occurrences that exist already: a desktop stopped after creating one and
