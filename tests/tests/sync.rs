@@ -744,6 +744,37 @@ fn a_phone_killed_mid_sync_converges_and_keeps_what_it_acknowledged() -> Result<
     Ok(())
 }
 
+/// A peer's changes are merged without waiting for the disk (only local writes wait): a
+/// desktop SIGKILLed right after merging a phone's tasks may lose them, with the sync state
+/// that recorded them, and gets them back from the phone, which keeps them durably.
+#[test]
+fn a_desktop_killed_right_after_merging_gets_the_phones_tasks_back() -> Result<()> {
+    const SENT: usize = 30;
+    let root = test_root()?;
+    let (desktop, phone, d, addr) = desktop_and_phone(root.path(), 0, SYNC_ONLY)?;
+    let (_p, _) = phone.start(&[])?;
+    let acked: BTreeSet<String> = (0..SENT)
+        .map(|i| send(&phone, &format!("merged then killed {i}")))
+        .collect::<Result<_>>()?;
+    wait_for("the desktop to merge every task", LONG, || {
+        ids(&desktop).ok()?.is_superset(&acked).then_some(())
+    })?;
+    // No local write on the desktop since (it runs nothing): whatever of the merges the
+    // disk does not hold yet is lost with the process.
+    d.kill();
+    let kept = ids(&desktop)?.intersection(&acked).count();
+    println!("the killed desktop kept {kept} of {SENT} merged tasks");
+    let listen = addr.split("/p2p/").next().unwrap_or(&addr).to_owned();
+    let (_d, _) = desktop.start_at(&listen, SYNC_ONLY)?;
+    let common = converged(&desktop, &phone, &acked)?;
+    ensure!(
+        common.is_superset(&acked),
+        "tasks lost: {:?}",
+        acked.difference(&common)
+    );
+    Ok(())
+}
+
 // ---- 6. shutdown ------------------------------------------------------------------------
 
 /// A graceful stop: the daemon's shutdown is bounded by design (5 s per stage, but should

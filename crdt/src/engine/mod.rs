@@ -508,7 +508,12 @@ impl Engine {
                 .map(|(id, _)| id)
                 .collect();
         }
-        self.store.write(|t| {
+        // A local change is durable before anything sees it (its actor's sequence numbers
+        // must never be reused after a crash). A peer's changes merged here are committed
+        // without waiting for the disk: the peer holds them durably, a crash loses them
+        // together with the sync state that records them (so the next session asks again),
+        // and the next durable commit (any local fact about them) persists them first.
+        let write = |t: &mut crate::StoreTxn<'_>| {
             t.append_chunk(&doc_id, chunk)?;
             t.table(DOC_HEADS)?
                 .insert(doc_id.as_str(), heads_bytes(heads).as_slice())?;
@@ -523,7 +528,12 @@ impl Engine {
                 t.put_sync_state(&doc_id, peer.as_str(), state)?;
             }
             Ok::<_, StoreError>(())
-        })?;
+        };
+        if sync_state.is_some() {
+            self.store.write_relaxed(write)?;
+        } else {
+            self.store.write(write)?;
+        }
         self.heads.insert(n, heads.to_vec());
         for id in &closed {
             for set in self.open.values_mut() {

@@ -1744,7 +1744,7 @@ fn p1_row(label: &str, fx: &Fixture, out: &P1Out, floor: &[f64], path: &str) -> 
     Row::new(
         "P1",
         format!(
-            "{label}, thread {}: commit on phone → merged + durable on desktop",
+            "{label}, thread {}: commit on phone → merged and stored on desktop",
             fx.label()
         ),
         Unit::Ms,
@@ -1951,7 +1951,7 @@ fn run_p2(ctx: &mut Ctx, fx: &Fixture, repo: &Result<Value, String>) -> Vec<Row>
             } else {
                 vec![Check::RepoRatioAtMost(0.5)]
             })
-            .note("phone network up (t0) → the desktop's last merge of them is durable");
+            .note("phone network up (t0) → the desktop's last merge of them is stored");
         time.repo = repo_value(repo, &["p2", &key, "median_ms"]);
         let tcp: Vec<f64> = runs.iter().filter_map(|r| r.tcp_bytes).collect();
         let mut bytes = Row::new("P2", format!("{label}: bytes"), Unit::Bytes)
