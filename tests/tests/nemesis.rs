@@ -21,7 +21,8 @@
 //!   success and failure; replay a run with `ERRAND_NEMESIS_SEED=<seed>`.
 //!
 //! Needs root ("skipped: needs root" otherwise). Without `nft` or `tc` (or the netem
-//! qdisc), the faults that need them are left out with a note. Set `ERRAND_KEEP_TEST_DIRS` to
+//! qdisc), the faults that need them are left out with a note; without netem, loss is made
+//! with nftables (`numgen random`) instead. Set `ERRAND_KEEP_TEST_DIRS` to
 //! keep the homes and logs; a failing run keeps them anyway.
 
 use std::{
@@ -139,7 +140,8 @@ enum Fault {
     Flap(Node),
     /// Netem delay (ms, with a quarter of it as jitter) on the node's outgoing link.
     Delay(Node, u32),
-    /// Netem loss (percent) on the node's outgoing link.
+    /// Loss (percent) on the node's link: netem on its way out, or where the kernel has no
+    /// netem, nftables dropping that share of its packets both ways.
     Loss(Node, u32),
     /// Netem reordering: a quarter of the packets go at once, the rest 100 ms late.
     Reorder(Node),
@@ -241,7 +243,8 @@ fn plan_faults(rng: &mut StdRng, phase: Duration, tools: Tools) -> Vec<Planned> 
         let len = secs(rng, FAULT_SECS).min(phase - t);
         let usable = match fault {
             Fault::Partition(a, b) => tools.nft && a != b,
-            Fault::Delay(..) | Fault::Loss(..) | Fault::Reorder(_) => tools.netem,
+            Fault::Loss(..) => tools.netem || tools.nft,
+            Fault::Delay(..) | Fault::Reorder(_) => tools.netem,
             Fault::Kill(_) | Fault::Flap(_) => true,
         };
         let active: Vec<&Planned> = out.iter().filter(|p| p.start <= t && t < p.end()).collect();
@@ -435,7 +438,14 @@ impl Cluster {
                 .exec("r", &["tc", "qdisc", "del", "dev", &port, "root"])
                 .is_ok();
         if !netem {
-            println!("note: tc or the netem qdisc is missing here: no delay, loss or reordering");
+            println!(
+                "note: tc or the netem qdisc is missing here: no delay or reordering{}",
+                if nft {
+                    ", loss by nftables"
+                } else {
+                    ", no loss"
+                }
+            );
         }
         Ok(Self {
             procs: [None, None, None, None],
@@ -555,6 +565,30 @@ impl Cluster {
                 let (ns, port) = (self.net.get(n.suffix()), self.net.port(n.suffix()));
                 errand_tests::netns::ip(&["-n", &ns, "link", "set", &port, state])
             }
+            Fault::Loss(n, pct) if !self.tools.netem => {
+                let s = n.suffix();
+                if !on {
+                    return self
+                        .net
+                        .exec(s, &["nft", "delete", "table", "inet", "nemloss"]);
+                }
+                self.net
+                    .exec(s, &["nft", "add", "table", "inet", "nemloss"])?;
+                for (chain, hook) in [("in", "input"), ("out", "output")] {
+                    let spec = format!("{{ type filter hook {hook} priority 1; }}");
+                    self.net
+                        .exec(s, &["nft", "add", "chain", "inet", "nemloss", chain, &spec])?;
+                    let share = pct.to_string();
+                    self.net.exec(
+                        s,
+                        &[
+                            "nft", "add", "rule", "inet", "nemloss", chain, "numgen", "random",
+                            "mod", "100", "<", &share, "drop",
+                        ],
+                    )?;
+                }
+                Ok(())
+            }
             Fault::Delay(n, _) | Fault::Loss(n, _) | Fault::Reorder(n) => {
                 let port = self.net.port(n.suffix());
                 let mut args = vec!["tc", "qdisc"];
@@ -579,6 +613,10 @@ impl Cluster {
                     n.suffix(),
                     &["nft", "flush", "set", "inet", "nemesis", "blocked"],
                 )?;
+                // Fails when there is no loss table, which is the usual case.
+                let _ = self
+                    .net
+                    .output(n.suffix(), &["nft", "delete", "table", "inet", "nemloss"]);
             }
             if self.tools.netem {
                 // Fails when there is no netem qdisc, which is the usual case.
