@@ -6,6 +6,7 @@
 //! - [`cli`] / [`cli_json`] run one-shot commands.
 //! - [`wait_for`] polls a condition with a generous deadline, never a fixed sleep.
 //! - [`hostile`]: a paired phone whose home the test writes into with any actor.
+//! - [`netns`]: network namespaces, a bridge between them, and the tools to break links.
 
 use std::{
     io::{BufRead, BufReader},
@@ -21,6 +22,7 @@ use errand_crdt::NewTask;
 use errand_p2p::peer::{Peer, PeerConfig, now_ms};
 
 pub mod hostile;
+pub mod netns;
 
 /// Generous deadline for things that take milliseconds on a quiet machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
