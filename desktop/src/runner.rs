@@ -1390,6 +1390,7 @@ mod tests {
             author: phone.clone(),
             created_at: 1,
             not_after: None,
+            attachments: Vec::new(),
             events: events
                 .into_iter()
                 .map(|(from_desktop, attempt, at, kind)| TaskEvent {

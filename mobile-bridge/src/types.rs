@@ -1,7 +1,7 @@
 //! The records and enums the bridge exports, and their conversions from the domain types.
 //! Times are UTC milliseconds since the Unix epoch (`*_ms`), as in the document.
 
-use errand_core::{DeviceId, Message, Task, TaskId, fold};
+use errand_core::{BlobHash, BlobRef, DeviceId, Message, Task, TaskId, fold};
 use errand_p2p::api::{OUTPUT_TAIL_BYTES, tail};
 
 /// How to open a phone home.
@@ -111,6 +111,19 @@ pub enum TaskEventKind {
         option_id: String,
         by: String,
     },
+    Artifact {
+        file: BlobRef,
+    },
+}
+
+/// A file the thread names: an attachment of a task or an artifact of an attempt. `hash` is
+/// its BLAKE3 hash in hex; `name` is one plain file name, never a path.
+#[uniffi::remote(Record)]
+pub struct BlobRef {
+    hash: BlobHash,
+    name: String,
+    size: u64,
+    mime: String,
 }
 
 /// One step of an agent's plan.
@@ -196,6 +209,11 @@ uniffi::custom_type!(DeviceId, String, {
     lower: |id| id.to_string(),
     try_lift: |s| Ok(s.parse()?),
 });
+uniffi::custom_type!(BlobHash, String, {
+    remote,
+    lower: |h| h.to_string(),
+    try_lift: |s| Ok(s.parse()?),
+});
 uniffi::custom_type!(TaskId, String, {
     remote,
     lower: |id| id.to_string(),
@@ -241,6 +259,10 @@ pub struct TaskView {
     pub plan: Vec<PlanEntry>,
     /// The permission request the agent waits on, unanswered.
     pub permission: Option<PendingPermission>,
+    /// Files sent with the task.
+    pub attachments: Vec<BlobRef>,
+    /// Files the desktop produced, over all attempts.
+    pub artifacts: Vec<BlobRef>,
 }
 
 impl From<&Task> for TaskView {
@@ -273,6 +295,8 @@ impl From<&Task> for TaskView {
             tool_calls: v.tool_calls,
             plan: v.plan,
             permission: v.permission,
+            attachments: t.attachments.clone(),
+            artifacts: v.artifacts,
         }
     }
 }

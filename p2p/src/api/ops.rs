@@ -180,6 +180,7 @@ impl Call for SendTask {
             executor: self.executor.unwrap_or(default_exec),
             target,
             not_after: self.not_after,
+            attachments: Vec::new(),
         };
         let task_id = peer.enqueue_task(task).await.map_err(err)?;
         Ok(Sent {
