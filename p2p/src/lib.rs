@@ -23,6 +23,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod api;
+pub mod blob;
 pub mod cli;
 pub mod clock;
 pub mod control;
