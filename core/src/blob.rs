@@ -146,6 +146,35 @@ pub fn is_valid_mime(mime: &str) -> bool {
         && mime.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
 }
 
+/// The media type of a file by its name's extension; `application/octet-stream` when it is
+/// not one of the common ones. Only a label for the phone's screen: nothing runs by it.
+pub fn mime_for_name(name: &str) -> &'static str {
+    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("txt" | "log") => "text/plain",
+        Some("md") => "text/markdown",
+        Some("csv") => "text/csv",
+        Some("html" | "htm") => "text/html",
+        Some("json") => "application/json",
+        Some("pdf") => "application/pdf",
+        Some("zip") => "application/zip",
+        Some("gz" | "tgz") => "application/gzip",
+        Some("tar") => "application/x-tar",
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        Some("heic") => "image/heic",
+        Some("svg") => "image/svg+xml",
+        Some("mp3") => "audio/mpeg",
+        Some("m4a") => "audio/mp4",
+        Some("wav") => "audio/wav",
+        Some("mp4") => "video/mp4",
+        Some("mov") => "video/quicktime",
+        _ => "application/octet-stream",
+    }
+}
+
 /// Windows device names: a file named `CON` or `nul.txt` opens the device, not a file.
 const DEVICE_NAMES: [&str; 22] = [
     "CON", "PRN", "AUX", "NUL", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8",
@@ -286,6 +315,14 @@ mod tests {
         assert!(!is_safe_file_name("a/b"));
         assert!(!is_safe_file_name("NUL"));
         assert!(is_safe_file_name(".hidden"));
+    }
+
+    #[test]
+    fn media_types_come_from_common_extensions_only() {
+        assert_eq!(mime_for_name("a.JPG"), "image/jpeg");
+        assert_eq!(mime_for_name("notes.txt"), "text/plain");
+        assert_eq!(mime_for_name("Makefile"), "application/octet-stream");
+        assert!(is_valid_mime(mime_for_name("x.svg")));
     }
 
     #[test]

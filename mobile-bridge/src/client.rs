@@ -145,6 +145,7 @@ impl PhoneClient {
             text,
             executor,
             not_after: not_after_ms,
+            attach: Vec::new(),
         };
         send.validate()
             .map_err(|e| ErrandError::from_api(e, ErrandError::invalid_kind))?;

@@ -70,6 +70,10 @@ enum Command {
         /// Executor to run it with (default: the desktop's first).
         #[arg(long)]
         executor: Option<String>,
+        /// Attach a file (repeatable, up to 32). It is stored in this home at once, so the
+        /// task can be queued offline; the desktop fetches it before the task starts.
+        #[arg(long, value_name = "FILE")]
+        attach: Vec<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -289,17 +293,20 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
         Command::Send {
             text,
             executor,
+            attach,
             json,
             wait: true,
             timeout,
             net,
         } => {
             cli::init_logging("warn");
+            let attach = absolute_paths(attach)?;
             let opened = open_online(&home, &net).await?;
             let send = api::SendTask {
                 text,
                 executor,
                 not_after: None,
+                attach,
             };
             let out = async {
                 let sent = opened.call(send).await?;
@@ -607,6 +614,7 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
         Command::Send {
             text,
             executor,
+            attach,
             json,
             ..
         } => {
@@ -614,6 +622,7 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
                 text,
                 executor,
                 not_after: None,
+                attach: absolute_paths(attach)?,
             };
             cli::show(opened, send, json, CLI).await
         }
@@ -654,6 +663,17 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
             cli::show(opened, add, json, CLI).await
         }
     }
+}
+
+/// The files as absolute paths: a running daemon reads them, from its own working directory.
+fn absolute_paths(files: Vec<PathBuf>) -> Result<Vec<PathBuf>, ApiError> {
+    files
+        .into_iter()
+        .map(|f| {
+            std::path::absolute(&f)
+                .map_err(|e| ApiError::new(format!("cannot resolve {}: {e}", f.display())))
+        })
+        .collect()
 }
 
 #[cfg(test)]

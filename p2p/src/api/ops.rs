@@ -150,6 +150,11 @@ pub struct SendTask {
     pub executor: Option<String>,
     /// Expiry, UTC ms.
     pub not_after: Option<i64>,
+    /// Files to attach, as absolute paths on the device that runs the request. Each is
+    /// copied into the home's blob store at once (so it is served later, even if the file
+    /// goes away), and referenced by the task under its plain file name.
+    #[serde(default)]
+    pub attach: Vec<std::path::PathBuf>,
 }
 
 impl SendTask {
@@ -166,8 +171,45 @@ impl SendTask {
                 limits::MAX_INSTRUCTION_BYTES
             )));
         }
+        if self.attach.len() > errand_core::blob::MAX_ATTACHMENTS {
+            return Err(usage(format!(
+                "{} files attached, over the limit of {}",
+                self.attach.len(),
+                errand_core::blob::MAX_ATTACHMENTS
+            )));
+        }
         Ok(())
     }
+}
+
+/// Copies each file into the peer's blob store and names it for the thread.
+async fn store_attachments(
+    peer: &Peer,
+    files: Vec<std::path::PathBuf>,
+) -> Result<Vec<errand_core::BlobRef>, ApiError> {
+    let store = peer.blobs();
+    let mut out = Vec::with_capacity(files.len());
+    for path in files {
+        let s = store.clone();
+        let p = path.clone();
+        let (hash, size) = tokio::task::spawn_blocking(move || s.add_file(&p))
+            .await
+            .map_err(err)?
+            .map_err(|e| usage(format!("cannot attach {}: {e}", path.display())))?;
+        let name = errand_core::safe_file_name(
+            &path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        out.push(errand_core::BlobRef {
+            hash,
+            mime: errand_core::blob::mime_for_name(&name).to_owned(),
+            name,
+            size,
+        });
+    }
+    Ok(out)
 }
 
 impl Call for SendTask {
@@ -175,12 +217,13 @@ impl Call for SendTask {
     async fn run(self, peer: &Peer) -> Result<Sent, ApiError> {
         self.validate()?;
         let (target, default_exec) = desktop_target(peer).await?;
+        let attachments = store_attachments(peer, self.attach).await?;
         let task = NewTask {
             instruction: self.text,
             executor: self.executor.unwrap_or(default_exec),
             target,
             not_after: self.not_after,
-            attachments: Vec::new(),
+            attachments,
         };
         let task_id = peer.enqueue_task(task).await.map_err(err)?;
         Ok(Sent {
