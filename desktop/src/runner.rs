@@ -960,6 +960,7 @@ impl Loop {
             agents: self.agents.clone(),
             shutdown: self.shutdown.clone(),
             attachments: None,
+            out: None,
         };
         let span = info_span!("task", task = %task.id, attempt);
         let handle = self.attempts.spawn(job.run().instrument(span));
@@ -1028,6 +1029,15 @@ pub fn attachment_names(names: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The folder a task's attempt writes its results to (`$ERRAND_OUT`):
+/// `<workspace>/<task>/out/<attempt>`.
+pub fn out_dir(workspace: &Path, task: TaskId, attempt: u32) -> PathBuf {
+    workspace
+        .join(task.to_string())
+        .join("out")
+        .join(attempt.to_string())
+}
+
 /// Why the attachments are not in place.
 enum FetchStopped {
     /// The task was cancelled or the desktop is stopping.
@@ -1049,6 +1059,9 @@ struct AttemptJob {
     shutdown: CancellationToken,
     /// The folder of the task's attachments, once they are in place.
     attachments: Option<PathBuf>,
+    /// The attempt's `$ERRAND_OUT`, once the process was about to start: what it holds
+    /// when the attempt ends becomes artifacts.
+    out: Option<PathBuf>,
 }
 
 /// How the writer of `output` events ended.
@@ -1181,6 +1194,17 @@ impl AttemptJob {
             return;
         }
 
+        let out = out_dir(&self.settings.workspace, id, attempt);
+        if let Err(e) = tokio::fs::create_dir_all(&out).await {
+            let reason = format!("cannot create {}: {e}", out.display());
+            let fact = EventKind::Failed {
+                reason: cap_text(&reason),
+            };
+            self.finish(fact, reason, &log_path).await;
+            return;
+        }
+        self.out = Some(out);
+
         // The prompt of this attempt: a reply, else the instruction.
         let instruction = errand_core::prompt_of(&self.task, attempt).to_owned();
         // An instruction the executor would take for an option is refused before anything runs.
@@ -1220,8 +1244,89 @@ impl AttemptJob {
     }
 
     /// Posts the log note, appends the terminal fact and closes the ledger entry.
+    /// Stores each regular file the attempt left in its `$ERRAND_OUT` (sorted by name, at
+    /// most [`errand_core::blob::MAX_ARTIFACTS_PER_ATTEMPT`]) as a blob and writes an
+    /// `artifact` fact for it, before the attempt's terminal fact. A file that cannot be
+    /// stored (a link, over a cap) is named in the task's output instead.
+    async fn collect_artifacts(&self, dir: &Path) {
+        let (id, attempt) = (self.task.id, self.attempt);
+        let store = self.peer.blobs();
+        let dir = dir.to_owned();
+        let found = tokio::task::spawn_blocking(move || {
+            let mut paths: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+                Err(_) => Vec::new(),
+            };
+            paths.sort();
+            let extra = paths
+                .len()
+                .saturating_sub(errand_core::blob::MAX_ARTIFACTS_PER_ATTEMPT);
+            paths.truncate(errand_core::blob::MAX_ARTIFACTS_PER_ATTEMPT);
+            let results: Vec<Result<errand_core::BlobRef, String>> = paths
+                .iter()
+                .map(|p| {
+                    let raw = p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let name = errand_core::safe_file_name(&raw);
+                    store
+                        .add_regular_file(p)
+                        .map(|(hash, size)| errand_core::BlobRef {
+                            hash,
+                            mime: errand_core::blob::mime_for_name(&name).to_owned(),
+                            name,
+                            size,
+                        })
+                        .map_err(|e| format!("{raw}: {e}"))
+                })
+                .collect();
+            (results, extra)
+        })
+        .await;
+        let Ok((results, extra)) = found else {
+            warn!("could not collect the artifacts");
+            return;
+        };
+        let mut refused = Vec::new();
+        for r in results {
+            match r {
+                Ok(file) => {
+                    info!(file = %file.name, size = file.size, "artifact");
+                    if let Err(e) = self
+                        .peer
+                        .append_event(id, attempt, EventKind::Artifact { file })
+                        .await
+                    {
+                        warn!(error = %e, "could not write an artifact fact");
+                    }
+                }
+                Err(why) => refused.push(why),
+            }
+        }
+        if extra > 0 {
+            refused.push(format!(
+                "{extra} more files past the first {}",
+                errand_core::blob::MAX_ARTIFACTS_PER_ATTEMPT
+            ));
+        }
+        if !refused.is_empty() {
+            let text = cap_text(&format!(
+                "\n[errand] not kept as artifacts: {}\n",
+                refused.join("; ")
+            ));
+            let _ = self
+                .peer
+                .append_event(id, attempt, EventKind::Output { text })
+                .await;
+        }
+    }
+
     async fn finish(&self, fact: EventKind, summary: String, log_path: &Path) {
         let (id, attempt) = (self.task.id, self.attempt);
+        if let Some(out) = &self.out {
+            self.collect_artifacts(out).await;
+        }
         let note = format!(
             "Task {id} (attempt {attempt}): {summary}. Full log: {}",
             log_path.display()
@@ -1393,6 +1498,10 @@ impl AttemptJob {
                 thread_path.to_string_lossy().into_owned(),
             ),
         ];
+        if let Some(out) = &self.out {
+            spec.env
+                .push(("ERRAND_OUT".into(), out.to_string_lossy().into_owned()));
+        }
         if let Some(dir) = &self.attachments {
             spec.env.push((
                 "ERRAND_ATTACHMENTS".into(),

@@ -45,10 +45,17 @@ fn an_attachment_queued_offline_reaches_the_task_folder_byte_identical() -> Resu
     let phone = Home::phone(root.path(), "phone");
     let (_desktop_daemon, addr) = desktop.start(&[])?;
     trust_pair(&desktop, &phone, Some(&addr))?;
-    // The phone learns the thread once, then goes offline.
+    // The phone learns the thread, and the record that binds its own writes to it (a task
+    // of its own shows done), then goes offline.
     let (phone_daemon, _) = phone.start(&[])?;
     wait_for("the phone to get the desktop's thread", SHORT, || {
         phone.thread().ok()
+    })?;
+    let first = phone.json(&["send", "true", "--json"])?;
+    let first = first["task_id"].as_str().context("task_id")?.to_owned();
+    wait_for("a first task to run", SHORT, || {
+        let t = phone.json(&["task", &first, "--json"]).ok()?;
+        (t["status"] == "done").then_some(())
     })?;
     phone_daemon.stop()?;
 
@@ -98,5 +105,79 @@ fn an_attachment_queued_offline_reaches_the_task_folder_byte_identical() -> Resu
     // The task saw the file: its output is sha256sum's line.
     let out = done["output_tail"].as_str().unwrap_or_default();
     ensure!(out.contains(&sha), "the task printed {out:?}");
+    Ok(())
+}
+
+#[test]
+fn files_a_task_writes_to_errand_out_become_artifacts_that_fetch_gets_byte_identical() -> Result<()>
+{
+    let root = test_root()?;
+    let desktop = Home::desktop(root.path(), "desktop");
+    let phone = Home::phone(root.path(), "phone");
+    let (_desktop_daemon, addr) = desktop.start(&[])?;
+    trust_pair(&desktop, &phone, Some(&addr))?;
+    let (_phone_daemon, _) = phone.start(&[])?;
+    wait_for("the phone to get the desktop's thread", SHORT, || {
+        phone.thread().ok()
+    })?;
+
+    let sent = phone.json(&[
+        "send",
+        "head -c 3000000 /dev/urandom > \"$ERRAND_OUT/one.bin\" && printf hello > \"$ERRAND_OUT/two.txt\"",
+        "--json",
+    ])?;
+    let id = sent["task_id"].as_str().context("task_id")?.to_owned();
+    let done = wait_for(
+        &format!("task {id} to end with its artifacts"),
+        LONG,
+        || {
+            let t = phone.json(&["task", &id, "--json"]).ok()?;
+            let s = t["status"].as_str()?.to_owned();
+            ["done", "failed", "cancelled", "interrupted"]
+                .contains(&s.as_str())
+                .then_some(t)
+        },
+    )?;
+    ensure!(done["status"] == "done", "{done}");
+    let artifacts = done["artifacts"].as_array().context("artifacts")?;
+    let names: Vec<&str> = artifacts
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    ensure!(names == ["one.bin", "two.txt"], "{done}");
+    // Not fetched yet: the phone does not hold them.
+    ensure!(
+        artifacts.iter().all(|a| a["local_path"].is_null()),
+        "{done}"
+    );
+
+    let into = root.path().join("downloads");
+    let fetched = phone.json(&["fetch", &id, into.to_str().context("path")?, "--json"])?;
+    ensure!(
+        fetched["files"].as_array().map(Vec::len) == Some(2),
+        "{fetched}"
+    );
+    let written = desktop
+        .dir
+        .join("workspace")
+        .join(&id)
+        .join("out")
+        .join("1");
+    for (a, name) in artifacts.iter().zip(["one.bin", "two.txt"]) {
+        let original = std::fs::read(written.join(name))?;
+        let got = std::fs::read(into.join(name))?;
+        ensure!(got.len() == original.len(), "{name}: {} bytes", got.len());
+        ensure!(blake3::hash(&got) == blake3::hash(&original), "{name}");
+        ensure!(sha256_hex(&got) == sha256_hex(&original), "{name}");
+        ensure!(a["hash"] == blake3::hash(&got).to_hex().as_str(), "{name}");
+    }
+    // Now the phone holds them.
+    let after = phone.json(&["task", &id, "--json"])?;
+    ensure!(
+        after["artifacts"]
+            .as_array()
+            .is_some_and(|v| v.iter().all(|a| a["local_path"].is_string())),
+        "{after}"
+    );
     Ok(())
 }

@@ -137,7 +137,10 @@ impl GetTask {
 impl Call for GetTask {
     type Response = TaskInfo;
     async fn run(self, peer: &Peer) -> Result<TaskInfo, ApiError> {
-        Ok(TaskInfo::from(&self.read(peer).await?))
+        let mut info = TaskInfo::from(&self.read(peer).await?);
+        super::files::with_local_paths(peer, &mut info.attachments).await;
+        super::files::with_local_paths(peer, &mut info.artifacts).await;
+        Ok(info)
     }
 }
 

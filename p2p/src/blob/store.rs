@@ -263,8 +263,35 @@ impl BlobStore {
     /// Stores a copy of the file at `src`: hashed while copied, synced, renamed into place.
     /// Returns its hash and size.
     pub fn add_file(&self, src: &Path) -> Result<(BlobHash, u64), BlobError> {
+        let input = File::open(src).map_err(io_err("opening", src))?;
+        self.add_opened(src, input)
+    }
+
+    /// Like [`Self::add_file`], for a file written by someone not trusted (a task's
+    /// `$ERRAND_OUT`): a symbolic link is refused, never followed, and so is anything but a
+    /// regular file.
+    pub fn add_regular_file(&self, src: &Path) -> Result<(BlobHash, u64), BlobError> {
+        let mut opts = OpenOptions::new();
+        opts.read(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        }
+        let input = opts.open(src).map_err(io_err("opening", src))?;
+        let meta = input.metadata().map_err(io_err("reading", src))?;
+        if !meta.is_file() {
+            return Err(BlobError::Io {
+                what: "refusing",
+                path: src.to_owned(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+            });
+        }
+        self.add_opened(src, input)
+    }
+
+    fn add_opened(&self, src: &Path, mut input: File) -> Result<(BlobHash, u64), BlobError> {
         self.ensure_dirs()?;
-        let mut input = File::open(src).map_err(io_err("opening", src))?;
         let len = input.metadata().map_err(io_err("reading", src))?.len();
         if len > MAX_BLOB_BYTES {
             return Err(BlobError::TooLarge {
