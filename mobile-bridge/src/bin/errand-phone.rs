@@ -806,6 +806,17 @@ mod tests {
         &["routine", "resume", "ID", "--json"],
         &["routine", "rm", "ID"],
         &["export", "/tmp/errand-export", "--json"],
+        &[
+            "send",
+            "--attach",
+            "photo.jpg",
+            "--attach",
+            "notes.txt",
+            "ls -l \"$ERRAND_ATTACHMENTS\"",
+        ],
+        &["send", "sort data.csv > \"$ERRAND_OUT/sorted.csv\""],
+        &["fetch", "ID", "/tmp/downloads"],
+        &["fetch", "ID", "--json", "--timeout", "1m"],
     ];
 
     #[test]
