@@ -220,6 +220,15 @@ uniffi::custom_type!(TaskId, String, {
     try_lift: |s| Ok(s.parse()?),
 });
 
+/// An artifact written to a folder by `fetch_artifacts`.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct FetchedFile {
+    /// The file as the thread names it.
+    pub file: BlobRef,
+    /// Where it was written.
+    pub local_path: String,
+}
+
 /// A task as this phone sees it now.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
 pub struct TaskView {
