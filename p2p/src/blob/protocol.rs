@@ -370,6 +370,37 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn a_blob_no_task_references_is_not_served_even_when_held() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (store(da.path()), store(db.path()));
+        let (src, _) = random_file(da.path(), 40 * 1024);
+        let (hash, size) = a.add_file(&src).unwrap();
+        // A home without a thread: no task references anything.
+        let replica = Replica::open(Store::open(&da.path().join("other")).unwrap()).unwrap();
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let peer = PeerId::random();
+        tokio::spawn(serve(server.compat(), peer, replica, a.clone()));
+        let blob = BlobRef {
+            hash,
+            name: "x.bin".into(),
+            size,
+            mime: "application/octet-stream".into(),
+        };
+        let mut stream = client.compat();
+        let err = fetch(&mut stream, peer, &b, &blob, &mut |_, _| {}).await;
+        assert!(matches!(err, Err(FetchError::NotFound { .. })), "{err:?}");
+        // A range past the end of a held blob is refused by the store the server reads.
+        assert!(matches!(
+            a.read(&hash, What::Data, size, 1),
+            Err(BlobError::Range { .. })
+        ));
+        assert!(matches!(
+            a.read(&hash, What::Data, u64::MAX, MAX_RANGE),
+            Err(BlobError::Range { .. })
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn a_blob_over_the_cap_is_refused_before_anything_is_fetched() {
         let db = tempfile::tempdir().unwrap();
         let b = store(db.path());
