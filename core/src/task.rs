@@ -13,7 +13,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{DeviceId, TaskId, time::Millis};
+use crate::{
+    DeviceId, TaskId,
+    blob::{BlobRef, MAX_ARTIFACTS_PER_ATTEMPT},
+    time::Millis,
+};
 
 /// What happened, with its data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +117,12 @@ pub enum EventKind {
         /// or [`ANSWERED_BY_CANCEL`].
         by: String,
     },
+    /// Fact: a file the attempt produced (what the task wrote to `$ERRAND_OUT`), served over
+    /// `/errand/blob/1`. At most [`MAX_ARTIFACTS_PER_ATTEMPT`] count per attempt.
+    Artifact {
+        /// The file.
+        file: BlobRef,
+    },
 }
 
 /// `agent_session.how`: a new session.
@@ -193,6 +203,7 @@ impl EventKind {
             Self::PermissionRequested { .. } => "permission_requested",
             Self::PermissionAnswered { .. } => "permission_answered",
             Self::PermissionResolved { .. } => "permission_resolved",
+            Self::Artifact { .. } => "artifact",
         }
     }
 
@@ -216,6 +227,7 @@ impl EventKind {
                 | Self::Plan { .. }
                 | Self::PermissionRequested { .. }
                 | Self::PermissionResolved { .. }
+                | Self::Artifact { .. }
         )
     }
 
@@ -292,6 +304,10 @@ pub struct Task {
     pub author: DeviceId,
     /// When it was created, by the author's clock.
     pub created_at: Millis,
+    /// Files the author sent with it (written in the same change as the task), at most
+    /// [`crate::blob::MAX_ATTACHMENTS`].
+    #[serde(default)]
+    pub attachments: Vec<BlobRef>,
     /// Past this, the desktop settles it as cancelled (`expired`) instead of running it.
     pub not_after: Option<Millis>,
     /// The history, in list order (which need not be time order).
@@ -392,6 +408,9 @@ pub struct TaskView {
     pub plan: Vec<PlanEntry>,
     /// The permission request the agent waits on that no fact and no answer settles yet.
     pub permission: Option<PendingPermission>,
+    /// Files the desktop produced, over all attempts in list order (each attempt's first
+    /// [`MAX_ARTIFACTS_PER_ATTEMPT`]), without repeats of the same hash and name.
+    pub artifacts: Vec<BlobRef>,
 }
 
 /// Who speaks in a conversation.
@@ -692,7 +711,32 @@ pub fn fold(task: &Task) -> TaskView {
         tool_calls,
         plan,
         permission,
+        artifacts: artifacts_of(task),
     }
+}
+
+/// The target's `artifact` facts over all attempts, in list order: each attempt's first
+/// [`MAX_ARTIFACTS_PER_ATTEMPT`], without repeats of the same hash and name.
+pub fn artifacts_of(task: &Task) -> Vec<BlobRef> {
+    let mut per_attempt: std::collections::BTreeMap<u32, usize> = Default::default();
+    let mut out: Vec<BlobRef> = Vec::new();
+    for e in &task.events {
+        let EventKind::Artifact { file: b } = &e.kind else {
+            continue;
+        };
+        if e.author != task.target {
+            continue;
+        }
+        let n = per_attempt.entry(e.attempt).or_default();
+        if *n >= MAX_ARTIFACTS_PER_ATTEMPT {
+            continue;
+        }
+        *n += 1;
+        if !out.iter().any(|o| o.hash == b.hash && o.name == b.name) {
+            out.push(b.clone());
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -727,10 +771,74 @@ pub(crate) mod tests {
             author: phone(),
             created_at: 1,
             not_after: None,
+            attachments: vec![],
             events,
         }
     }
     use EventKind::*;
+
+    fn blob(n: u8, name: &str) -> BlobRef {
+        BlobRef {
+            hash: crate::BlobHash::from_bytes([n; 32]),
+            name: name.into(),
+            size: u64::from(n),
+            mime: "text/plain".into(),
+        }
+    }
+
+    #[test]
+    fn artifacts_count_only_from_the_target_capped_per_attempt_without_repeats() {
+        let (d, p) = (desktop(), phone());
+        let mut events = vec![
+            ev(
+                p.clone(),
+                1,
+                1,
+                Artifact {
+                    file: blob(9, "forged.txt"),
+                },
+            ),
+            ev(
+                d.clone(),
+                1,
+                2,
+                Artifact {
+                    file: blob(1, "a.txt"),
+                },
+            ),
+            ev(
+                d.clone(),
+                1,
+                3,
+                Artifact {
+                    file: blob(1, "a.txt"),
+                },
+            ),
+            ev(
+                d.clone(),
+                1,
+                4,
+                Artifact {
+                    file: blob(2, "b.txt"),
+                },
+            ),
+        ];
+        for i in 0..100u8 {
+            events.push(ev(
+                d.clone(),
+                2,
+                10,
+                Artifact {
+                    file: blob(i, &format!("{i}.txt")),
+                },
+            ));
+        }
+        let v = fold(&task(events));
+        assert_eq!(v.artifacts[0], blob(1, "a.txt"));
+        assert_eq!(v.artifacts[1], blob(2, "b.txt"));
+        assert!(!v.artifacts.iter().any(|a| a.name == "forged.txt"));
+        assert_eq!(v.artifacts.len(), 2 + MAX_ARTIFACTS_PER_ATTEMPT);
+    }
 
     #[test]
     fn a_task_without_facts_is_queued() {

@@ -57,6 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     executor: "shell".into(),
                     target: desktop_id.clone(),
                     not_after: None,
+                    attachments: Vec::new(),
                 },
                 1_700_000_000_000 + i as i64,
             )

@@ -27,9 +27,11 @@ use automerge::{
     patches::PatchAction, transaction::CommitOptions, transaction::Transactable,
 };
 use errand_core::{
-    Device, DeviceId, DeviceKind, EventKind, Message, MessageId, MessageKind, PermissionChoice,
-    PlanEntry, Task, TaskEvent, TaskId, ThreadId, limits, time::Millis,
+    BlobRef, Device, DeviceId, DeviceKind, EventKind, Message, MessageId, MessageKind,
+    PermissionChoice, PlanEntry, Task, TaskEvent, TaskId, ThreadId, limits, time::Millis,
 };
+
+use errand_core::blob::{MAX_ATTACHMENTS, MAX_FILE_NAME_BYTES, MAX_MIME_BYTES};
 
 mod routines;
 pub use routines::NewRoutine;
@@ -132,6 +134,9 @@ pub struct NewTask {
     pub target: DeviceId,
     /// Settle as cancelled (`expired`) rather than run after this time.
     pub not_after: Option<Millis>,
+    /// Files sent with it (already stored locally), at most
+    /// [`errand_core::blob::MAX_ATTACHMENTS`]; written in the same change as the task.
+    pub attachments: Vec<BlobRef>,
 }
 
 /// Why a write was refused. Nothing was written.
@@ -165,6 +170,9 @@ pub enum WriteError {
     /// The segment the write belongs in is not held in memory.
     #[error("segment {0} of the thread is not loaded")]
     NotLoaded(u32),
+    /// A file reference may not be written as it is.
+    #[error(transparent)]
+    Blob(#[from] errand_core::blob::BlobRefError),
     /// Automerge refused the write.
     #[error("document error: {0}")]
     Automerge(Box<automerge::AutomergeError>),
@@ -756,8 +764,22 @@ fn check_event(kind: &EventKind) -> Result<(), WriteError> {
             check_len("option id", option_id, short)?;
             check_len("answered by", by, short)
         }
+        EventKind::Artifact { file } => Ok(file.check()?),
         _ => Ok(()),
     }
+}
+
+/// Writes a file reference's fields into `m`.
+fn put_blob_ref(
+    doc: &mut AutoCommit,
+    m: &ObjId,
+    b: &BlobRef,
+) -> Result<(), automerge::AutomergeError> {
+    doc.put(m, "hash", b.hash.to_string())?;
+    doc.put(m, "name", b.name.as_str())?;
+    doc.put(m, "size", b.size)?;
+    doc.put(m, "mime", b.mime.as_str())?;
+    Ok(())
 }
 
 /// Writes an event's own fields (beyond `at`, `kind` and `attempt`) into its map.
@@ -827,6 +849,7 @@ fn put_event_fields(
             doc.put(ev, "option_id", option_id.as_str())?;
             doc.put(ev, "by", by.as_str())?;
         }
+        EventKind::Artifact { file } => put_blob_ref(doc, ev, file)?,
         _ => {}
     }
     Ok(())
@@ -1096,6 +1119,16 @@ impl ThreadDoc {
             &task.executor,
             limits::MAX_SHORT_TEXT_BYTES,
         )?;
+        if task.attachments.len() > MAX_ATTACHMENTS {
+            return Err(WriteError::TooLong {
+                what: "attachments",
+                len: task.attachments.len(),
+                max: MAX_ATTACHMENTS,
+            });
+        }
+        for b in &task.attachments {
+            b.check()?;
+        }
         self.enqueue_task_with_id(task, TaskId::new_at(now), now)
     }
 
@@ -1123,6 +1156,13 @@ impl ThreadDoc {
             p.doc.put(&obj, "created_at", now)?;
             if let Some(t) = task.not_after {
                 p.doc.put(&obj, "not_after", t)?;
+            }
+            if !task.attachments.is_empty() {
+                let list = p.doc.put_object(&obj, "attachments", ObjType::List)?;
+                for (i, b) in task.attachments.iter().enumerate() {
+                    let m = p.doc.insert_object(&list, i, ObjType::Map)?;
+                    put_blob_ref(&mut p.doc, &m, b)?;
+                }
             }
             p.doc.put_object(&obj, "events", ObjType::List)?;
             Ok(())
@@ -1675,6 +1715,22 @@ impl Reader<'_> {
         }
         Some(out)
     }
+    /// A file reference in `m`, all of it written by `by`: a 64-hex hash, a plain file
+    /// name, a size, a valid media type.
+    fn read_blob_ref(&self, m: &ObjId, by: &ActorId) -> Option<BlobRef> {
+        let b = BlobRef {
+            hash: self.str_by(m, "hash", by, 64)?.parse().ok()?,
+            name: self.str_by(m, "name", by, MAX_FILE_NAME_BYTES)?,
+            size: match self.scalar_by(m, "size", by)? {
+                ScalarValue::Uint(u) => u,
+                ScalarValue::Int(i) => u64::try_from(i).ok()?,
+                _ => return None,
+            },
+            mime: self.str_by(m, "mime", by, MAX_MIME_BYTES)?,
+        };
+        b.check().ok()?;
+        Some(b)
+    }
     fn read_device(&self, id: DeviceId, obj: &ObjId, by: &ActorId) -> Option<Device> {
         Some(Device {
             id,
@@ -1736,6 +1792,16 @@ impl Reader<'_> {
         }
         let created_at = self.int_by(obj, "created_at", by)?;
         let not_after = self.int_by(obj, "not_after", by);
+        // Attachments are part of the task: absent is none, malformed makes the task
+        // malformed (its creator wrote both in one change).
+        let attachments = match self.value_by(obj, "attachments", by) {
+            None => Vec::new(),
+            Some(_) => self
+                .maps_by(obj, "attachments", by, MAX_ATTACHMENTS)?
+                .iter()
+                .map(|m| self.read_blob_ref(m, by))
+                .collect::<Option<Vec<_>>>()?,
+        };
         let events_obj = self.obj_by(obj, "events", by, ObjType::List)?;
         let mut events = Vec::new();
         let mut output_bytes = 0usize;
@@ -1782,6 +1848,7 @@ impl Reader<'_> {
             author,
             created_at,
             not_after,
+            attachments,
             events,
         })
     }
@@ -1870,6 +1937,9 @@ impl Reader<'_> {
                 perm_id: text("perm_id")?,
                 option_id: text("option_id")?,
                 by: text("by")?,
+            },
+            "artifact" => EventKind::Artifact {
+                file: self.read_blob_ref(ev, by)?,
             },
             _ => return None,
         };

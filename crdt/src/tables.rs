@@ -32,3 +32,6 @@ pub const ROUTINE_HANDLED: TableDefinition<&str, i64> = TableDefinition::new("ro
 /// Pairing tickets that are live or were used: ticket id → record (`errand-p2p`'s ticket
 /// book).
 pub const PAIR_TICKETS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pair_tickets");
+/// Blobs this home holds or is fetching: BLAKE3 hash (hex) → JSON `{size, complete,
+/// verified_upto}`; the bytes are files under `<home>/blobs` (`errand-p2p`'s blob store).
+pub const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");

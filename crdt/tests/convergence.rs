@@ -127,6 +127,7 @@ proptest! {
                         executor: "shell".into(),
                         target: w.ids[0].clone(),
                         not_after: None,
+                        attachments: Vec::new(),
                     };
                     net.docs[r].enqueue_task(&t, now).unwrap();
                 }
@@ -179,6 +180,7 @@ fn two_peers_that_start_from_genesis_each_keep_their_task_after_sync() {
         executor: "shell".into(),
         target: w.ids[0].clone(),
         not_after: None,
+        attachments: Vec::new(),
     };
     let a = desktop.enqueue_task(&t("desktop"), 10).unwrap();
     let b = phone.enqueue_task(&t("phone"), 11).unwrap();
@@ -206,6 +208,7 @@ fn tasks_changed_since_reports_new_tasks_and_new_events() {
         executor: "shell".into(),
         target: w.ids[0].clone(),
         not_after: None,
+        attachments: Vec::new(),
     };
     let a = desktop.enqueue_task(&task, 10).unwrap();
     assert_eq!(
@@ -290,6 +293,7 @@ fn an_agent_conversation_round_trips_through_the_document() {
                 executor: "agent".into(),
                 target: w.ids[0].clone(),
                 not_after: None,
+                attachments: Vec::new(),
             },
             10,
         )

@@ -340,6 +340,7 @@ impl Net {
             executor: "shell".into(),
             target,
             not_after: None,
+            attachments: Vec::new(),
         };
         match self.nodes[phone].e().commit(|d| d.enqueue_task(&task, now)) {
             Ok((id, _)) => {

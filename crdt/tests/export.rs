@@ -36,6 +36,7 @@ fn an_exported_thread_imports_into_an_empty_store_with_the_same_tasks_and_indexe
                         executor: "shell".into(),
                         target: w.ids[0].clone(),
                         not_after: None,
+                        attachments: Vec::new(),
                     },
                     1_000 + i,
                 )

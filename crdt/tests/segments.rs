@@ -19,6 +19,7 @@ fn task(w: &common::World, what: String) -> NewTask {
         executor: "shell".into(),
         target: w.ids[0].clone(),
         not_after: None,
+        attachments: Vec::new(),
     }
 }
 

@@ -34,6 +34,7 @@ fn reopen_after_compaction_equals_reopen_before() {
                 executor: "shell".into(),
                 target: w.ids[0].clone(),
                 not_after: None,
+                attachments: Vec::new(),
             };
             doc.enqueue_task(&task, 1_000 + i).unwrap();
             let chunk = doc.part_mut(1).unwrap().save_incremental();
@@ -72,6 +73,7 @@ fn reopen_after_compaction_equals_reopen_before() {
         executor: "shell".into(),
         target: w.ids[0].clone(),
         not_after: None,
+        attachments: Vec::new(),
     };
     after.enqueue_task(&task, 5_000).unwrap();
     let chunk = after.part_mut(1).unwrap().save_incremental();

@@ -21,6 +21,7 @@ fn garbage_from_a_peer_is_skipped_and_real_tasks_stay_visible() {
         executor: "shell".into(),
         target: w.ids[0].clone(),
         not_after: None,
+        attachments: Vec::new(),
     };
     let real = phone.enqueue_task(&task("real work"), 100).unwrap();
     let acted = phone.enqueue_task(&task("second"), 101).unwrap();
@@ -158,6 +159,7 @@ fn new_tasks_are_reported_after_a_peer_overwrites_the_root_keys() {
         executor: "shell".into(),
         target: w.ids[0].clone(),
         not_after: None,
+        attachments: Vec::new(),
     };
     phone.enqueue_task(&task("first"), 10).unwrap();
     sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);

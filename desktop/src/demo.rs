@@ -170,6 +170,7 @@ async fn tour(root: &Path) -> Result<()> {
             text: text.into(),
             executor: executor.map(str::to_owned),
             not_after: None,
+            attach: Vec::new(),
         };
         let sent = send
             .run(&phone)

@@ -271,6 +271,7 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
                 text,
                 executor,
                 not_after,
+                attach: Vec::new(),
             };
             cli::show(opened, send, json, CLI).await
         }

@@ -959,11 +959,19 @@ impl Loop {
             answers: answers_rx,
             agents: self.agents.clone(),
             shutdown: self.shutdown.clone(),
+            attachments: None,
+            out: None,
         };
         let span = info_span!("task", task = %task.id, attempt);
         let handle = self.attempts.spawn(job.run().instrument(span));
         self.attempt_ids.insert(handle.id(), task.id);
     }
+}
+
+/// The libp2p id of a device (a `DeviceId` is a validated PeerId).
+fn libp2p_peer_id(device: &errand_core::DeviceId) -> errand_p2p::PeerId {
+    errand_p2p::PeerId::from_bytes(&device.to_bytes())
+        .unwrap_or_else(|_| errand_p2p::PeerId::random())
 }
 
 async fn sleep_until_ms(at: Option<Millis>) {
@@ -988,6 +996,56 @@ fn restrict_dir(_: &Path) {}
 // One attempt
 // ---------------------------------------------------------------------------------------------
 
+/// First wait before fetching an attachment again after the phone went away; doubles up to
+/// [`FETCH_RETRY_MAX`]. The phone's own redial backoff is of the same order.
+const FETCH_RETRY_START: Duration = Duration::from_secs(1);
+/// Longest wait between attempts to fetch an attachment.
+const FETCH_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The folder of a task's attachments inside the workspace: `<workspace>/<task>/attachments`.
+pub fn attachments_dir(workspace: &Path, task: TaskId) -> PathBuf {
+    workspace.join(task.to_string()).join("attachments")
+}
+
+/// A name for each attachment that is a plain file name and unique in the folder: the second
+/// `a.txt` becomes `a-2.txt`. Pure.
+pub fn attachment_names(names: &[&str]) -> Vec<String> {
+    let mut used = HashSet::new();
+    names
+        .iter()
+        .map(|n| {
+            let safe = errand_core::safe_file_name(n);
+            let mut candidate = safe.clone();
+            let mut i = 2;
+            while !used.insert(candidate.to_lowercase()) {
+                candidate = match safe.rsplit_once('.') {
+                    Some((stem, ext)) if !stem.is_empty() => format!("{stem}-{i}.{ext}"),
+                    _ => format!("{safe}-{i}"),
+                };
+                i += 1;
+            }
+            candidate
+        })
+        .collect()
+}
+
+/// The folder a task's attempt writes its results to (`$ERRAND_OUT`):
+/// `<workspace>/<task>/out/<attempt>`.
+pub fn out_dir(workspace: &Path, task: TaskId, attempt: u32) -> PathBuf {
+    workspace
+        .join(task.to_string())
+        .join("out")
+        .join(attempt.to_string())
+}
+
+/// Why the attachments are not in place.
+enum FetchStopped {
+    /// The task was cancelled or the desktop is stopping.
+    Cancelled,
+    /// A fetch failed for good (refused, corrupt, over a cap, a disk error).
+    Failed(String),
+}
+
 struct AttemptJob {
     peer: Peer,
     settings: Arc<Settings>,
@@ -999,6 +1057,11 @@ struct AttemptJob {
     answers: mpsc::UnboundedReceiver<PermissionAnswer>,
     agents: Agents,
     shutdown: CancellationToken,
+    /// The folder of the task's attachments, once they are in place.
+    attachments: Option<PathBuf>,
+    /// The attempt's `$ERRAND_OUT`, once the process was about to start: what it holds
+    /// when the attempt ends becomes artifacts.
+    out: Option<PathBuf>,
 }
 
 /// How the writer of `output` events ended.
@@ -1008,11 +1071,104 @@ struct Reported {
 }
 
 impl AttemptJob {
+    /// Fetches the task's attachments from its author, verified, and copies them into the
+    /// task's own folder (a copy: the task may change its files, never the blob store's).
+    /// Waits for the phone while it is away; returns the folder.
+    async fn fetch_attachments(&self) -> Result<PathBuf, FetchStopped> {
+        let dir = attachments_dir(&self.settings.workspace, self.task.id);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| FetchStopped::Failed(format!("cannot create {}: {e}", dir.display())))?;
+        let from = libp2p_peer_id(&self.task.author);
+        let names: Vec<&str> = self
+            .task
+            .attachments
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect();
+        let names = attachment_names(&names);
+        for (blob, name) in self.task.attachments.iter().zip(names) {
+            let mut delay = FETCH_RETRY_START;
+            let source = loop {
+                let mut shown = 0u64;
+                let mut progress = |done: u64, size: u64| {
+                    // One line per tenth, not one per range.
+                    if size > 0 && done * 10 / size > shown {
+                        shown = done * 10 / size;
+                        debug!(file = %name, done, size, "fetching attachment");
+                    }
+                };
+                let fetched = tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => return Err(FetchStopped::Cancelled),
+                    _ = self.active.cancel.cancelled() => return Err(FetchStopped::Cancelled),
+                    r = self.peer.fetch_blob(from, blob, &mut progress) => r,
+                };
+                match fetched {
+                    Ok(path) => break path,
+                    Err(errand_p2p::blob::FetchError::Stream { source, .. }) => {
+                        debug!(file = %name, error = %source, "the author is away; fetching again later");
+                    }
+                    Err(e) => {
+                        return Err(FetchStopped::Failed(format!(
+                            "could not fetch attachment {name}: {e}"
+                        )));
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => return Err(FetchStopped::Cancelled),
+                    _ = self.active.cancel.cancelled() => return Err(FetchStopped::Cancelled),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(FETCH_RETRY_MAX);
+            };
+            let dst = dir.join(&name);
+            let tmp = dir.join(format!(".{name}.part"));
+            let copied = async {
+                tokio::fs::copy(&source, &tmp).await?;
+                tokio::fs::rename(&tmp, &dst).await
+            }
+            .await;
+            if let Err(e) = copied {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(FetchStopped::Failed(format!(
+                    "cannot place attachment {name} in {}: {e}",
+                    dir.display()
+                )));
+            }
+            info!(file = %name, size = blob.size, "attachment in place");
+        }
+        Ok(dir)
+    }
+
     async fn run(mut self) {
         let id = self.task.id;
         let attempt = self.attempt;
         let log_path = self.logs.join(format!("{id}-{attempt}.log"));
         let thread_path = self.logs.join(format!("{id}-{attempt}.thread.md"));
+        if !self.task.attachments.is_empty() {
+            match self.fetch_attachments().await {
+                Ok(dir) => self.attachments = Some(dir),
+                Err(stopped) => {
+                    let fact = match stopped {
+                        FetchStopped::Cancelled if self.shutdown.is_cancelled() => {
+                            // Stopping: the attempt never started; the next run fetches on.
+                            return;
+                        }
+                        FetchStopped::Cancelled => EventKind::Cancelled {
+                            reason: REASON_REQUESTED.into(),
+                        },
+                        FetchStopped::Failed(reason) => EventKind::Failed {
+                            reason: cap_text(&reason),
+                        },
+                    };
+                    let summary = format!("{}: before it started", fact.name());
+                    self.finish(fact, summary, &log_path).await;
+                    return;
+                }
+            }
+        }
         if let ExecutorKind::Acp(opts) = self.exec.kind().clone() {
             let (answers_tx, answers) = mpsc::unbounded_channel();
             let answers = std::mem::replace(&mut self.answers, answers);
@@ -1037,6 +1193,17 @@ impl AttemptJob {
             self.finish(fact, summary, &log_path).await;
             return;
         }
+
+        let out = out_dir(&self.settings.workspace, id, attempt);
+        if let Err(e) = tokio::fs::create_dir_all(&out).await {
+            let reason = format!("cannot create {}: {e}", out.display());
+            let fact = EventKind::Failed {
+                reason: cap_text(&reason),
+            };
+            self.finish(fact, reason, &log_path).await;
+            return;
+        }
+        self.out = Some(out);
 
         // The prompt of this attempt: a reply, else the instruction.
         let instruction = errand_core::prompt_of(&self.task, attempt).to_owned();
@@ -1077,8 +1244,89 @@ impl AttemptJob {
     }
 
     /// Posts the log note, appends the terminal fact and closes the ledger entry.
+    /// Stores each regular file the attempt left in its `$ERRAND_OUT` (sorted by name, at
+    /// most [`errand_core::blob::MAX_ARTIFACTS_PER_ATTEMPT`]) as a blob and writes an
+    /// `artifact` fact for it, before the attempt's terminal fact. A file that cannot be
+    /// stored (a link, over a cap) is named in the task's output instead.
+    async fn collect_artifacts(&self, dir: &Path) {
+        let (id, attempt) = (self.task.id, self.attempt);
+        let store = self.peer.blobs();
+        let dir = dir.to_owned();
+        let found = tokio::task::spawn_blocking(move || {
+            let mut paths: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+                Err(_) => Vec::new(),
+            };
+            paths.sort();
+            let extra = paths
+                .len()
+                .saturating_sub(errand_core::blob::MAX_ARTIFACTS_PER_ATTEMPT);
+            paths.truncate(errand_core::blob::MAX_ARTIFACTS_PER_ATTEMPT);
+            let results: Vec<Result<errand_core::BlobRef, String>> = paths
+                .iter()
+                .map(|p| {
+                    let raw = p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let name = errand_core::safe_file_name(&raw);
+                    store
+                        .add_regular_file(p)
+                        .map(|(hash, size)| errand_core::BlobRef {
+                            hash,
+                            mime: errand_core::blob::mime_for_name(&name).to_owned(),
+                            name,
+                            size,
+                        })
+                        .map_err(|e| format!("{raw}: {e}"))
+                })
+                .collect();
+            (results, extra)
+        })
+        .await;
+        let Ok((results, extra)) = found else {
+            warn!("could not collect the artifacts");
+            return;
+        };
+        let mut refused = Vec::new();
+        for r in results {
+            match r {
+                Ok(file) => {
+                    info!(file = %file.name, size = file.size, "artifact");
+                    if let Err(e) = self
+                        .peer
+                        .append_event(id, attempt, EventKind::Artifact { file })
+                        .await
+                    {
+                        warn!(error = %e, "could not write an artifact fact");
+                    }
+                }
+                Err(why) => refused.push(why),
+            }
+        }
+        if extra > 0 {
+            refused.push(format!(
+                "{extra} more files past the first {}",
+                errand_core::blob::MAX_ARTIFACTS_PER_ATTEMPT
+            ));
+        }
+        if !refused.is_empty() {
+            let text = cap_text(&format!(
+                "\n[errand] not kept as artifacts: {}\n",
+                refused.join("; ")
+            ));
+            let _ = self
+                .peer
+                .append_event(id, attempt, EventKind::Output { text })
+                .await;
+        }
+    }
+
     async fn finish(&self, fact: EventKind, summary: String, log_path: &Path) {
         let (id, attempt) = (self.task.id, self.attempt);
+        if let Some(out) = &self.out {
+            self.collect_artifacts(out).await;
+        }
         let note = format!(
             "Task {id} (attempt {attempt}): {summary}. Full log: {}",
             log_path.display()
@@ -1250,6 +1498,16 @@ impl AttemptJob {
                 thread_path.to_string_lossy().into_owned(),
             ),
         ];
+        if let Some(out) = &self.out {
+            spec.env
+                .push(("ERRAND_OUT".into(), out.to_string_lossy().into_owned()));
+        }
+        if let Some(dir) = &self.attachments {
+            spec.env.push((
+                "ERRAND_ATTACHMENTS".into(),
+                dir.to_string_lossy().into_owned(),
+            ));
+        }
 
         let (spawned_tx, spawned_rx) = oneshot::channel::<i32>();
         let replica = self.peer.replica().clone();
@@ -1390,6 +1648,7 @@ mod tests {
             author: phone.clone(),
             created_at: 1,
             not_after: None,
+            attachments: Vec::new(),
             events: events
                 .into_iter()
                 .map(|(from_desktop, attempt, at, kind)| TaskEvent {
@@ -1449,6 +1708,14 @@ mod tests {
         Decision::Settle(EventKind::Cancelled {
             reason: reason.into(),
         })
+    }
+
+    #[test]
+    fn attachment_names_are_plain_and_unique_in_the_folder() {
+        assert_eq!(
+            attachment_names(&["a.txt", "../../a.txt", "A.TXT", "x", "x", "CON"]),
+            ["a.txt", "a-2.txt", "A-3.TXT", "x", "x-2", "_CON"]
+        );
     }
 
     #[test]

@@ -235,6 +235,7 @@ mod tests {
             author: PHONE.parse().unwrap(),
             created_at: at,
             not_after: None,
+            attachments: Vec::new(),
             events: facts
                 .into_iter()
                 .enumerate()

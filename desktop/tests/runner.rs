@@ -59,6 +59,7 @@ impl Desk {
                 executor: executor.into(),
                 target: self.peer.device_id(),
                 not_after,
+                attachments: Vec::new(),
             })
             .await
             .unwrap()

@@ -25,8 +25,8 @@ use crate::{
     error::ErrandError,
     listener::{self, Subscription, ThreadListener},
     types::{
-        DesktopStatus, MessageView, OpenOptions, PairResult, RoutineView, StatusView, TaskView,
-        ThreadView,
+        DesktopStatus, FetchedFile, MessageView, OpenOptions, PairResult, RoutineView, StatusView,
+        TaskView, ThreadView,
     },
 };
 
@@ -145,6 +145,7 @@ impl PhoneClient {
             text,
             executor,
             not_after: not_after_ms,
+            attach: Vec::new(),
         };
         send.validate()
             .map_err(|e| ErrandError::from_api(e, ErrandError::invalid_kind))?;
@@ -155,6 +156,78 @@ impl PhoneClient {
                 .await
                 .map_err(|e| ErrandError::from_api(e, ErrandError::storage_kind))?;
             Ok(sent.task_id)
+        })
+    }
+
+    /// Like [`Self::send_task`], with files: each path is copied into this phone's home at
+    /// once (so the task can wait offline, and the file may go away), and referenced by the
+    /// task under its plain file name. Up to 32 files of up to 1 GiB each.
+    pub fn send_task_with_attachments(
+        &self,
+        text: String,
+        executor: Option<String>,
+        not_after_ms: Option<i64>,
+        files: Vec<String>,
+    ) -> Result<TaskId, ErrandError> {
+        let send = api::SendTask {
+            text,
+            executor,
+            not_after: not_after_ms,
+            attach: files.into_iter().map(std::path::PathBuf::from).collect(),
+        };
+        send.validate()
+            .map_err(|e| ErrandError::from_api(e, ErrandError::invalid_kind))?;
+        self.run(move |peer| async move {
+            require_thread(&peer)?;
+            let sent = send
+                .run(&peer)
+                .await
+                .map_err(|e| ErrandError::from_api(e, ErrandError::storage_kind))?;
+            Ok(sent.task_id)
+        })
+    }
+
+    /// Downloads the task's artifacts from the desktop into the folder `dir`, each verified
+    /// against its hash, resuming what an earlier call left; waits up to `timeout_ms` for
+    /// the desktop. Blocks until all are in place; `progress` (if given) hears how far each
+    /// file is. Do not call the client from `progress`.
+    pub fn fetch_artifacts(
+        &self,
+        task_id: TaskId,
+        dir: String,
+        timeout_ms: u64,
+        progress: Option<std::sync::Arc<dyn crate::listener::FetchProgress>>,
+    ) -> Result<Vec<FetchedFile>, ErrandError> {
+        self.run(move |peer| async move {
+            require_thread(&peer)?;
+            peer.start().await?;
+            let mut report = |f: &errand_core::BlobRef, done: u64, size: u64| {
+                if let Some(p) = &progress {
+                    p.on_progress(f.clone(), done, size);
+                }
+            };
+            let fetched = api::files::fetch_artifacts(
+                &peer,
+                task_id,
+                std::path::PathBuf::from(dir),
+                std::time::Duration::from_millis(timeout_ms),
+                &mut report,
+            )
+            .await
+            .map_err(|e| ErrandError::from_api(e, ErrandError::storage_kind))?;
+            Ok(fetched
+                .files
+                .into_iter()
+                .map(|f| FetchedFile {
+                    file: errand_core::BlobRef {
+                        hash: f.hash,
+                        name: f.name,
+                        size: f.size,
+                        mime: f.mime,
+                    },
+                    local_path: f.local_path.unwrap_or_default(),
+                })
+                .collect())
         })
     }
 

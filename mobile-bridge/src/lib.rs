@@ -20,11 +20,13 @@ mod listener;
 mod types;
 
 pub use client::PhoneClient;
+pub use errand_core::{BlobHash, BlobRef};
 pub use error::ErrandError;
-pub use listener::{Subscription, ThreadListener};
+pub use listener::{FetchProgress, Subscription, ThreadListener};
 pub use types::{
-    ConnectionPath, DesktopStatus, MessageKind, MessageView, OpenOptions, PairResult, RoutineView,
-    StatusView, TaskEventKind, TaskEventView, TaskRequest, TaskStatus, TaskView, ThreadView,
+    ConnectionPath, DesktopStatus, FetchedFile, MessageKind, MessageView, OpenOptions, PairResult,
+    RoutineView, StatusView, TaskEventKind, TaskEventView, TaskRequest, TaskStatus, TaskView,
+    ThreadView,
 };
 
 uniffi::setup_scaffolding!();

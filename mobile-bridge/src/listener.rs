@@ -35,6 +35,14 @@ pub trait ThreadListener: Send + Sync {
     fn on_connection_changed(&self, desktop_id: String, connected: bool);
 }
 
+/// Hears how far a download of artifacts is. Called on the download's own runtime thread:
+/// return quickly, and do not call the client from it.
+#[uniffi::export(foreign)]
+pub trait FetchProgress: Send + Sync {
+    /// `done` of `size` bytes of `file` are verified and stored.
+    fn on_progress(&self, file: errand_core::BlobRef, done: u64, size: u64);
+}
+
 /// A live subscription. Delivery stops when this is dropped or cancelled.
 #[derive(Debug, uniffi::Object)]
 pub struct Subscription {

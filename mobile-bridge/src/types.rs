@@ -1,7 +1,7 @@
 //! The records and enums the bridge exports, and their conversions from the domain types.
 //! Times are UTC milliseconds since the Unix epoch (`*_ms`), as in the document.
 
-use errand_core::{DeviceId, Message, Task, TaskId, fold};
+use errand_core::{BlobHash, BlobRef, DeviceId, Message, Task, TaskId, fold};
 use errand_p2p::api::{OUTPUT_TAIL_BYTES, tail};
 
 /// How to open a phone home.
@@ -111,6 +111,19 @@ pub enum TaskEventKind {
         option_id: String,
         by: String,
     },
+    Artifact {
+        file: BlobRef,
+    },
+}
+
+/// A file the thread names: an attachment of a task or an artifact of an attempt. `hash` is
+/// its BLAKE3 hash in hex; `name` is one plain file name, never a path.
+#[uniffi::remote(Record)]
+pub struct BlobRef {
+    hash: BlobHash,
+    name: String,
+    size: u64,
+    mime: String,
 }
 
 /// One step of an agent's plan.
@@ -196,11 +209,25 @@ uniffi::custom_type!(DeviceId, String, {
     lower: |id| id.to_string(),
     try_lift: |s| Ok(s.parse()?),
 });
+uniffi::custom_type!(BlobHash, String, {
+    remote,
+    lower: |h| h.to_string(),
+    try_lift: |s| Ok(s.parse()?),
+});
 uniffi::custom_type!(TaskId, String, {
     remote,
     lower: |id| id.to_string(),
     try_lift: |s| Ok(s.parse()?),
 });
+
+/// An artifact written to a folder by `fetch_artifacts`.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct FetchedFile {
+    /// The file as the thread names it.
+    pub file: BlobRef,
+    /// Where it was written.
+    pub local_path: String,
+}
 
 /// A task as this phone sees it now.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
@@ -241,6 +268,10 @@ pub struct TaskView {
     pub plan: Vec<PlanEntry>,
     /// The permission request the agent waits on, unanswered.
     pub permission: Option<PendingPermission>,
+    /// Files sent with the task.
+    pub attachments: Vec<BlobRef>,
+    /// Files the desktop produced, over all attempts.
+    pub artifacts: Vec<BlobRef>,
 }
 
 impl From<&Task> for TaskView {
@@ -273,6 +304,8 @@ impl From<&Task> for TaskView {
             tool_calls: v.tool_calls,
             plan: v.plan,
             permission: v.permission,
+            attachments: t.attachments.clone(),
+            artifacts: v.artifacts,
         }
     }
 }

@@ -23,6 +23,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod api;
+pub mod blob;
 pub mod cli;
 pub mod clock;
 pub mod control;
@@ -33,6 +34,8 @@ pub mod relay;
 pub mod replica;
 pub mod sync;
 
+/// libp2p's peer id, for crates that name peers without depending on libp2p.
+pub use libp2p::PeerId;
 /// Pairing as a `Peer` does it, at its old path (the control API and other crates use it).
 pub use peer::pairing;
 /// The sync session at its old path, for callers outside this crate.

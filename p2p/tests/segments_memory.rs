@@ -44,6 +44,7 @@ async fn only_the_newest_and_unfinished_segments_stay_in_memory() {
                         executor: "shell".into(),
                         target,
                         not_after: None,
+                        attachments: Vec::new(),
                     },
                     1_700_000_000_000 + i,
                 )
@@ -135,6 +136,7 @@ async fn a_task_from_a_device_without_a_bound_actor_is_refused_and_nothing_is_st
         executor: "shell".into(),
         target: owner.clone(),
         not_after: None,
+        attachments: Vec::new(),
     };
     let mine = task("the desktop's own");
     let (own, _) = replica

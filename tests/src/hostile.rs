@@ -516,6 +516,7 @@ impl Forger {
             executor: "shell".into(),
             target: self.owner(),
             not_after: None,
+            attachments: Vec::new(),
         }
     }
 

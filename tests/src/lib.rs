@@ -396,6 +396,7 @@ fn fill(
                                     executor: "shell".into(),
                                     target: target.clone(),
                                     not_after: None,
+                                    attachments: Vec::new(),
                                 },
                                 now_ms(),
                             )

@@ -99,6 +99,8 @@ const TASK: &[(&str, Ty)] = &[
     ("tool_calls", Arr),
     ("plan", Arr),
     ("permission", OptObj),
+    ("attachments", Arr),
+    ("artifacts", Arr),
 ];
 /// Each of a task's `conversation`.
 const UTTERANCE: &[(&str, Ty)] = &[
@@ -132,6 +134,7 @@ const EVENT: &[(&str, Ty)] = &[
             "permission_requested",
             "permission_answered",
             "permission_resolved",
+            "artifact",
         ]),
     ),
     ("attempt", Int),
@@ -240,6 +243,7 @@ fn task_shape(what: &str, v: &Value) -> Result<()> {
             ],
             Some("permission_answered") => &[("perm_id", Str), ("option_id", Str)],
             Some("permission_resolved") => &[("perm_id", Str), ("option_id", Str), ("by", Str)],
+            Some("artifact") => &[("file", OptObj)],
             _ => &[],
         };
         shape_with(&format!("{what}.events[{i}]"), e, EVENT, extra)?;

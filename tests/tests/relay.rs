@@ -1064,6 +1064,7 @@ fn fill_random(home: &Path, count: usize, len: usize) -> Result<()> {
                                 executor: "shell".into(),
                                 target: target.clone(),
                                 not_after: None,
+                                attachments: Vec::new(),
                             },
                             now_ms(),
                         )

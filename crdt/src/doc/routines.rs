@@ -154,6 +154,7 @@ impl ThreadDoc {
             executor: routine.executor.clone(),
             target: routine.target.clone(),
             not_after: None,
+            attachments: Vec::new(),
         };
         self.enqueue_task_with_id(&task, id, now)?;
         Ok(Some(id))

@@ -70,6 +70,10 @@ enum Command {
         /// Executor to run it with (default: the desktop's first).
         #[arg(long)]
         executor: Option<String>,
+        /// Attach a file (repeatable, up to 32). It is stored in this home at once, so the
+        /// task can be queued offline; the desktop fetches it before the task starts.
+        #[arg(long, value_name = "FILE")]
+        attach: Vec<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -78,6 +82,24 @@ enum Command {
         #[arg(long)]
         wait: bool,
         /// With --wait: give up after this long (exit 3).
+        #[arg(long, default_value = "10m", value_parser = cli::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Download a task's artifacts (the files its attempts left in $ERRAND_OUT), each
+    /// verified against its BLAKE3 hash, into DIR (default: the current directory). Resumes
+    /// a download cut off earlier. Exits 0 once all are verified, 3 if the desktop stayed
+    /// out of reach.
+    Fetch {
+        /// The task.
+        id: String,
+        /// Where to put the files.
+        dir: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Give up after this long without the desktop (exit 3).
         #[arg(long, default_value = "10m", value_parser = cli::parse_duration)]
         timeout: Duration,
         #[command(flatten)]
@@ -289,17 +311,20 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
         Command::Send {
             text,
             executor,
+            attach,
             json,
             wait: true,
             timeout,
             net,
         } => {
             cli::init_logging("warn");
+            let attach = absolute_paths(attach)?;
             let opened = open_online(&home, &net).await?;
             let send = api::SendTask {
                 text,
                 executor,
                 not_after: None,
+                attach,
             };
             let out = async {
                 let sent = opened.call(send).await?;
@@ -311,6 +336,57 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             .await;
             opened.close().await;
             out
+        }
+        Command::Fetch {
+            id,
+            dir,
+            json,
+            timeout,
+            net,
+        } => {
+            cli::init_logging("warn");
+            let id = api::ops::parse_task_id(&id)?;
+            let dir = std::path::absolute(dir.unwrap_or_else(|| PathBuf::from(".")))
+                .map_err(|e| ApiError::new(format!("cannot resolve the folder: {e}")))?;
+            let opened = open_online(&home, &net).await?;
+            let fetched = match &opened {
+                Opened::Daemon(_) => {
+                    let call = api::FetchArtifacts {
+                        id,
+                        dir,
+                        timeout_ms: timeout.as_millis() as u64,
+                    };
+                    opened
+                        .call_within(call, timeout + Duration::from_secs(60))
+                        .await
+                }
+                Opened::Local(peer) => {
+                    let mut shown = std::collections::HashMap::new();
+                    let mut progress = |f: &errand_core::BlobRef, done: u64, size: u64| {
+                        // A line per tenth of each file, on stderr.
+                        let tenth = (done * 10).checked_div(size).unwrap_or(10);
+                        if !json && shown.insert(f.hash, tenth) != Some(tenth) {
+                            eprintln!("{}: {}% of {} bytes", f.name, tenth * 10, size);
+                        }
+                    };
+                    api::files::fetch_artifacts(peer, id, dir, timeout, &mut progress).await
+                }
+            };
+            opened.close().await;
+            let fetched = fetched?;
+            if json {
+                cli::print_json(&fetched);
+            } else {
+                for f in &fetched.files {
+                    println!(
+                        "{}  {} bytes  {}",
+                        f.name,
+                        f.size,
+                        f.local_path.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            Ok(())
         }
         Command::Thread {
             json,
@@ -600,13 +676,15 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
         cli::show(opened, api::Act { id, action }, json, CLI).await
     };
     match command {
-        Command::Daemon { .. } | Command::Sync { .. } | Command::Pair { .. } => {
-            Err(ApiError::with_code(exit::USAGE, "not a request"))
-        }
+        Command::Daemon { .. }
+        | Command::Sync { .. }
+        | Command::Pair { .. }
+        | Command::Fetch { .. } => Err(ApiError::with_code(exit::USAGE, "not a request")),
         Command::Forget { json } => cli::show(opened, api::Forget, json, CLI).await,
         Command::Send {
             text,
             executor,
+            attach,
             json,
             ..
         } => {
@@ -614,6 +692,7 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
                 text,
                 executor,
                 not_after: None,
+                attach: absolute_paths(attach)?,
             };
             cli::show(opened, send, json, CLI).await
         }
@@ -654,6 +733,17 @@ async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
             cli::show(opened, add, json, CLI).await
         }
     }
+}
+
+/// The files as absolute paths: a running daemon reads them, from its own working directory.
+fn absolute_paths(files: Vec<PathBuf>) -> Result<Vec<PathBuf>, ApiError> {
+    files
+        .into_iter()
+        .map(|f| {
+            std::path::absolute(&f)
+                .map_err(|e| ApiError::new(format!("cannot resolve {}: {e}", f.display())))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -716,6 +806,17 @@ mod tests {
         &["routine", "resume", "ID", "--json"],
         &["routine", "rm", "ID"],
         &["export", "/tmp/errand-export", "--json"],
+        &[
+            "send",
+            "--attach",
+            "photo.jpg",
+            "--attach",
+            "notes.txt",
+            "ls -l \"$ERRAND_ATTACHMENTS\"",
+        ],
+        &["send", "sort data.csv > \"$ERRAND_OUT/sorted.csv\""],
+        &["fetch", "ID", "/tmp/downloads"],
+        &["fetch", "ID", "--json", "--timeout", "1m"],
     ];
 
     #[test]

@@ -13,6 +13,7 @@
 //!   response records carry the stable shapes the README documents.
 
 pub mod export;
+pub mod files;
 pub mod ops;
 pub mod routines;
 pub mod views;
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub use self::{
     export::{Export, Imported, Manifest},
+    files::{FetchArtifacts, Fetched},
     ops::{
         Act, AddDevice, Answer, Forget, GetStatus, GetTask, GetThread, IssueTicket, ListDevices,
         PairWith, Reply, Revoke, SendTask, Thread,
@@ -104,6 +106,7 @@ pub enum Request {
     RoutineChange(ChangeRoutine),
     /// `export DIR`.
     Export(Export),
+    Fetch(FetchArtifacts),
 }
 
 /// Any response, as the daemon sends it back: the response record itself, untagged (the
@@ -143,6 +146,7 @@ pub enum Response {
     Routines(Vec<RoutineInfo>),
     /// To [`Export`].
     Exported(Box<Manifest>),
+    Fetched(Fetched),
 }
 
 /// Ties each request struct to its [`Request`] variant and its response to its [`Response`]
@@ -179,6 +183,7 @@ variants! {
     AddRoutine => RoutineAdd, RoutineInfo => Routine;
     ListRoutines => Routines, Vec<RoutineInfo> => Routines;
     Export => Export, Manifest => Exported;
+    FetchArtifacts => Fetch, Fetched => Fetched;
 }
 
 impl From<ChangeRoutine> for Request {
@@ -210,6 +215,7 @@ pub async fn handle(peer: &Peer, req: Request) -> Result<Response, ApiError> {
         Request::Routines(c) => answer(peer, c).await,
         Request::RoutineChange(c) => answer(peer, c).await,
         Request::Export(c) => answer(peer, c).await,
+        Request::Fetch(c) => answer(peer, c).await,
     }
 }
 

@@ -137,7 +137,10 @@ impl GetTask {
 impl Call for GetTask {
     type Response = TaskInfo;
     async fn run(self, peer: &Peer) -> Result<TaskInfo, ApiError> {
-        Ok(TaskInfo::from(&self.read(peer).await?))
+        let mut info = TaskInfo::from(&self.read(peer).await?);
+        super::files::with_local_paths(peer, &mut info.attachments).await;
+        super::files::with_local_paths(peer, &mut info.artifacts).await;
+        Ok(info)
     }
 }
 
@@ -150,6 +153,11 @@ pub struct SendTask {
     pub executor: Option<String>,
     /// Expiry, UTC ms.
     pub not_after: Option<i64>,
+    /// Files to attach, as absolute paths on the device that runs the request. Each is
+    /// copied into the home's blob store at once (so it is served later, even if the file
+    /// goes away), and referenced by the task under its plain file name.
+    #[serde(default)]
+    pub attach: Vec<std::path::PathBuf>,
 }
 
 impl SendTask {
@@ -166,8 +174,45 @@ impl SendTask {
                 limits::MAX_INSTRUCTION_BYTES
             )));
         }
+        if self.attach.len() > errand_core::blob::MAX_ATTACHMENTS {
+            return Err(usage(format!(
+                "{} files attached, over the limit of {}",
+                self.attach.len(),
+                errand_core::blob::MAX_ATTACHMENTS
+            )));
+        }
         Ok(())
     }
+}
+
+/// Copies each file into the peer's blob store and names it for the thread.
+async fn store_attachments(
+    peer: &Peer,
+    files: Vec<std::path::PathBuf>,
+) -> Result<Vec<errand_core::BlobRef>, ApiError> {
+    let store = peer.blobs();
+    let mut out = Vec::with_capacity(files.len());
+    for path in files {
+        let s = store.clone();
+        let p = path.clone();
+        let (hash, size) = tokio::task::spawn_blocking(move || s.add_file(&p))
+            .await
+            .map_err(err)?
+            .map_err(|e| usage(format!("cannot attach {}: {e}", path.display())))?;
+        let name = errand_core::safe_file_name(
+            &path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        out.push(errand_core::BlobRef {
+            hash,
+            mime: errand_core::blob::mime_for_name(&name).to_owned(),
+            name,
+            size,
+        });
+    }
+    Ok(out)
 }
 
 impl Call for SendTask {
@@ -175,11 +220,13 @@ impl Call for SendTask {
     async fn run(self, peer: &Peer) -> Result<Sent, ApiError> {
         self.validate()?;
         let (target, default_exec) = desktop_target(peer).await?;
+        let attachments = store_attachments(peer, self.attach).await?;
         let task = NewTask {
             instruction: self.text,
             executor: self.executor.unwrap_or(default_exec),
             target,
             not_after: self.not_after,
+            attachments,
         };
         let task_id = peer.enqueue_task(task).await.map_err(err)?;
         Ok(Sent {

@@ -228,6 +228,36 @@ pub struct EventInfo {
     /// For `permission_resolved`: who answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// For `artifact`: the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<errand_core::BlobRef>,
+}
+
+/// A file of `task --json`'s `attachments` and `artifacts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// BLAKE3 hash, 64 hex characters.
+    pub hash: errand_core::BlobHash,
+    /// A plain file name.
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// Media type.
+    pub mime: String,
+    /// Where this device holds it, whole and verified; null when it does not (yet).
+    pub local_path: Option<String>,
+}
+
+impl From<&errand_core::BlobRef> for FileInfo {
+    fn from(b: &errand_core::BlobRef) -> Self {
+        Self {
+            hash: b.hash,
+            name: b.name.clone(),
+            size: b.size,
+            mime: b.mime.clone(),
+            local_path: None,
+        }
+    }
 }
 
 impl From<&TaskEvent> for EventInfo {
@@ -251,6 +281,7 @@ impl From<&TaskEvent> for EventInfo {
             options: None,
             option_id: None,
             by: None,
+            file: None,
         };
         match &e.kind {
             EventKind::Output { text } | EventKind::Replied { text } => {
@@ -300,6 +331,7 @@ impl From<&TaskEvent> for EventInfo {
                 info.option_id = Some(option_id.clone());
                 info.by = Some(by.clone());
             }
+            EventKind::Artifact { file } => info.file = Some(file.clone()),
             _ => {}
         }
         info
@@ -360,6 +392,12 @@ pub struct TaskInfo {
     /// The permission request the agent waits on, if nobody has answered it yet.
     #[serde(default)]
     pub permission: Option<PendingPermission>,
+    /// Files sent with the task.
+    #[serde(default)]
+    pub attachments: Vec<FileInfo>,
+    /// Files the desktop produced, over all attempts.
+    #[serde(default)]
+    pub artifacts: Vec<FileInfo>,
 }
 
 impl From<&Task> for TaskInfo {
@@ -392,6 +430,8 @@ impl From<&Task> for TaskInfo {
             tool_calls: v.tool_calls,
             plan: v.plan,
             permission: v.permission,
+            attachments: t.attachments.iter().map(FileInfo::from).collect(),
+            artifacts: v.artifacts.iter().map(FileInfo::from).collect(),
         }
     }
 }

@@ -243,11 +243,20 @@ fn locked(home: &std::path::Path) -> ApiError {
 impl Opened {
     /// Runs a request on this process's peer, or through the daemon.
     pub async fn call<C: Call>(&self, call: C) -> Result<C::Response, ApiError> {
+        self.call_within(call, control::CALL_TIMEOUT).await
+    }
+
+    /// Like [`Self::call`], waiting up to `timeout` for a daemon's answer (a download).
+    pub async fn call_within<C: Call>(
+        &self,
+        call: C,
+        timeout: std::time::Duration,
+    ) -> Result<C::Response, ApiError> {
         match self {
             Opened::Local(peer) => call.run(peer).await,
             Opened::Daemon(home) => {
                 let req: Request = call.into();
-                control::call(home, &req, control::CALL_TIMEOUT)
+                control::call(home, &req, timeout)
                     .await
                     .map_err(|e| daemon_error(home, e))
             }

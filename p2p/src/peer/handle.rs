@@ -464,6 +464,50 @@ impl Peer {
             .await??)
     }
 
+    /// This home's blob store.
+    pub fn blobs(&self) -> crate::blob::BlobStore {
+        crate::blob::BlobStore::new(self.home(), self.inner.replica.clone())
+    }
+
+    /// Fetches `blob` from `from` (connected, trusted) into this home's blob store, resuming
+    /// from what is verified already; `progress` gets (verified bytes, size). Returns the
+    /// path of the whole, verified blob.
+    pub async fn fetch_blob(
+        &self,
+        from: PeerId,
+        blob: &errand_core::BlobRef,
+        progress: crate::blob::protocol::Progress<'_>,
+    ) -> Result<std::path::PathBuf, crate::blob::FetchError> {
+        let store = self.blobs();
+        if let Some(path) = {
+            let (s, h) = (store.clone(), blob.hash);
+            tokio::task::spawn_blocking(move || s.path(&h))
+                .await
+                .map_err(|e| crate::blob::FetchError::Join(e.to_string()))??
+        } {
+            progress(blob.size, blob.size);
+            return Ok(path);
+        }
+        let Some(node) = self.node() else {
+            return Err(crate::blob::FetchError::Stream {
+                peer: from,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "the network is not started",
+                ),
+            });
+        };
+        let mut stream = node
+            .control()
+            .open_stream(from, crate::blob::BLOB_PROTOCOL)
+            .await
+            .map_err(|e| crate::blob::FetchError::Stream {
+                peer: from,
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        crate::blob::fetch(&mut stream, from, &store, blob, progress).await
+    }
+
     pub(super) fn is_trusted(&self, peer: &PeerId) -> bool {
         self.inner
             .gate

@@ -40,6 +40,10 @@ const REOPEN_DELAY: Duration = Duration::from_secs(1);
 const MAX_REMEMBERED_ADDRS: usize = 8;
 /// Session events buffered to the supervisor.
 const SESSION_EVENT_CAPACITY: usize = 256;
+/// Blob streams served at once, over all peers. A phone fetches one blob at a time and a
+/// desktop a task's attachments one by one; 16 leaves room for several phones while a
+/// peer that opens streams in a loop cannot make the desktop read its disk without limit.
+const MAX_BLOB_STREAMS: usize = 16;
 /// `shutdown` waits at most this long for sessions and the node to close.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -96,6 +100,7 @@ impl Peer {
                 }
             }
         });
+        let blobs = self.serve_blobs(&node, cancel.clone())?;
         let sup = Supervisor {
             peer: self.clone(),
             node: node.clone(),
@@ -108,7 +113,7 @@ impl Peer {
             tasks: tokio::task::JoinSet::new(),
         };
         let sup_task = tokio::spawn(sup.run(node_events, session_rx, internal_rx));
-        let mut tasks = vec![accept, sup_task, node_task];
+        let mut tasks = vec![accept, blobs, sup_task, node_task];
         if self.kind() == DeviceKind::Desktop {
             let desk = crate::pair::Desk {
                 replica: self.replica().clone(),
@@ -126,6 +131,55 @@ impl Peer {
             tasks,
         });
         Ok(())
+    }
+
+    /// Accepts `/errand/blob/1` streams from trusted peers and serves each until it closes,
+    /// at most [`MAX_BLOB_STREAMS`] at once (more are dropped).
+    fn serve_blobs(
+        &self,
+        node: &NodeHandle,
+        cancel: CancellationToken,
+    ) -> Result<tokio::task::JoinHandle<()>, PeerError> {
+        let mut incoming = node
+            .control()
+            .accept(crate::blob::BLOB_PROTOCOL)
+            .map_err(|e| PeerError::Invalid(e.to_string()))?;
+        let this = self.clone();
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_BLOB_STREAMS));
+        Ok(tokio::spawn(async move {
+            let mut streams = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    Some(_) = streams.join_next(), if !streams.is_empty() => {}
+                    next = incoming.next() => {
+                        let Some((peer, stream)) = next else { break };
+                        if !this.is_trusted(&peer) {
+                            tracing::info!(%peer, "refused a blob stream from an untrusted peer");
+                            continue;
+                        }
+                        let Ok(permit) = permits.clone().try_acquire_owned() else {
+                            tracing::info!(%peer, "refused a blob stream: too many at once");
+                            continue;
+                        };
+                        let (replica, store) = (this.replica().clone(), this.blobs());
+                        let cancel = cancel.clone();
+                        streams.spawn(async move {
+                            let _permit = permit;
+                            tokio::select! {
+                                _ = cancel.cancelled() => {}
+                                r = crate::blob::serve(stream, peer, replica, store) => {
+                                    if let Err(e) = r {
+                                        tracing::debug!(%peer, error = %e, "blob stream ended");
+                                    }
+                                }
+                            }
+                        }.instrument(tracing::info_span!("blob_serve")));
+                    }
+                }
+            }
+            streams.shutdown().await;
+        }))
     }
 
     /// Stops the network: closes sessions and connections, joins every task. Bounded by

@@ -1187,6 +1187,7 @@ async fn build_fixture(dir: &Path, tasks: usize) -> Result<Fixture> {
                                 executor: "shell".into(),
                                 target: target.clone(),
                                 not_after: None,
+                                attachments: Vec::new(),
                             },
                             now_ms(),
                         )
@@ -1337,6 +1338,7 @@ fn inproc_catch_up(fx: &Fixture, n: usize) -> Result<(f64, f64)> {
                     executor: "shell".into(),
                     target: desktop_id.clone(),
                     not_after: None,
+                    attachments: Vec::new(),
                 },
                 now_ms(),
             )
@@ -1641,6 +1643,7 @@ fn ingest_samples(fx: &Fixture, runs: usize) -> Result<IngestOut> {
                 executor: "shell".into(),
                 target: target.clone(),
                 not_after: None,
+                attachments: Vec::new(),
             },
             now_ms(),
         )?;

@@ -344,6 +344,7 @@ fn new_task(target: errand_core::DeviceId, text: &str) -> NewTask {
         executor: "shell".into(),
         target,
         not_after: None,
+        attachments: Vec::new(),
     }
 }
 

@@ -49,6 +49,7 @@ async fn main() -> Result<()> {
             text: format!("{} {i}", args.text),
             executor: None,
             not_after: None,
+            attach: Vec::new(),
         };
         let sent = send
             .run(&peer)

@@ -1,0 +1,413 @@
+//! `/errand/blob/1` on a connection: serving ranges to a trusted peer, and fetching a blob
+//! range by range with each group verified before it is written.
+//!
+//! - The server answers only for blobs that a task in the thread references (an attachment
+//!   or an artifact fact) and that it holds whole; anything else is `NotFound`, a range past
+//!   the end or over [`MAX_RANGE`] is `BadRange`. Trust is checked by the caller, on the
+//!   stream, as for sync.
+//! - The fetcher asks for the outboard first (unless it kept a verified one), then for the
+//!   bytes from the verified offset on. A group that does not match is refused and asked for
+//!   again, up to [`MAX_BAD_RESPONSES`] times in a row; a closed stream leaves the verified
+//!   prefix for the next fetch.
+
+use std::{collections::HashMap, path::PathBuf};
+
+use errand_core::{BlobHash, BlobRef, fold};
+use futures::{AsyncRead, AsyncWrite};
+use libp2p::PeerId;
+
+use super::{
+    store::{BlobError, BlobStore, Partial},
+    tree,
+    wire::{self, MAX_RANGE, Request, Status, What},
+};
+use crate::replica::Replica;
+
+/// A fetch gives up after this many bad responses in a row (a flipped bit, a short group):
+/// an honest peer on a flaky link sends a good one long before, a hostile one is cut off.
+pub const MAX_BAD_RESPONSES: u32 = 4;
+
+/// Why a fetch stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The stream could not be opened or broke; the verified prefix is kept.
+    #[error("the blob stream to {peer} broke: {source}")]
+    Stream {
+        /// The server.
+        peer: PeerId,
+        /// What happened.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer does not serve this blob (not referenced, or not held whole).
+    #[error("{peer} does not serve blob {hash}")]
+    NotFound {
+        /// The server.
+        peer: PeerId,
+        /// The blob.
+        hash: BlobHash,
+    },
+    /// The peer answered a valid request with an error, or sent a wrong size.
+    #[error("{peer} answered out of protocol: {what}")]
+    Protocol {
+        /// The server.
+        peer: PeerId,
+        /// What was wrong.
+        what: String,
+    },
+    /// Too many responses in a row did not match the hash.
+    #[error("{peer} sent {count} responses in a row that do not match blob {hash}")]
+    Corrupt {
+        /// The server.
+        peer: PeerId,
+        /// The blob.
+        hash: BlobHash,
+        /// How many.
+        count: u32,
+    },
+    /// The local store refused or failed.
+    #[error(transparent)]
+    Store(#[from] BlobError),
+    /// A blocking task failed.
+    #[error("a blocking task failed: {0}")]
+    Join(String),
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, FetchError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FetchError::Join(e.to_string()))
+}
+
+/// True when a task in the thread references `hash` (an attachment, or an artifact fact of
+/// its target).
+pub async fn referenced(replica: &Replica, hash: BlobHash) -> bool {
+    replica
+        .read(move |d| {
+            d.tasks().iter().any(|t| {
+                t.attachments.iter().any(|a| a.hash == hash)
+                    || fold(t).artifacts.iter().any(|a| a.hash == hash)
+            })
+        })
+        .await
+        .unwrap_or(false)
+}
+
+/// Serves one stream of requests from a trusted peer until it closes.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    peer: PeerId,
+    replica: Replica,
+    store: BlobStore,
+) -> std::io::Result<()> {
+    let mut allowed: HashMap<[u8; 32], bool> = HashMap::new();
+    while let Some(req) = wire::read_request(&mut stream).await? {
+        let hash = BlobHash::from_bytes(req.hash);
+        let ok = match allowed.get(&req.hash) {
+            Some(ok) => *ok,
+            None => {
+                let ok = referenced(&replica, hash).await;
+                allowed.insert(req.hash, ok);
+                ok
+            }
+        };
+        if !ok {
+            tracing::info!(%peer, blob = %hash, "refused a blob no task references");
+            wire::write_response(&mut stream, Status::NotFound, 0, &[]).await?;
+            continue;
+        }
+        if req.len > MAX_RANGE {
+            wire::write_response(&mut stream, Status::BadRange, 0, &[]).await?;
+            continue;
+        }
+        let s = store.clone();
+        let read =
+            tokio::task::spawn_blocking(move || s.read(&hash, req.what, req.offset, req.len))
+                .await
+                .map_err(std::io::Error::other)?;
+        match read {
+            Ok((size, bytes)) => {
+                wire::write_response(&mut stream, Status::Ok, size, &bytes).await?
+            }
+            Err(BlobError::Range { size, .. }) => {
+                tracing::info!(%peer, blob = %hash, offset = req.offset, "refused a range past the end");
+                wire::write_response(&mut stream, Status::BadRange, size, &[]).await?
+            }
+            Err(e) => {
+                tracing::info!(%peer, blob = %hash, error = %e, "cannot serve a blob");
+                wire::write_response(&mut stream, Status::NotFound, 0, &[]).await?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Progress of a fetch: (verified bytes, size).
+pub type Progress<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
+
+/// Fetches `blob` from `peer` over `stream` into `store`, resuming from its verified prefix.
+/// Returns the path of the whole, verified blob.
+pub async fn fetch<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    peer: PeerId,
+    store: &BlobStore,
+    blob: &BlobRef,
+    progress: Progress<'_>,
+) -> Result<PathBuf, FetchError> {
+    let (hash, size) = (blob.hash, blob.size);
+    let s = store.clone();
+    let mut partial: Partial = blocking(move || s.receive(hash, size)).await??;
+    let broke = |source| FetchError::Stream { peer, source };
+    let mut bad = 0u32;
+    let ask = async |stream: &mut S, what: What, offset: u64, len: u32| {
+        let req = Request {
+            what,
+            hash: *hash.as_bytes(),
+            offset,
+            len,
+        };
+        wire::write_request(stream, &req).await.map_err(broke)?;
+        let (status, got_size, bytes) = wire::read_response(stream, len).await.map_err(broke)?;
+        match status {
+            Status::Ok if got_size == size && bytes.len() == len as usize => Ok(bytes),
+            Status::Ok => Err(FetchError::Protocol {
+                peer,
+                what: format!(
+                    "size {got_size} (expected {size}), {} bytes (asked {len})",
+                    bytes.len()
+                ),
+            }),
+            Status::NotFound => Err(FetchError::NotFound { peer, hash }),
+            Status::BadRange => Err(FetchError::Protocol {
+                peer,
+                what: format!("range {offset}+{len} refused"),
+            }),
+        }
+    };
+    while partial.needs_outboard() {
+        let total = tree::outboard_len(size);
+        let mut outboard = Vec::with_capacity(total as usize);
+        while (outboard.len() as u64) < total {
+            let offset = outboard.len() as u64;
+            let len = (total - offset).min(u64::from(MAX_RANGE)) as u32;
+            outboard.extend(ask(stream, What::Outboard, offset, len).await?);
+        }
+        match partial.set_outboard(outboard) {
+            Ok(()) => {}
+            Err(BlobError::Verify(e)) => {
+                bad += 1;
+                tracing::warn!(%peer, blob = %hash, error = %e, "refused an outboard");
+                if bad >= MAX_BAD_RESPONSES {
+                    return Err(FetchError::Corrupt {
+                        peer,
+                        hash,
+                        count: bad,
+                    });
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    progress(partial.verified_upto(), size);
+    while !partial.is_complete() {
+        let offset = partial.verified_upto();
+        let len = (size - offset).min(u64::from(MAX_RANGE)) as u32;
+        let bytes = ask(stream, What::Data, offset, len).await?;
+        let (r, p) = blocking(move || {
+            let r = partial.append(&bytes);
+            (r, partial)
+        })
+        .await?;
+        partial = p;
+        match r {
+            Ok(_) => bad = 0,
+            Err(BlobError::Verify(e)) => {
+                bad += 1;
+                tracing::warn!(%peer, blob = %hash, error = %e, "refused a range that does not match");
+                if bad >= MAX_BAD_RESPONSES {
+                    return Err(FetchError::Corrupt {
+                        peer,
+                        hash,
+                        count: bad,
+                    });
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        progress(partial.verified_upto(), size);
+    }
+    let s = store.clone();
+    blocking(move || s.path(&hash))
+        .await??
+        .ok_or(FetchError::Store(BlobError::Missing(hash)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+
+    use errand_crdt::Store;
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+
+    use super::*;
+
+    fn store(dir: &std::path::Path) -> BlobStore {
+        let replica = Replica::open(Store::open(dir).unwrap()).unwrap();
+        BlobStore::new(dir, replica)
+    }
+
+    /// A server over `from` that flips a bit in the first `flips` data responses, and stops
+    /// after `stop_after` data responses; counts the data bytes it sent.
+    fn spawn_server(
+        from: BlobStore,
+        flips: u32,
+        stop_after: u32,
+        sent: Arc<AtomicU64>,
+    ) -> tokio::io::DuplexStream {
+        let (a, b) = tokio::io::duplex(256 * 1024);
+        tokio::spawn(async move {
+            let mut s = b.compat();
+            let (mut flips, mut served) = (flips, 0u32);
+            while let Ok(Some(req)) = wire::read_request(&mut s).await {
+                let hash = BlobHash::from_bytes(req.hash);
+                let (size, mut bytes) = from.read(&hash, req.what, req.offset, req.len).unwrap();
+                if req.what == What::Data {
+                    if served == stop_after {
+                        return;
+                    }
+                    served += 1;
+                    if flips > 0 {
+                        flips -= 1;
+                        let last = bytes.len() - 1;
+                        bytes[last] ^= 1;
+                    }
+                    sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
+                wire::write_response(&mut s, Status::Ok, size, &bytes)
+                    .await
+                    .unwrap();
+            }
+        });
+        a
+    }
+
+    fn random_file(dir: &std::path::Path, len: usize) -> (PathBuf, Vec<u8>) {
+        let bytes: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+        let p = dir.join("input.bin");
+        std::fs::write(&p, &bytes).unwrap();
+        (p, bytes)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_flipped_bit_is_refused_and_fetched_again_and_the_blob_arrives_whole() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (store(da.path()), store(db.path()));
+        let (src, bytes) = random_file(da.path(), 300 * 1024 + 17);
+        let (hash, size) = a.add_file(&src).unwrap();
+        let blob = BlobRef {
+            hash,
+            name: "x.bin".into(),
+            size,
+            mime: "application/octet-stream".into(),
+        };
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut stream = spawn_server(a, 2, u32::MAX, sent.clone()).compat();
+        let peer = PeerId::random();
+        let mut seen = Vec::new();
+        let path = fetch(&mut stream, peer, &b, &blob, &mut |done, _| seen.push(done))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]));
+        // Each bad response's first group was good and kept: only the bad group was sent
+        // again, twice.
+        assert_eq!(sent.load(Ordering::Relaxed), size + 2 * tree::GROUP);
+        assert!(
+            !db.path()
+                .join("blobs/partial")
+                .join(hash.to_string())
+                .exists()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_fetch_cut_off_resumes_from_the_verified_offset() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (store(da.path()), store(db.path()));
+        let (src, bytes) = random_file(da.path(), 1024 * 1024);
+        let (hash, size) = a.add_file(&src).unwrap();
+        let blob = BlobRef {
+            hash,
+            name: "x.bin".into(),
+            size,
+            mime: "application/octet-stream".into(),
+        };
+        let peer = PeerId::random();
+        let first = Arc::new(AtomicU64::new(0));
+        let mut s1 = spawn_server(a.clone(), 0, 10, first.clone()).compat();
+        let err = fetch(&mut s1, peer, &b, &blob, &mut |_, _| {}).await;
+        assert!(matches!(err, Err(FetchError::Stream { .. })), "{err:?}");
+        assert_eq!(first.load(Ordering::Relaxed), 10 * u64::from(MAX_RANGE));
+
+        // A new store over the same home: as after a restart.
+        drop(b);
+        let b = store(db.path());
+        let second = Arc::new(AtomicU64::new(0));
+        let mut s2 = spawn_server(a, 0, u32::MAX, second.clone()).compat();
+        let path = fetch(&mut s2, peer, &b, &blob, &mut |_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        assert_eq!(
+            second.load(Ordering::Relaxed),
+            size - 10 * u64::from(MAX_RANGE)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_blob_no_task_references_is_not_served_even_when_held() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (store(da.path()), store(db.path()));
+        let (src, _) = random_file(da.path(), 40 * 1024);
+        let (hash, size) = a.add_file(&src).unwrap();
+        // A home without a thread: no task references anything.
+        let replica = Replica::open(Store::open(&da.path().join("other")).unwrap()).unwrap();
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let peer = PeerId::random();
+        tokio::spawn(serve(server.compat(), peer, replica, a.clone()));
+        let blob = BlobRef {
+            hash,
+            name: "x.bin".into(),
+            size,
+            mime: "application/octet-stream".into(),
+        };
+        let mut stream = client.compat();
+        let err = fetch(&mut stream, peer, &b, &blob, &mut |_, _| {}).await;
+        assert!(matches!(err, Err(FetchError::NotFound { .. })), "{err:?}");
+        // A range past the end of a held blob is refused by the store the server reads.
+        assert!(matches!(
+            a.read(&hash, What::Data, size, 1),
+            Err(BlobError::Range { .. })
+        ));
+        assert!(matches!(
+            a.read(&hash, What::Data, u64::MAX, MAX_RANGE),
+            Err(BlobError::Range { .. })
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_blob_over_the_cap_is_refused_before_anything_is_fetched() {
+        let db = tempfile::tempdir().unwrap();
+        let b = store(db.path());
+        let err = b.receive(
+            BlobHash::from_bytes([1; 32]),
+            super::super::MAX_BLOB_BYTES + 1,
+        );
+        assert!(matches!(err, Err(BlobError::TooLarge { .. })), "{err:?}");
+    }
+}
