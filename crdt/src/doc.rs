@@ -1622,7 +1622,13 @@ impl Reader<'_> {
 
     /// The task object and its creator's actor, choosing deterministically among conflicts.
     fn task_obj(&self, authors: &Authors, id: &TaskId) -> Option<(ObjId, ActorId)> {
-        let all = self.doc.get_all(self.tasks, id.to_string()).ok()?;
+        self.known_map(authors, self.tasks, &id.to_string())
+    }
+
+    /// The map at `map[key]` made by a known device's actor, and that actor, choosing
+    /// deterministically among conflicting ones.
+    fn known_map(&self, authors: &Authors, map: &ObjId, key: &str) -> Option<(ObjId, ActorId)> {
+        let all = self.doc.get_all(map, key).ok()?;
         all.into_iter()
             .filter_map(|(v, obj)| match v {
                 Value::Object(ObjType::Map) => {

@@ -37,7 +37,11 @@ use errand_p2p::{
     peer::{Peer, PeerConfig, now_ms},
     relay::RelayStats,
 };
-use errand_tests::{Home, bin, is_root, wait_for};
+use errand_tests::{
+    Home, bin, is_root,
+    netns::{self, Namespaces, ip},
+    wait_for,
+};
 use rand::{Rng as _, distr::Alphanumeric};
 use serde_json::Value;
 
@@ -565,110 +569,6 @@ fn a_phone_given_only_the_relay_pairs_and_syncs_both_ways_over_a_relayed_path() 
 }
 
 // ---- 2. network namespaces ---------------------------------------------------------------
-
-/// Runs `ip args…`; fails with its stderr.
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip")?;
-    ensure!(
-        out.status.success(),
-        "ip {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// Network namespaces named `er<pid><test><suffix>`, deleted on drop (processes inside must be
-/// dropped first: declare this guard before them).
-#[derive(Debug)]
-struct Namespaces {
-    tag: String,
-    names: Vec<String>,
-}
-
-impl Namespaces {
-    /// Creates one namespace per suffix, with loopback up. `test` is one letter that tells
-    /// the tests of one run apart (interface names have 15 characters at most).
-    fn create(test: char, suffixes: &[&str]) -> Result<Self> {
-        let tag = format!("er{}{test}", std::process::id());
-        let mut ns = Self {
-            names: Vec::new(),
-            tag,
-        };
-        for suffix in suffixes {
-            let name = format!("{}{suffix}", ns.tag);
-            // A namespace of this name can only be left over from a dead run with our pid.
-            let _ = ip(&["netns", "del", &name]);
-            ip(&["netns", "add", &name])?;
-            ns.names.push(name.clone());
-            ip(&["-n", &name, "link", "set", "lo", "up"])?;
-        }
-        Ok(ns)
-    }
-
-    /// The namespace made for `suffix`.
-    fn get(&self, suffix: &str) -> String {
-        format!("{}{suffix}", self.tag)
-    }
-
-    /// A veth pair `<tag><link>0` in `a` ↔ `<tag><link>1` in `b`, a /30 address on each end.
-    fn veth(&self, link: &str, (a, a_ip): (&str, &str), (b, b_ip): (&str, &str)) -> Result<()> {
-        let (ea, eb) = (
-            format!("{}{link}0", self.tag),
-            format!("{}{link}1", self.tag),
-        );
-        let (a, b) = (self.get(a), self.get(b));
-        ip(&[
-            "link", "add", &ea, "netns", &a, "type", "veth", "peer", "name", &eb, "netns", &b,
-        ])?;
-        for (ns, dev, addr) in [(&a, &ea, a_ip), (&b, &eb, b_ip)] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-        }
-        Ok(())
-    }
-
-    /// Runs `args…` inside namespace `suffix`; fails with its stderr.
-    fn exec(&self, suffix: &str, args: &[&str]) -> Result<()> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.get(suffix)])
-            .args(args)
-            .output()
-            .context("running ip netns exec")?;
-        ensure!(
-            out.status.success(),
-            "{args:?} in {suffix} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    }
-
-    /// Sets IPv4 forwarding in namespace `suffix` (new namespaces may inherit the host's).
-    fn forwarding(&self, suffix: &str, on: bool) -> Result<()> {
-        let v = if on { "1" } else { "0" };
-        self.exec(
-            suffix,
-            &[
-                "sh",
-                "-c",
-                &format!("echo {v} > /proc/sys/net/ipv4/ip_forward"),
-            ],
-        )
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in &self.names {
-            if let Err(e) = ip(&["netns", "del", ns]) {
-                eprintln!("cleanup: {e}");
-            }
-        }
-    }
-}
 
 /// Phone link: the phone's and the relay's address.
 const PHONE_IP: &str = "10.77.1.2";
@@ -1483,10 +1383,7 @@ const DESKTOP_GATEWAY: &str = "10.77.12.1";
 
 /// True when `nft` (Debian package nftables) can be run.
 fn have_nft() -> bool {
-    Command::new("nft")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    netns::have("nft")
 }
 
 /// phone ─ phone NAT ─ relay/"internet" ─ desktop NAT ─ desktop, five namespaces. The relay's

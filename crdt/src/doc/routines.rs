@@ -23,7 +23,7 @@ use errand_core::{
     time::Millis,
 };
 
-use super::{Authors, NewTask, Reader, ThreadDoc, WriteError, actor_of, check_len, op_key};
+use super::{Authors, NewTask, Reader, ThreadDoc, WriteError, actor_of, check_len};
 
 /// The actor of the change that makes the `routines` map. Fixed, like the genesis actor.
 const ROUTINES_ACTOR: &[u8] = b"errand-routines-v1";
@@ -186,16 +186,7 @@ impl ThreadDoc {
 
 impl Reader<'_> {
     fn routine_obj(&self, authors: &Authors, id: &RoutineId) -> Option<(ObjId, ActorId)> {
-        let all = self.doc.get_all(routines_obj(), id.to_string()).ok()?;
-        all.into_iter()
-            .filter_map(|(v, obj)| match v {
-                Value::Object(ObjType::Map) => {
-                    let actor = actor_of(&obj)?.clone();
-                    authors.contains_key(&actor).then_some((obj, actor))
-                }
-                _ => None,
-            })
-            .min_by_key(|(obj, _)| op_key(obj))
+        self.known_map(authors, &routines_obj(), &id.to_string())
     }
 
     fn read_routine_key(&self, authors: &Authors, key: &str) -> Option<Routine> {
