@@ -348,7 +348,11 @@ fn admit(
         });
     }
     if let Some(max) = bounds.max_string_bytes {
-        for op in change.decode().operations {
+        // Automerge parses some changes it then panics decoding (an op naming an actor past
+        // the change's own list; found by fuzzing): such a change is malformed.
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change.decode()))
+            .map_err(|_| IngestError::Malformed(format!("change {hash} does not decode")))?;
+        for op in decoded.operations {
             if let automerge::legacy::OpType::Put(ScalarValue::Str(s)) = &op.action
                 && s.len() > max
             {
@@ -633,6 +637,28 @@ mod tests {
             t.elapsed() < std::time::Duration::from_secs(5),
             "{:?}",
             t.elapsed()
+        );
+    }
+
+    /// A change chunk found by the `ingest` fuzz target: its op names an object by an actor
+    /// index past the change's own actor list. Automerge parses it, then panics decoding it
+    /// (`change.rs`: `actors.get(..).unwrap()`), which the string-length check does.
+    const BAD_ACTOR_INDEX: &[u8] = include_bytes!("ingest-foreign-actor-index.bin");
+
+    #[test]
+    fn a_change_that_panics_automerge_when_decoded_is_refused() {
+        let empty = Automerge::new();
+        let phone = Authority {
+            actors: BTreeSet::from([ActorId::from([7u8; 16])]),
+            all_but: None,
+        };
+        let refused = std::panic::catch_unwind(|| {
+            check_pushed(BAD_ACTOR_INDEX, &empty, &phone, Bounds::PHONE)
+        })
+        .expect("the ingest check let Automerge's panic escape");
+        assert!(
+            matches!(&refused, Err(IngestError::Malformed(why)) if why.contains("decode")),
+            "{refused:?}"
         );
     }
 
