@@ -423,3 +423,19 @@ pub fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Every file under `dir`, relative to it (to show that a process stored nothing).
+pub fn files_under(dir: &Path) -> Result<std::collections::BTreeSet<String>> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                todo.push(path.clone());
+            }
+            out.insert(path.strip_prefix(dir)?.display().to_string());
+        }
+    }
+    Ok(out)
+}

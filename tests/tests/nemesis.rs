@@ -37,7 +37,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use errand_tests::{
-    Home, bin, is_root,
+    Home, bin, files_under, is_root,
     netns::{Namespaces, have},
     wait_for,
 };
@@ -1080,20 +1080,4 @@ fn run(root: &Path, seed: u64, phase: Duration, timeline: &Timeline) -> Result<(
         "the relay home holds {stored:?}"
     );
     Ok(())
-}
-
-/// Every file under `dir`, relative to it.
-fn files_under(dir: &Path) -> Result<BTreeSet<String>> {
-    let mut out = BTreeSet::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                todo.push(path.clone());
-            }
-            out.insert(path.strip_prefix(dir)?.display().to_string());
-        }
-    }
-    Ok(out)
 }

@@ -38,7 +38,7 @@ use errand_p2p::{
     relay::RelayStats,
 };
 use errand_tests::{
-    Home, bin, is_root,
+    Home, bin, files_under, is_root,
     netns::{self, Namespaces, ip},
     wait_for,
 };
@@ -1214,22 +1214,6 @@ fn memory_kib(pid: u32) -> Result<(u64, u64)> {
             .context("a number of KiB")
     };
     Ok((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-/// Every file under `dir`, relative to it.
-fn files_under(dir: &Path) -> Result<BTreeSet<String>> {
-    let mut out = BTreeSet::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                todo.push(path.clone());
-            }
-            out.insert(path.strip_prefix(dir)?.display().to_string());
-        }
-    }
-    Ok(out)
 }
 
 #[test]
