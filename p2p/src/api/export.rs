@@ -29,7 +29,11 @@ use libp2p::identity::Keypair;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
-use super::{ApiError, Call, exit, ops::Thread, views::ThreadInfo};
+use super::{
+    ApiError, Call, exit,
+    ops::{Thread, err},
+    views::ThreadInfo,
+};
 use crate::{
     pair::META_DISCOVERY,
     peer::{META_IDENTITY, META_NAME, Peer, PeerConfig, now_ms},
@@ -145,10 +149,6 @@ impl Manifest {
             )))
             .chain(self.secrets.iter().map(|s| (s.file.as_str(), s.bytes)))
     }
-}
-
-fn err(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(e.to_string())
 }
 
 fn sha256(bytes: &[u8]) -> String {

@@ -24,11 +24,11 @@ use crate::{
     peer::{Peer, PeerError, now_ms, parse_addr, parse_peer_id},
 };
 
-fn err(e: impl std::fmt::Display) -> ApiError {
+pub(super) fn err(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(e.to_string())
 }
 
-fn usage(e: impl std::fmt::Display) -> ApiError {
+pub(super) fn usage(e: impl std::fmt::Display) -> ApiError {
     ApiError::with_code(exit::USAGE, e.to_string())
 }
 
@@ -160,20 +160,26 @@ pub struct SendTask {
     pub attach: Vec<std::path::PathBuf>,
 }
 
+/// An instruction (of a task or a routine) is not empty and within its cap; exit 2 if not.
+pub(super) fn check_instruction(text: &str) -> Result<(), ApiError> {
+    if text.trim().is_empty() {
+        return Err(usage("the instruction is empty"));
+    }
+    if text.len() > limits::MAX_INSTRUCTION_BYTES {
+        return Err(usage(format!(
+            "the instruction is {} bytes, over the limit of {}",
+            text.len(),
+            limits::MAX_INSTRUCTION_BYTES
+        )));
+    }
+    Ok(())
+}
+
 impl SendTask {
     /// Checks the instruction alone (exit 2 when it is empty or too long): what can be said
     /// before looking at the thread.
     pub fn validate(&self) -> Result<(), ApiError> {
-        if self.text.trim().is_empty() {
-            return Err(usage("the instruction is empty"));
-        }
-        if self.text.len() > limits::MAX_INSTRUCTION_BYTES {
-            return Err(usage(format!(
-                "the instruction is {} bytes, over the limit of {}",
-                self.text.len(),
-                limits::MAX_INSTRUCTION_BYTES
-            )));
-        }
+        check_instruction(&self.text)?;
         if self.attach.len() > errand_core::blob::MAX_ATTACHMENTS {
             return Err(usage(format!(
                 "{} files attached, over the limit of {}",

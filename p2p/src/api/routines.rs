@@ -2,23 +2,18 @@
 
 use errand_core::{
     CatchUp, DeviceId, Routine, RoutineEventKind, RoutineId, RoutineState, Schedule, TaskStatus,
-    fold, limits,
+    fold,
     routine::{DEFAULT_CATCH_UP_CAP, MAX_ACTIVE_ROUTINES, MAX_CATCH_UP_CAP},
     time::rfc3339,
 };
 use errand_crdt::NewRoutine;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, Call, exit};
+use super::{
+    ApiError, Call, exit,
+    ops::{check_instruction, err, usage},
+};
 use crate::peer::{Peer, now_ms};
-
-fn err(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(e.to_string())
-}
-
-fn usage(e: impl std::fmt::Display) -> ApiError {
-    ApiError::with_code(exit::USAGE, e.to_string())
-}
 
 /// `routine add TEXT --every D | --cron EXPR [--tz ZONE]`: a routine for the thread's
 /// desktop. Stored here first, so it works offline.
@@ -40,16 +35,7 @@ pub struct AddRoutine {
 impl Call for AddRoutine {
     type Response = RoutineInfo;
     async fn run(self, peer: &Peer) -> Result<RoutineInfo, ApiError> {
-        if self.text.trim().is_empty() {
-            return Err(usage("the instruction is empty"));
-        }
-        if self.text.len() > limits::MAX_INSTRUCTION_BYTES {
-            return Err(usage(format!(
-                "the instruction is {} bytes, over the limit of {}",
-                self.text.len(),
-                limits::MAX_INSTRUCTION_BYTES
-            )));
-        }
+        check_instruction(&self.text)?;
         self.schedule.check().map_err(usage)?;
         let cap = self.catch_up_cap.unwrap_or(DEFAULT_CATCH_UP_CAP);
         if !(1..=MAX_CATCH_UP_CAP).contains(&cap) {
