@@ -53,7 +53,7 @@ use crate::{
     },
     ledger::{self, LedgerEntry, LedgerError, LedgerState, ProcessGroup},
     transcript::{self, ThreadSnapshot, floor_boundary, tail},
-    turn::{Agents, PermissionAnswer, Turn},
+    turn::{Agents, Facts, PermissionAnswer, Turn},
 };
 
 /// The directory in the home that holds attempt logs and thread transcripts.
@@ -1188,6 +1188,7 @@ impl AttemptJob {
                 requested: &self.active.requested,
                 shutdown: &self.shutdown,
                 agents: &self.agents,
+                facts: Facts::start(&self.peer, self.task.id, attempt),
             };
             let (fact, summary) = turn.run(answers).await;
             self.finish(fact, summary, &log_path).await;

@@ -35,9 +35,13 @@ use errand_core::{
     },
 };
 use errand_p2p::peer::{Peer, now_ms};
-use tokio::{io::AsyncWriteExt as _, sync::mpsc, time::Instant};
+use tokio::{
+    io::AsyncWriteExt as _,
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 use crate::{
     acp::{Agent, AgentEvent, AgentSpec, PermissionAsk, Step, TurnEnd},
@@ -54,6 +58,9 @@ const MAX_REFUSAL_NOTES: usize = 20;
 
 /// A plan is written at most this often; the newest one wins.
 const PLAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Most facts in one commit of [`Facts`]: a flood of updates still reaches the phone in steps.
+const MAX_FACTS_PER_COMMIT: usize = 64;
 
 /// A phone's answer to a permission request: `(perm_id, option_id)`.
 pub(crate) type PermissionAnswer = (String, String);
@@ -127,6 +134,74 @@ pub(crate) struct Turn<'a> {
     pub requested: &'a AtomicBool,
     pub shutdown: &'a CancellationToken,
     pub agents: &'a Agents,
+    /// Where the turn's facts go (see [`Facts`]).
+    pub facts: Facts,
+}
+
+/// The writer of one attempt's facts: they are committed in order by one task, and the facts
+/// that come while a commit is under way go together in the next one (a group commit). A burst
+/// of an agent's updates (text, tool calls, then a permission request) so costs one or two
+/// durable commits and pushes instead of one each, and the question reaches the phone sooner.
+pub(crate) struct Facts {
+    tx: mpsc::UnboundedSender<FactMsg>,
+}
+
+enum FactMsg {
+    Fact(EventKind),
+    /// Answered once every fact sent before it is durable.
+    Flush(oneshot::Sender<()>),
+}
+
+impl Facts {
+    /// Starts the writer of `task`'s `attempt`; it ends when this is dropped and every fact
+    /// sent is written.
+    pub(crate) fn start(peer: &Peer, task: TaskId, attempt: u32) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_facts(peer.clone(), task, attempt, rx).in_current_span());
+        Self { tx }
+    }
+
+    fn send(&self, kind: EventKind) {
+        if self.tx.send(FactMsg::Fact(kind)).is_err() {
+            warn!("the writer of the agent's steps is gone; a step is not recorded");
+        }
+    }
+
+    /// Waits until every fact sent so far is durable.
+    async fn flush(&self) {
+        let (done, written) = oneshot::channel();
+        if self.tx.send(FactMsg::Flush(done)).is_ok() {
+            let _ = written.await;
+        }
+    }
+}
+
+async fn write_facts(
+    peer: Peer,
+    task: TaskId,
+    attempt: u32,
+    mut rx: mpsc::UnboundedReceiver<FactMsg>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = Vec::new();
+        let mut waiters = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                FactMsg::Fact(kind) => batch.push(kind),
+                FactMsg::Flush(done) => waiters.push(done),
+            }
+            if batch.len() < MAX_FACTS_PER_COMMIT {
+                next = rx.try_recv().ok();
+            }
+        }
+        if let Err(e) = peer.append_events(task, attempt, batch).await {
+            warn!(error = %e, "could not write the agent's steps to the thread");
+        }
+        for done in waiters {
+            let _ = done.send(());
+        }
+    }
 }
 
 impl Turn<'_> {
@@ -141,6 +216,7 @@ impl Turn<'_> {
             Err(reason) => return failed(format!("{}: {reason}", self.executor)),
         };
         if let Err(reason) = self.record_start(&agent, how).await {
+            self.facts.flush().await;
             return failed(reason);
         }
         let blocks = self.prompt(how).await;
@@ -516,6 +592,8 @@ impl Turn<'_> {
         started_at: Instant,
         timed_out: bool,
     ) -> (EventKind, String) {
+        // The terminal fact, written after this returns, comes after every step.
+        self.facts.flush().await;
         let took = humantime::format_duration(Duration::from_millis(
             started_at.elapsed().as_millis() as u64,
         ));
@@ -560,16 +638,12 @@ impl Turn<'_> {
     }
 
     async fn append(&self, kind: EventKind) {
-        if let Err(e) = self
-            .peer
-            .append_event(self.task.id, self.attempt, kind)
-            .await
-        {
-            warn!(error = %e, "could not write the agent's step to the thread");
-        }
+        self.facts.send(kind);
     }
 
     async fn note(&self, text: String) {
+        // The note comes after the steps before it.
+        self.facts.flush().await;
         if let Err(e) = self
             .peer
             .post_message(MessageKind::System, text, Some(self.task.id))

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     clock::now_ms,
     net::node::NodeHandle,
-    replica::Replica,
+    replica::{Replica, ReplicaError},
     sync::{
         gate::{GateState, SharedGate},
         session::{DeviceInfo, Traffic},
@@ -335,6 +335,42 @@ impl Peer {
             tasks: tasks.into_iter().collect(),
         });
         Ok(())
+    }
+
+    /// Appends several events to one task's attempt, in order, with one durable commit (and
+    /// so one push) for all of them; durable on return. An event the document refuses is
+    /// left out and the others are still written; the first refusal is returned after.
+    pub async fn append_events(
+        &self,
+        task: TaskId,
+        attempt: u32,
+        kinds: Vec<EventKind>,
+    ) -> Result<(), PeerError> {
+        if kinds.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        self.inner.replica.ensure_task_loaded(task).await?;
+        let (refused, tasks) = self
+            .inner
+            .replica
+            .commit(move |d| {
+                let mut refused = None;
+                for kind in &kinds {
+                    if let Err(e) = d.append_task_event(task, attempt, kind, now) {
+                        refused.get_or_insert(e);
+                    }
+                }
+                Ok(refused)
+            })
+            .await?;
+        let _ = self.inner.events.send(PeerEvent::Committed {
+            tasks: tasks.into_iter().collect(),
+        });
+        match refused {
+            None => Ok(()),
+            Some(e) => Err(ReplicaError::from(e).into()),
+        }
     }
 
     /// Creates a routine; returns once it is durable here. Never waits for the network.
