@@ -219,6 +219,9 @@ pub struct Engine {
     owner: bool,
     /// How often each sync path ran.
     stats: PathCounts,
+    /// Most change bytes one frame may carry to each peer (see [`Self::set_part_limit`]);
+    /// no bound for a peer not listed.
+    part_limits: HashMap<DeviceId, usize>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -818,6 +821,7 @@ impl Engine {
             owner: false,
             segment_limit: config.segment_limit,
             stats: PathCounts::default(),
+            part_limits: HashMap::new(),
         };
         engine.reload()?;
         Ok(engine)
@@ -857,6 +861,23 @@ impl Engine {
     pub fn restart(&mut self) -> Result<(), EngineError> {
         self.sessions.clear();
         self.reload()
+    }
+
+    /// Bounds what one frame to `peer` carries to about `max_change_bytes` of changes (or
+    /// lifts the bound, with `None`): a catch-up larger than that goes in parts, one per
+    /// round trip, each stored by the peer with its sync state as it arrives, and a push
+    /// chain larger than that goes through the sync protocol instead. The network layer sets
+    /// it for a session over a relay circuit, which the relay closes after a number of bytes
+    /// (one change bigger than the bound still goes alone, whole).
+    pub fn set_part_limit(&mut self, peer: &DeviceId, max_change_bytes: Option<usize>) {
+        match max_change_bytes {
+            Some(max) => {
+                self.part_limits.insert(peer.clone(), max);
+            }
+            None => {
+                self.part_limits.remove(peer);
+            }
+        }
     }
 
     /// How often each sync path ran since the engine opened.
@@ -1078,6 +1099,7 @@ impl Engine {
             }
         }
         let mut out = Vec::new();
+        let limit = self.part_limits.get(peer).copied();
         for n in parts {
             if self.part_for_peer(n, peer).is_err() {
                 continue;
@@ -1115,15 +1137,17 @@ impl Engine {
                     .map(<[_]>::to_vec)
                     .filter(|t| session.settled_at(t));
                 let log_len = self.pushlog.get(&n).map_or(0, VecDeque::len);
+                // A chain over the part limit goes through the sync protocol, in parts.
                 let chain = theirs
-                    .and_then(|t| self.pushlog.get(&n).and_then(|l| push_chain(l, &t, &heads)));
+                    .and_then(|t| self.pushlog.get(&n).and_then(|l| push_chain(l, &t, &heads)))
+                    .filter(|c| limit.is_none_or(|max| c.len() <= max));
                 let session = self.session(peer, &doc_id);
                 if let Some(changes) = chain {
                     session.pushed(&heads);
                     self.stats.pushes_sent += 1;
                     return Some(Outgoing::Changes { heads, changes });
                 }
-                let m = session.next_message(part)?;
+                let m = session.next_part(part, limit)?;
                 tracing::debug!(
                     doc = %doc_id,
                     ours = ?heads,
