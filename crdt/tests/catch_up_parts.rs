@@ -57,7 +57,7 @@ fn pair_with_backlog(tasks: usize, len: usize) -> Pair {
     let open = |actor: &errand_crdt::ActorId| {
         let store = Store::in_memory(&MemoryImage::new()).unwrap();
         store
-            .write(|t| t.put_meta(META_ACTOR, &actor.to_bytes()))
+            .write(|t| t.put_meta(META_ACTOR, actor.to_bytes()))
             .unwrap();
         Engine::open(store, EngineConfig::default()).unwrap()
     };
@@ -129,7 +129,7 @@ fn circuits(pair: &mut Pair, limit: Option<usize>, budget: usize, max: usize) ->
     };
     while out.circuits < max {
         out.circuits += 1;
-        if out.circuits % 3 == 0 {
+        if out.circuits.is_multiple_of(3) {
             desktop.restart().unwrap();
             phone.restart().unwrap();
         }
@@ -144,7 +144,8 @@ fn circuits(pair: &mut Pair, limit: Option<usize>, budget: usize, max: usize) ->
             phone.step(d, None, &mut extra_p).unwrap().frames.into();
         let mut used = 0;
         let mut cut = false;
-        while !cut && !(to_p.is_empty() && to_d.is_empty()) {
+        let idle = |p: &VecDeque<PeerFrame>, d: &VecDeque<PeerFrame>| p.is_empty() && d.is_empty();
+        while !cut && !idle(&to_p, &to_d) {
             if let Some(f) = to_d.pop_front() {
                 used += loopback::frame_bytes(&f);
                 out.biggest = out.biggest.max(change_bytes(&f));

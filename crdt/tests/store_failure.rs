@@ -130,7 +130,7 @@ fn a_phone_whose_disk_filled_up_commits_and_syncs_again_once_there_is_room() {
     let config = EngineConfig::default();
     let open = |store: Store, actor: &errand_crdt::ActorId| {
         store
-            .write(|t| t.put_meta(META_ACTOR, &actor.to_bytes()))
+            .write(|t| t.put_meta(META_ACTOR, actor.to_bytes()))
             .expect("actor");
         Engine::open(store, config).expect("the engine opens")
     };
