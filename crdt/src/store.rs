@@ -9,10 +9,15 @@
 //!   [`Store::read_table`].
 //! - Each failure names the operation that failed ([`StoreError`]: begin, table, storage,
 //!   commit), as redb's own errors do.
+//! - A failed write to the disk (a full disk: ENOSPC) leaves redb's handle failing every later
+//!   operation ("Previous I/O error occurred"). The store then closes it and opens the file
+//!   again, which recovers the last committed state, so the peer goes on once the disk has
+//!   room ([`Store::reopen`]).
 
 use std::{
     fmt,
     path::{Path, PathBuf},
+    sync::{Arc, PoisonError, RwLock},
 };
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -73,6 +78,10 @@ pub enum StoreError {
     /// A transaction's durability could not be set.
     #[error("the store could not set a transaction's durability: {0}")]
     Durability(#[from] redb::SetDurabilityError),
+    /// The store's file failed earlier and could not be opened again yet (the disk may
+    /// still be full); each later operation tries again.
+    #[error("the store failed and could not be opened again: {0}")]
+    Reopen(#[source] redb::DatabaseError),
     /// A stored record did not decode.
     #[error("stored record {what} is corrupt: {why}")]
     Corrupt {
@@ -131,9 +140,15 @@ impl LoadedDoc {
     }
 }
 
+/// Opens the store's database again (see [`Store::reopen`]).
+type Opener = Arc<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
 /// The durable store of one home.
 pub struct Store {
-    db: Database,
+    /// The open database; `None` only while opening it again after a failure did not work.
+    db: RwLock<Option<Database>>,
+    /// How to open it again after an I/O error (the same file, or the same image).
+    opener: Opener,
     home: PathBuf,
     /// The store is a file in `home`, recorded in its holder file (not an in-memory image).
     on_disk: bool,
@@ -164,36 +179,57 @@ impl Store {
         })?;
         restrict_dir(home);
         let path = home.join(STORE_FILE);
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(home.to_owned()),
-                source => StoreError::Open {
-                    path: home.to_owned(),
-                    source,
-                },
-            })?;
+        let opener: Opener = {
+            let path = path.clone();
+            Arc::new(move || {
+                Database::builder()
+                    .set_cache_size(CACHE_BYTES)
+                    .create(&path)
+            })
+        };
+        let db = opener().map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(home.to_owned()),
+            source => StoreError::Open {
+                path: home.to_owned(),
+                source,
+            },
+        })?;
         restrict_file(&path);
         crate::holder::record(home);
-        Self::with_tables(db, home.to_owned(), true)
+        Self::with_tables(db, opener, home.to_owned(), true)
     }
 
     /// Opens a store kept in memory, in `image` (empty for a new store). A store opened again
     /// over the same image sees exactly what was committed before, as a restarted process
     /// sees its file: tests of the engine restart peers this way, with no disk.
     pub fn in_memory(image: &MemoryImage) -> Result<Self, StoreError> {
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create_with_backend(image.clone())
-            .map_err(|source| StoreError::Open {
-                path: PathBuf::from("<memory>"),
-                source,
-            })?;
-        Self::with_tables(db, PathBuf::new(), false)
+        Self::over_backend(image.clone())
     }
 
-    fn with_tables(db: Database, home: PathBuf, on_disk: bool) -> Result<Self, StoreError> {
+    /// Opens a store over any redb backend that a clone opens again as it stands (as
+    /// [`MemoryImage`] does): for tests that make the storage fail on purpose.
+    pub fn over_backend<B>(backend: B) -> Result<Self, StoreError>
+    where
+        B: redb::StorageBackend + Clone,
+    {
+        let opener: Opener = Arc::new(move || {
+            Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create_with_backend(backend.clone())
+        });
+        let db = opener().map_err(|source| StoreError::Open {
+            path: PathBuf::from("<memory>"),
+            source,
+        })?;
+        Self::with_tables(db, opener, PathBuf::new(), false)
+    }
+
+    fn with_tables(
+        db: Database,
+        opener: Opener,
+        home: PathBuf,
+        on_disk: bool,
+    ) -> Result<Self, StoreError> {
         let tx = db.begin_write()?;
         {
             tx.open_table(SNAPSHOTS)?;
@@ -203,7 +239,60 @@ impl Store {
             tx.open_table(TRUSTED)?;
         }
         tx.commit()?;
-        Ok(Self { db, home, on_disk })
+        Ok(Self {
+            db: RwLock::new(Some(db)),
+            opener,
+            home,
+            on_disk,
+        })
+    }
+
+    /// Runs `f` on the database. After an error, if redb's handle has failed for good (a
+    /// write to the disk failed: it then answers every operation with "Previous I/O error
+    /// occurred"), the store is opened again at once, so the next operation finds the last
+    /// committed state instead of the same error. The error itself is still returned: what
+    /// `f` did is not stored.
+    fn with_db<T, E>(&self, f: impl FnOnce(&Database) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let closed = self
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none();
+        if closed {
+            self.reopen()?;
+        }
+        let (result, failed) = {
+            let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+            let Some(db) = db.as_ref() else {
+                return Err(StoreError::Reopen(redb::DatabaseError::DatabaseAlreadyOpen).into());
+            };
+            let result = f(db);
+            let failed = result.is_err() && has_failed(db);
+            (result, failed)
+        };
+        if failed && let Err(e) = self.reopen() {
+            tracing::error!(home = %self.home.display(), error = %e, "the store failed and could not be opened again; trying again on the next operation");
+        }
+        result
+    }
+
+    /// Closes the database and opens it again, if it has failed (or is closed): redb then
+    /// recovers the last committed state from the file. Called by every operation that finds
+    /// the database failed; public for tests.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        if db.as_ref().is_some_and(|d| !has_failed(d)) {
+            return Ok(());
+        }
+        // Dropped first: the file's lock must be released before it is opened again.
+        drop(db.take());
+        let opened = (self.opener)().map_err(StoreError::Reopen)?;
+        *db = Some(opened);
+        tracing::warn!(home = %self.home.display(), "the store had failed (a write to the disk failed); opened it again at its last committed state");
+        Ok(())
     }
 
     /// The home directory.
@@ -240,63 +329,76 @@ impl Store {
     where
         E: From<StoreError>,
     {
-        let mut tx = self.db.begin_write().map_err(StoreError::from)?;
-        tx.set_durability(durability).map_err(StoreError::from)?;
-        let mut txn = StoreTxn {
-            tx,
-            _p: std::marker::PhantomData,
-        };
-        let out = f(&mut txn)?;
-        txn.tx.commit().map_err(StoreError::from)?;
-        Ok(out)
+        self.with_db(|db| {
+            let mut tx = db.begin_write().map_err(StoreError::from)?;
+            tx.set_durability(durability).map_err(StoreError::from)?;
+            let mut txn = StoreTxn {
+                tx,
+                _p: std::marker::PhantomData,
+            };
+            let out = f(&mut txn)?;
+            txn.tx.commit().map_err(StoreError::from)?;
+            Ok(out)
+        })
     }
 
     /// Reads a stored document.
     pub fn load_doc(&self, doc: &DocId) -> Result<LoadedDoc, StoreError> {
-        let rx = self.db.begin_read()?;
-        let snapshot = rx
-            .open_table(SNAPSHOTS)?
-            .get(doc.as_str())?
-            .map(|g| g.value().to_vec());
-        let mut chunks = Vec::new();
-        let table = rx.open_table(CHUNKS)?;
-        for row in table.range((doc.as_str(), 0)..=(doc.as_str(), u64::MAX))? {
-            let (_, v) = row?;
-            chunks.push(v.value().to_vec());
-        }
-        Ok(LoadedDoc { snapshot, chunks })
+        self.with_db(|db| {
+            let rx = db.begin_read()?;
+            let snapshot = rx
+                .open_table(SNAPSHOTS)?
+                .get(doc.as_str())?
+                .map(|g| g.value().to_vec());
+            let mut chunks = Vec::new();
+            let table = rx.open_table(CHUNKS)?;
+            for row in table.range((doc.as_str(), 0)..=(doc.as_str(), u64::MAX))? {
+                let (_, v) = row?;
+                chunks.push(v.value().to_vec());
+            }
+            Ok(LoadedDoc { snapshot, chunks })
+        })
     }
 
     /// True when a document's chunks have grown past the compaction threshold.
     pub fn needs_compaction(&self, doc: &DocId) -> Result<bool, StoreError> {
-        let rx = self.db.begin_read()?;
-        let snap = rx
-            .open_table(SNAPSHOTS)?
-            .get(doc.as_str())?
-            .map_or(0, |g| g.value().len() as u64);
-        let mut chunk_bytes = 0u64;
-        for row in rx
-            .open_table(CHUNKS)?
-            .range((doc.as_str(), 0)..=(doc.as_str(), u64::MAX))?
-        {
-            chunk_bytes += row?.1.value().len() as u64;
-        }
-        Ok(chunk_bytes > COMPACT_MIN_CHUNK_BYTES.max(snap))
+        self.with_db(|db| {
+            let rx = db.begin_read()?;
+            let snap = rx
+                .open_table(SNAPSHOTS)?
+                .get(doc.as_str())?
+                .map_or(0, |g| g.value().len() as u64);
+            let mut chunk_bytes = 0u64;
+            for row in rx
+                .open_table(CHUNKS)?
+                .range((doc.as_str(), 0)..=(doc.as_str(), u64::MAX))?
+            {
+                chunk_bytes += row?.1.value().len() as u64;
+            }
+            Ok(chunk_bytes > COMPACT_MIN_CHUNK_BYTES.max(snap))
+        })
     }
 
     /// A persisted sync state.
     pub fn sync_state(&self, doc: &DocId, peer: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let rx = self.db.begin_read()?;
-        Ok(rx
-            .open_table(SYNC_STATES)?
-            .get((doc.as_str(), peer))?
-            .map(|g| g.value().to_vec()))
+        self.with_db(|db| {
+            Ok(db
+                .begin_read()?
+                .open_table(SYNC_STATES)?
+                .get((doc.as_str(), peer))?
+                .map(|g| g.value().to_vec()))
+        })
     }
 
     /// A named value.
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let rx = self.db.begin_read()?;
-        Ok(rx.open_table(META)?.get(key)?.map(|g| g.value().to_vec()))
+        self.with_db(|db| {
+            Ok(db
+                .begin_read()?
+                .open_table(META)?
+                .get(key)?
+                .map(|g| g.value().to_vec()))
+        })
     }
 
     /// A named JSON value.
@@ -316,21 +418,23 @@ impl Store {
 
     /// Every trusted (or revoked) peer.
     pub fn trusted_peers(&self) -> Result<Vec<TrustedPeer>, StoreError> {
-        let rx = self.db.begin_read()?;
-        let mut out = Vec::new();
-        for row in rx.open_table(TRUSTED)?.iter()? {
-            let (k, v) = row?;
-            match serde_json::from_slice(v.value()) {
-                Ok(p) => out.push(p),
-                Err(e) => {
-                    return Err(StoreError::Corrupt {
-                        what: format!("trusted peer {}", k.value()),
-                        why: e.to_string(),
-                    });
+        self.with_db(|db| {
+            let rx = db.begin_read()?;
+            let mut out = Vec::new();
+            for row in rx.open_table(TRUSTED)?.iter()? {
+                let (k, v) = row?;
+                match serde_json::from_slice(v.value()) {
+                    Ok(p) => out.push(p),
+                    Err(e) => {
+                        return Err(StoreError::Corrupt {
+                            what: format!("trusted peer {}", k.value()),
+                            why: e.to_string(),
+                        });
+                    }
                 }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// One trusted peer.
@@ -351,13 +455,27 @@ impl Store {
         K: redb::Key + 'static,
         V: redb::Value + 'static,
     {
-        let rx = self.db.begin_read()?;
-        match rx.open_table(def) {
-            Ok(t) => f(&t).map(Some),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        self.with_db(|db| {
+            let rx = db.begin_read()?;
+            match rx.open_table(def) {
+                Ok(t) => f(&t).map(Some),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        })
     }
+}
+
+/// True when redb's handle has failed for good: it refuses to begin a transaction with
+/// "Previous I/O error occurred", and only closing and opening it again recovers. (Does not
+/// wait for a write in progress: redb checks for the failure first.)
+fn has_failed(db: &Database) -> bool {
+    matches!(
+        db.try_begin_write(),
+        Err(redb::TransactionError::Storage(
+            redb::StorageError::PreviousIo
+        ))
+    )
 }
 
 /// One write transaction. Dropped without commit on error.

@@ -23,6 +23,10 @@ use crate::{DocId, Part};
 /// changes anyway).
 pub const BUNDLE_MIN_CHANGES: usize = 8;
 
+/// Missing changes built for a session's first part ([`SyncSession::next_part`]): a task is a
+/// few hundred bytes, so 64 of them are about one 24 KiB part.
+const FIRST_PART_CHANGES: usize = 64;
+
 /// The changes of `chunks` as one bundle chunk, if there are enough of them and each is a
 /// change this document holds.
 fn bundle_of(am: &mut automerge::AutoCommit, chunks: &sync::ChunkList) -> Option<Vec<u8>> {
@@ -37,6 +41,30 @@ fn bundle_of(am: &mut automerge::AutoCommit, chunks: &sync::ChunkList) -> Option
         .ok()?
         .ok()
         .map(|b| b.bytes().to_vec())
+}
+
+/// The first changes of `chunks` whose bytes add up to at most `max` (at least one), with
+/// their hashes; `None` when all of them fit (or one does not parse: then the message goes
+/// out whole, as before). Automerge lists the missing changes in the order it applied them,
+/// which is causal: a prefix never holds a change without the dependencies it lacks there.
+fn part_of(chunks: &sync::ChunkList, max: usize) -> Option<(sync::ChunkList, Vec<ChangeHash>)> {
+    let total: usize = chunks.iter().map(<[u8]>::len).sum();
+    if total <= max {
+        return None;
+    }
+    let mut used = 0;
+    let mut kept = Vec::new();
+    let mut hashes = Vec::new();
+    for chunk in chunks.iter() {
+        if !kept.is_empty() && used + chunk.len() > max {
+            break;
+        }
+        let change = automerge::Change::try_from(chunk).ok()?;
+        used += chunk.len();
+        hashes.push(change.hash());
+        kept.push(chunk.to_vec());
+    }
+    Some((kept.into(), hashes))
 }
 
 /// Why a received message was refused. After any of these the session should be reset
@@ -81,6 +109,9 @@ pub struct SyncSession {
     documents: bool,
     /// False: our changes go one by one, never as a bundle (see [`Self::send_no_bundles`]).
     bundles: bool,
+    /// How many missing changes [`Self::next_part`] builds for one part: grown while parts
+    /// come out small, cut to what fit when one comes out too big.
+    part_changes: usize,
 }
 
 impl std::fmt::Debug for SyncSession {
@@ -104,6 +135,7 @@ impl SyncSession {
             unconfirmed: false,
             documents: true,
             bundles: true,
+            part_changes: FIRST_PART_CHANGES,
         }
     }
 
@@ -116,6 +148,7 @@ impl SyncSession {
             unconfirmed: false,
             documents: true,
             bundles: true,
+            part_changes: FIRST_PART_CHANGES,
         })
     }
 
@@ -131,8 +164,104 @@ impl SyncSession {
 
     /// The next message to send, if there is anything to say.
     pub fn next_message(&mut self, doc: &mut Part) -> Option<Vec<u8>> {
+        self.next_part(doc, None)
+    }
+
+    /// The next message to send, if there is anything to say.
+    ///
+    /// With `max_change_bytes`, the message carries only the longest prefix of the missing
+    /// changes, in causal order, whose change bytes fit (at least one change, however big):
+    /// the rest follows once the peer has answered, one part per round trip. Automerge
+    /// otherwise puts everything the peer lacks in one message, and a message bigger than a
+    /// relay circuit's byte limit never gets through (DESIGN.md section 4). Each part is
+    /// stored by the peer with its sync state, so a cut circuit loses at most the part in
+    /// flight.
+    pub fn next_part(
+        &mut self,
+        doc: &mut Part,
+        max_change_bytes: Option<usize>,
+    ) -> Option<Vec<u8>> {
         let am = doc.automerge();
+        let Some(max) = max_change_bytes else {
+            let msg = am.sync().generate_sync_message(&mut self.state);
+            return self.finish(am, msg);
+        };
+        // Automerge builds every change it sends from its op set, which costs about as much
+        // as applying it: building the whole backlog for each part would make a catch-up
+        // quadratic. Changes past the first `part_changes` missing ones are therefore marked
+        // sent while the message is built, and unmarked after.
+        let before = self.state.sent_hashes.clone();
+        let held = self.hold_back(am);
         let msg = am.sync().generate_sync_message(&mut self.state);
+        let Some(mut m) = msg else {
+            self.state.sent_hashes = before;
+            return None;
+        };
+        let built = m.changes.len();
+        let bytes: usize = m.changes.iter().map(<[u8]>::len).sum();
+        if let Some((kept, hashes)) = part_of(&m.changes, max) {
+            // Only the part goes out: the rest must stay sendable, or the next round would
+            // leave it out.
+            self.part_changes = hashes.len().max(1);
+            m.changes = kept;
+            self.state.sent_hashes = before;
+            self.state.sent_hashes.extend(hashes);
+        } else {
+            for h in &held {
+                self.state.sent_hashes.remove(h);
+            }
+            if !held.is_empty() && built > 0 && bytes < max / 2 {
+                // Small changes: more of them fit next time.
+                self.part_changes = self.part_changes.saturating_mul(2);
+            }
+        }
+        self.finish(am, Some(m))
+    }
+
+    /// Marks as sent, for the time one message is built, the missing changes past the first
+    /// [`Self::part_changes`], in the order Automerge applied them (causal), as Automerge
+    /// picks them: after the peer's last sync, outside its Bloom filters. Returns them.
+    fn hold_back(&mut self, am: &mut automerge::AutoCommit) -> Vec<ChangeHash> {
+        let Some(have) = self.state.their_have.as_ref() else {
+            return Vec::new();
+        };
+        let mut last_sync: Vec<ChangeHash> = have
+            .iter()
+            .flat_map(|h| h.last_sync.iter().copied())
+            .collect();
+        last_sync.sort();
+        last_sync.dedup();
+        let doc = am.document();
+        if !last_sync
+            .iter()
+            .all(|h| doc.get_change_meta_by_hash(h).is_some())
+        {
+            // Automerge answers this with a reset message, which carries no changes.
+            return Vec::new();
+        }
+        let held: Vec<ChangeHash> = doc
+            .get_changes_meta(&last_sync)
+            .into_iter()
+            .map(|c| c.hash)
+            // Those Automerge would send: not sent yet, and not in the peer's filters. (A
+            // part of changes the peer already holds would say nothing, and the session
+            // would wait for an answer that never comes.)
+            .filter(|h| {
+                !self.state.sent_hashes.contains(h)
+                    && have.iter().all(|have| !have.bloom.contains_hash(h))
+            })
+            .skip(self.part_changes)
+            .collect();
+        self.state.sent_hashes.extend(held.iter().copied());
+        held
+    }
+
+    /// Strips the flags and bundles the changes, as this session sends them.
+    fn finish(
+        &self,
+        am: &mut automerge::AutoCommit,
+        msg: Option<sync::Message>,
+    ) -> Option<Vec<u8>> {
         let (documents, bundles) = (self.documents, self.bundles);
         msg.map(|mut m| {
             if !documents {

@@ -247,14 +247,32 @@ impl Replica {
 
     /// Starts `peer`'s sessions afresh (a new stream) from its hello: documents whose heads
     /// match ours start in sync, with no message; the others are returned, to be synced.
+    /// `part_limit` bounds the change bytes of each frame to the peer (see
+    /// `Engine::set_part_limit`).
     pub async fn start_session(
         &self,
         peer: PeerId,
         theirs: Vec<(u32, String)>,
+        part_limit: Option<usize>,
     ) -> Result<Vec<DocId>, ReplicaError> {
         let peer = device(&peer)?;
-        self.blocking(move |e| e.start_session(&peer, theirs))
-            .await?
+        self.blocking(move |e| {
+            e.set_part_limit(&peer, part_limit);
+            e.start_session(&peer, theirs)
+        })
+        .await?
+    }
+
+    /// Bounds the change bytes of each frame to `peer` (see `Engine::set_part_limit`), for
+    /// the sessions running now and later.
+    pub async fn set_part_limit(
+        &self,
+        peer: PeerId,
+        part_limit: Option<usize>,
+    ) -> Result<(), ReplicaError> {
+        let peer = device(&peer)?;
+        self.blocking(move |e| e.set_part_limit(&peer, part_limit))
+            .await
     }
 
     /// Applies a sync message from `peer` for document `doc_id`, durably with the peer's

@@ -219,6 +219,12 @@ pub struct Engine {
     owner: bool,
     /// How often each sync path ran.
     stats: PathCounts,
+    /// Most change bytes one frame may carry to each peer (see [`Self::set_part_limit`]);
+    /// no bound for a peer not listed.
+    part_limits: HashMap<DeviceId, usize>,
+    /// What is in memory may differ from the store (a write failed and reading the store
+    /// back failed too): every operation reloads first ([`Self::recover`]).
+    stale: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -316,6 +322,31 @@ impl Engine {
         self.heads.insert(0, heads);
         self.open.clear();
         self.pushlog.clear();
+        Ok(())
+    }
+
+    /// Reloads from the store after a failure; if that fails too (the store is still
+    /// failing: a full disk), marks the engine stale so that the next operation tries again
+    /// before it touches the document. A document holding a change that was not stored must
+    /// never be used: a later chunk would be stored without it.
+    fn reload_or_mark(&mut self) {
+        match self.reload() {
+            Ok(()) => self.stale = false,
+            Err(e) => {
+                tracing::error!(error = %e, "reloading the thread from the store failed; trying again on the next operation");
+                self.stale = true;
+            }
+        }
+    }
+
+    /// Reloads from the store if an earlier failure left memory and store apart.
+    fn recover(&mut self) -> Result<(), EngineError> {
+        if self.stale {
+            self.sessions.clear();
+            self.reload()?;
+            self.stale = false;
+            tracing::info!("reloaded the thread from the store after a failure");
+        }
         Ok(())
     }
 
@@ -581,7 +612,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         if let Err(e) = self.store_part(n, chunk, heads, tasks, Some((peer, state))) {
             self.sessions.remove(&(peer.clone(), doc_id));
-            let _ = self.reload();
+            self.reload_or_mark();
             return Err(EngineError::from(e));
         }
         if !chunk.is_empty() {
@@ -818,6 +849,8 @@ impl Engine {
             owner: false,
             segment_limit: config.segment_limit,
             stats: PathCounts::default(),
+            part_limits: HashMap::new(),
+            stale: false,
         };
         engine.reload()?;
         Ok(engine)
@@ -857,6 +890,23 @@ impl Engine {
     pub fn restart(&mut self) -> Result<(), EngineError> {
         self.sessions.clear();
         self.reload()
+    }
+
+    /// Bounds what one frame to `peer` carries to about `max_change_bytes` of changes (or
+    /// lifts the bound, with `None`): a catch-up larger than that goes in parts, one per
+    /// round trip, each stored by the peer with its sync state as it arrives, and a push
+    /// chain larger than that goes through the sync protocol instead. The network layer sets
+    /// it for a session over a relay circuit, which the relay closes after a number of bytes
+    /// (one change bigger than the bound still goes alone, whole).
+    pub fn set_part_limit(&mut self, peer: &DeviceId, max_change_bytes: Option<usize>) {
+        match max_change_bytes {
+            Some(max) => {
+                self.part_limits.insert(peer.clone(), max);
+            }
+            None => {
+                self.part_limits.remove(peer);
+            }
+        }
     }
 
     /// How often each sync path ran since the engine opened.
@@ -1003,6 +1053,7 @@ impl Engine {
         &mut self,
         f: impl FnOnce(&mut ThreadDoc) -> Result<T, WriteError>,
     ) -> Result<(T, BTreeSet<TaskId>), EngineError> {
+        self.recover()?;
         let doc = self.doc.as_mut().ok_or(EngineError::NoThread)?;
         let mut before = HashMap::new();
         for n in doc.loaded() {
@@ -1041,7 +1092,7 @@ impl Engine {
             let tasks = doc.tasks_touched(n, &touched);
             if let Err(e) = self.store_part(n, &chunk, &heads, &tasks, None) {
                 // Not durable, so not acknowledged: drop it from memory as well.
-                let _ = self.reload();
+                self.reload_or_mark();
                 return Err(EngineError::from(e));
             }
             if let (Some(before), Some(change)) = (was, change) {
@@ -1070,6 +1121,7 @@ impl Engine {
         peer: &DeviceId,
         extra: &[DocId],
     ) -> Result<Vec<(DocId, Outgoing)>, EngineError> {
+        self.recover()?;
         let doc = self.doc.as_ref().ok_or(EngineError::NoThread)?;
         let mut parts: BTreeSet<u32> = doc.loaded().into_iter().collect();
         for id in extra {
@@ -1078,6 +1130,7 @@ impl Engine {
             }
         }
         let mut out = Vec::new();
+        let limit = self.part_limits.get(peer).copied();
         for n in parts {
             if self.part_for_peer(n, peer).is_err() {
                 continue;
@@ -1115,15 +1168,17 @@ impl Engine {
                     .map(<[_]>::to_vec)
                     .filter(|t| session.settled_at(t));
                 let log_len = self.pushlog.get(&n).map_or(0, VecDeque::len);
+                // A chain over the part limit goes through the sync protocol, in parts.
                 let chain = theirs
-                    .and_then(|t| self.pushlog.get(&n).and_then(|l| push_chain(l, &t, &heads)));
+                    .and_then(|t| self.pushlog.get(&n).and_then(|l| push_chain(l, &t, &heads)))
+                    .filter(|c| limit.is_none_or(|max| c.len() <= max));
                 let session = self.session(peer, &doc_id);
                 if let Some(changes) = chain {
                     session.pushed(&heads);
                     self.stats.pushes_sent += 1;
                     return Some(Outgoing::Changes { heads, changes });
                 }
-                let m = session.next_message(part)?;
+                let m = session.next_part(part, limit)?;
                 tracing::debug!(
                     doc = %doc_id,
                     ours = ?heads,
@@ -1164,6 +1219,7 @@ impl Engine {
         peer: &DeviceId,
         theirs: Vec<(u32, String)>,
     ) -> Result<Vec<DocId>, EngineError> {
+        self.recover()?;
         self.sessions.retain(|(p, _), _| p != peer);
         let now = self.epoch.elapsed().as_millis() as u64;
         let per_minute = self.ops_per_minute;
@@ -1218,6 +1274,7 @@ impl Engine {
         doc_id: DocId,
         bytes: &[u8],
     ) -> Result<Merged, EngineError> {
+        self.recover()?;
         self.stats.sync_received += 1;
         let n = self.resolve(peer, &doc_id)?;
         let checked = self.ingest(peer, &doc_id, n, |doc, authority, bounds| {
@@ -1240,7 +1297,7 @@ impl Engine {
                 self.drop_session(peer, &doc_id);
                 if matches!(e, SyncError::Panicked) {
                     // The document may be half-applied: reload what the store holds.
-                    let _ = self.reload();
+                    self.reload_or_mark();
                 }
                 return Err(e.into());
             }
@@ -1287,6 +1344,7 @@ impl Engine {
         theirs: &[ChangeHash],
         bytes: &[u8],
     ) -> Result<Merged, EngineError> {
+        self.recover()?;
         let n = self.resolve(peer, &doc_id)?;
         let checked = self.ingest(peer, &doc_id, n, |doc, authority, bounds| {
             ingest::check_pushed(bytes, doc, authority, bounds)
@@ -1325,7 +1383,7 @@ impl Engine {
             }
             Err(_) => {
                 self.drop_session(peer, &doc_id);
-                let _ = self.reload();
+                self.reload_or_mark();
                 return Err(EngineError::BadChanges(
                     "automerge panicked while applying them".into(),
                 ));

@@ -65,6 +65,9 @@ pub enum NodeEvent {
         peer: PeerId,
         /// Through a relay circuit.
         relayed: bool,
+        /// The circuit's byte limit (both ways summed), as the relay stated it when the
+        /// circuit opened; `None` when direct or not stated.
+        circuit_bytes: Option<u64>,
         /// The remote address.
         addr: Multiaddr,
     },
@@ -244,6 +247,19 @@ impl NodeHandle {
     }
 }
 
+/// The relay of a circuit address (`…/p2p/<relay>/p2p-circuit/…`).
+fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
+    let mut relay = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(id) => relay = Some(id),
+            Protocol::P2pCircuit => return relay,
+            _ => {}
+        }
+    }
+    None
+}
+
 fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
@@ -325,6 +341,7 @@ pub async fn spawn(
         superseded: Vec::new(),
         closing: HashMap::new(),
         pairing_grace: config.pairing_grace,
+        circuit_limits: HashMap::new(),
     };
     let task = tokio::spawn(actor.run());
     Ok((
@@ -353,7 +370,15 @@ struct NodeActor {
     closing: HashMap<PeerId, Vec<oneshot::Sender<()>>>,
     /// See [`NodeConfig::pairing_grace`].
     pairing_grace: Duration,
+    /// Byte limits of circuits, as relays state them: by the relay for circuits we open
+    /// through it, by the source peer for a circuit it opened to us (taken when its
+    /// connection is established). At most [`MAX_CIRCUIT_LIMITS`] entries.
+    circuit_limits: HashMap<PeerId, u64>,
 }
+
+/// Circuit limits remembered at once: a few relays and the peers being connected through
+/// them; past this, the map starts over (a limit missed only means no check).
+const MAX_CIRCUIT_LIMITS: usize = 64;
 
 /// How often the node does relay upkeep (reserve, register, discover). Cheap: most ticks
 /// do nothing.
@@ -495,7 +520,14 @@ impl NodeActor {
                 // Not `is_relayed(&addr)`: an inbound circuit's remote address is just
                 // `/p2p/<peer>`; only its local (listen) address names the circuit.
                 let relayed = endpoint.is_relayed();
-                tracing::debug!(peer = %peer_id, %addr, relayed, "connected");
+                let circuit_bytes = if !relayed {
+                    None
+                } else if endpoint.is_dialer() {
+                    relay_of(&addr).and_then(|r| self.circuit_limits.get(&r).copied())
+                } else {
+                    self.circuit_limits.remove(&peer_id)
+                };
+                tracing::debug!(peer = %peer_id, %addr, relayed, ?circuit_bytes, "connected");
                 self.conns
                     .entry(peer_id)
                     .or_default()
@@ -506,6 +538,7 @@ impl NodeActor {
                 self.emit(NodeEvent::Connected {
                     peer: peer_id,
                     relayed,
+                    circuit_bytes,
                     addr,
                 })
                 .await;
@@ -551,6 +584,23 @@ impl NodeActor {
                 let error = reason.err().map(|e| e.to_string());
                 self.relays
                     .on_listener_closed(listener_id, error.as_deref());
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::OutboundCircuitEstablished {
+                    relay_peer_id: peer,
+                    limit,
+                }
+                | relay::client::Event::InboundCircuitEstablished {
+                    src_peer_id: peer,
+                    limit,
+                },
+            )) => {
+                if let Some(bytes) = limit.and_then(|l| l.data_in_bytes()) {
+                    if self.circuit_limits.len() >= MAX_CIRCUIT_LIMITS {
+                        self.circuit_limits.clear();
+                    }
+                    self.circuit_limits.insert(peer, bytes);
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
                 relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },

@@ -43,6 +43,8 @@ const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) struct Live {
     pub(super) connected: bool,
     pub(super) relayed: bool,
+    /// The circuit's byte limit, if relayed and the relay stated one.
+    pub(super) circuit_bytes: Option<u64>,
     pub(super) in_sync: bool,
 }
 
@@ -582,6 +584,18 @@ impl Peer {
             .lock()
             .map(|l| l.get(peer).is_some_and(|v| v.connected))
             .unwrap_or(false)
+    }
+
+    /// `Some` when `peer` is connected through a relay circuit: the circuit's byte limit,
+    /// if the relay stated one.
+    pub(crate) fn circuit(&self, peer: &PeerId) -> Option<Option<u64>> {
+        self.inner
+            .live
+            .lock()
+            .ok()?
+            .get(peer)
+            .filter(|v| v.connected && v.relayed)
+            .map(|v| v.circuit_bytes)
     }
 
     /// True when `peer` is connected and its last known heads equal ours (so a local change

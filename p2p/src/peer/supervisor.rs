@@ -295,6 +295,7 @@ impl Supervisor {
             events: self.session_tx.clone(),
             traffic: self.peer.traffic(peer),
             may_adopt: self.peer.kind() == DeviceKind::Phone,
+            circuit: self.peer.circuit(&peer),
         };
         let internal = self.internal_tx.clone();
         self.tasks.spawn(
@@ -451,7 +452,12 @@ impl Supervisor {
 
     async fn on_node(&mut self, ev: NodeEvent) {
         match ev {
-            NodeEvent::Connected { peer, relayed, .. } => {
+            NodeEvent::Connected {
+                peer,
+                relayed,
+                circuit_bytes,
+                ..
+            } => {
                 if !self.peer.is_trusted(&peer) {
                     return;
                 }
@@ -459,6 +465,16 @@ impl Supervisor {
                 self.peer.set_live(peer, |l| {
                     l.connected = true;
                     l.relayed = relayed;
+                    l.circuit_bytes = circuit_bytes;
+                });
+                // A stream the peer opened may have started its session before this event
+                // arrived (and taken the previous connection's path): the bound is set here
+                // too. A session's first message carries no changes, so it is in place
+                // before any part goes out.
+                let replica = self.peer.replica().clone();
+                self.tasks.spawn(async move {
+                    let limit = relayed.then(|| session::part_limit(circuit_bytes));
+                    let _ = replica.set_part_limit(peer, limit).await;
                 });
                 let _ = self
                     .peer

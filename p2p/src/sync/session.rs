@@ -39,6 +39,25 @@ pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/errand/sync/1");
 /// keep the socket busy; more would only hold memory while Automerge works.
 const READ_AHEAD: usize = 8;
 
+/// Most change bytes one frame carries over a relay circuit: a catch-up bigger than this goes
+/// in parts, one per round trip (`Engine::set_part_limit`). A relay closes a circuit after a
+/// number of bytes, both ways summed, counted on the encrypted connection (libp2p's default
+/// is 128 KiB; errand-relay's `--max-circuit-bytes` may be as low as 64 KiB). At 24 KiB, a
+/// part of incompressible text plus the connection's own traffic (Noise, identify, the
+/// hello) fits a 64 KiB circuit at least twice; deflate shrinks the usual text 3 to 4 times.
+pub const RELAYED_PART_BYTES: usize = 24 * 1024;
+
+/// The part limit over a circuit that closes after `circuit_bytes` (if the relay said):
+/// [`RELAYED_PART_BYTES`], or a third of a smaller circuit's budget, so that a part, the
+/// answer and the connection's own traffic fit it together.
+pub fn part_limit(circuit_bytes: Option<u64>) -> usize {
+    let third = circuit_bytes.map_or(usize::MAX, |b| usize::try_from(b / 3).unwrap_or(usize::MAX));
+    RELAYED_PART_BYTES.min(third).max(MIN_PART_BYTES)
+}
+
+/// The smallest part limit: below this, round trips would dominate.
+const MIN_PART_BYTES: usize = 1024;
+
 /// Who we are, as told in the hello.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceInfo {
@@ -130,6 +149,19 @@ pub enum PushError {
     /// Compressing a frame on a blocking thread failed.
     #[error("protocol violation: compressing a frame failed")]
     Compress,
+    /// A frame can never pass the relay circuit: one change alone is bigger than the bytes
+    /// the relay lets through a circuit.
+    #[error(
+        "a sync frame of {bytes} bytes cannot pass the relay, which closes each circuit after \
+         {limit} bytes (its circuit byte limit, --max-circuit-bytes); connect the peers \
+         directly or raise the relay's limit"
+    )]
+    TooBigForCircuit {
+        /// The frame's size on the wire.
+        bytes: usize,
+        /// The circuit's byte limit.
+        limit: u64,
+    },
 }
 
 /// What the session reports to its peer.
@@ -180,6 +212,10 @@ pub struct SessionCtx {
     pub traffic: Arc<Traffic>,
     /// Whether we may adopt this peer's thread (a trusted desktop, when we have none).
     pub may_adopt: bool,
+    /// `Some` over a relay circuit, with the circuit's byte limit if the relay stated one:
+    /// frames then carry at most [`part_limit`] change bytes, and a frame bigger than the
+    /// whole circuit is reported rather than sent. `None` on a direct connection.
+    pub circuit: Option<Option<u64>>,
 }
 
 async fn send<W: futures::AsyncWrite + Unpin>(
@@ -320,7 +356,7 @@ async fn sync(
 ) -> Result<(), SessionError> {
     let active = ctx
         .replica
-        .start_session(peer, their_docs)
+        .start_session(peer, their_docs, ctx.circuit.map(part_limit))
         .await
         .map_err(SyncError::from)?;
     let (tx, mut frames) = mpsc::channel(READ_AHEAD);
@@ -460,6 +496,15 @@ async fn push(
                 pack(Frame::changes(doc, &heads, &changes)).await?
             }
         };
+        // Sent anyway, the relay would cut the circuit mid-frame, every time.
+        if let Some(Some(limit)) = ctx.circuit
+            && frame.body.len() as u64 >= limit
+        {
+            return Err(PushError::TooBigForCircuit {
+                bytes: frame.body.len(),
+                limit,
+            });
+        }
         send(wr, &frame, &ctx.traffic).await?;
     }
     Ok(())
