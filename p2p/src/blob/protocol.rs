@@ -147,6 +147,17 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 /// Progress of a fetch: (verified bytes, size).
 pub type Progress<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
 
+/// What one fetch of a blob moved, for a report: where it started, and how many of the
+/// blob's bytes came over the wire (good or refused; the outboard not counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FetchStats {
+    /// Bytes verified before this fetch asked for anything (what a restart or an earlier,
+    /// broken fetch left).
+    pub resumed_from: u64,
+    /// Bytes of the blob received in responses.
+    pub received: u64,
+}
+
 /// Fetches `blob` from `peer` over `stream` into `store`, resuming from its verified prefix.
 /// Returns the path of the whole, verified blob.
 pub async fn fetch<S: AsyncRead + AsyncWrite + Unpin>(
@@ -155,10 +166,13 @@ pub async fn fetch<S: AsyncRead + AsyncWrite + Unpin>(
     store: &BlobStore,
     blob: &BlobRef,
     progress: Progress<'_>,
+    stats: &mut FetchStats,
 ) -> Result<PathBuf, FetchError> {
     let (hash, size) = (blob.hash, blob.size);
     let s = store.clone();
     let mut partial: Partial = blocking(move || s.receive(hash, size)).await??;
+    stats.resumed_from = partial.verified_upto();
+    stats.received = 0;
     let broke = |source| FetchError::Stream { peer, source };
     let mut bad = 0u32;
     let ask = async |stream: &mut S, what: What, offset: u64, len: u32| {
@@ -215,6 +229,7 @@ pub async fn fetch<S: AsyncRead + AsyncWrite + Unpin>(
         let offset = partial.verified_upto();
         let len = (size - offset).min(u64::from(MAX_RANGE)) as u32;
         let bytes = ask(stream, What::Data, offset, len).await?;
+        stats.received += bytes.len() as u64;
         let (r, p) = blocking(move || {
             let r = partial.append(&bytes);
             (r, partial)
@@ -319,9 +334,16 @@ mod tests {
         let mut stream = spawn_server(a, 2, u32::MAX, sent.clone()).compat();
         let peer = PeerId::random();
         let mut seen = Vec::new();
-        let path = fetch(&mut stream, peer, &b, &blob, &mut |done, _| seen.push(done))
-            .await
-            .unwrap();
+        let path = fetch(
+            &mut stream,
+            peer,
+            &b,
+            &blob,
+            &mut |done, _| seen.push(done),
+            &mut FetchStats::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
         assert!(seen.windows(2).all(|w| w[0] <= w[1]));
         // Each bad response's first group was good and kept: only the bad group was sent
@@ -350,7 +372,15 @@ mod tests {
         let peer = PeerId::random();
         let first = Arc::new(AtomicU64::new(0));
         let mut s1 = spawn_server(a.clone(), 0, 10, first.clone()).compat();
-        let err = fetch(&mut s1, peer, &b, &blob, &mut |_, _| {}).await;
+        let err = fetch(
+            &mut s1,
+            peer,
+            &b,
+            &blob,
+            &mut |_, _| {},
+            &mut FetchStats::default(),
+        )
+        .await;
         assert!(matches!(err, Err(FetchError::Stream { .. })), "{err:?}");
         assert_eq!(first.load(Ordering::Relaxed), 10 * u64::from(MAX_RANGE));
 
@@ -359,9 +389,12 @@ mod tests {
         let b = store(db.path());
         let second = Arc::new(AtomicU64::new(0));
         let mut s2 = spawn_server(a, 0, u32::MAX, second.clone()).compat();
-        let path = fetch(&mut s2, peer, &b, &blob, &mut |_, _| {})
+        let mut stats = FetchStats::default();
+        let path = fetch(&mut s2, peer, &b, &blob, &mut |_, _| {}, &mut stats)
             .await
             .unwrap();
+        assert_eq!(stats.resumed_from, 10 * u64::from(MAX_RANGE));
+        assert_eq!(stats.received, size - stats.resumed_from);
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
         assert_eq!(
             second.load(Ordering::Relaxed),
@@ -387,7 +420,15 @@ mod tests {
             mime: "application/octet-stream".into(),
         };
         let mut stream = client.compat();
-        let err = fetch(&mut stream, peer, &b, &blob, &mut |_, _| {}).await;
+        let err = fetch(
+            &mut stream,
+            peer,
+            &b,
+            &blob,
+            &mut |_, _| {},
+            &mut FetchStats::default(),
+        )
+        .await;
         assert!(matches!(err, Err(FetchError::NotFound { .. })), "{err:?}");
         // A range past the end of a held blob is refused by the store the server reads.
         assert!(matches!(
