@@ -2843,6 +2843,16 @@ fn p10_transfer(ctx: &mut Ctx, pair: &mut BlobPair, bytes: usize) -> Result<Blob
     args.extend(pair.net.iter().cloned());
     let mut phone = Proc::spawn("errand-phone", &ctx.bin("errand-phone")?, &args, &ctx.logs)?;
     phone.wait_line("running", LONG, |l| l.contains("running"))?;
+    let end = Instant::now() + LONG;
+    while ctx
+        .cli_json("errand-phone", &["--home", &pair.phs, "thread", "--json"])
+        .is_err()
+    {
+        if Instant::now() > end {
+            bail!("the phone never got the desktop's thread");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let sent = ctx.cli_json(
         "errand-phone",
         &[
@@ -2870,7 +2880,7 @@ fn p10_transfer(ctx: &mut Ctx, pair: &mut BlobPair, bytes: usize) -> Result<Blob
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    phone.stop();
+    terminate(phone)?;
     ctx.settle();
     let into = ctx.fresh_dir("p10-into")?.display().to_string();
     let mut fetch_args = vec![
@@ -2931,13 +2941,28 @@ fn p10_transfer(ctx: &mut Ctx, pair: &mut BlobPair, bytes: usize) -> Result<Blob
     })
 }
 
+/// Stops a daemon with SIGTERM and waits for it to exit (what it merged is then on disk).
+fn terminate(mut p: Proc) -> Result<()> {
+    Command::new("kill")
+        .args(["-TERM", &p.pid().to_string()])
+        .status()?;
+    let end = Instant::now() + STEP;
+    while p.child.try_wait()?.is_none() {
+        if Instant::now() > end {
+            bail!("{} did not exit after SIGTERM", p.name);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 fn p10_runs(ctx: &mut Ctx, relay: Option<&str>) -> Result<Vec<BlobRun>> {
     let mut pair = p10_pair(ctx, relay)?;
     let mut runs = Vec::new();
     for _ in 0..ctx.plan.p10_runs {
         runs.push(p10_transfer(ctx, &mut pair, ctx.plan.p10_bytes)?);
     }
-    pair.desktop.stop();
+    terminate(pair.desktop)?;
     Ok(runs)
 }
 
