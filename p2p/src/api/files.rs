@@ -51,7 +51,8 @@ pub struct Transfer {
     /// Bytes this device held verified before the fetch began (from a fetch cut off
     /// earlier); the fetch asked only for what follows.
     pub resumed_from: u64,
-    /// Bytes of the file received over the wire by this fetch, good or refused.
+    /// Bytes of the file (and of its outboard, 32 bytes per 16 KiB) received over the wire
+    /// by this fetch, good or refused.
     pub received_bytes: u64,
     /// Times a stream that had carried bytes of the file was cut (a relay's circuit limit,
     /// the desktop going away) and the fetch went on from the verified offset over a new one.
