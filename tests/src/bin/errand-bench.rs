@@ -3031,7 +3031,7 @@ fn run_p10(ctx: &mut Ctx) -> Vec<Row> {
                 if label == "direct" {
                     row = row.goals(vec![Check::RefRatioAtLeast(0.6)]);
                 }
-                rows.push(row.note("the fetch's own timing (first request to verified end): 32 KiB ranges, each group checked against the BLAKE3 outboard, written and committed on the phone; the desktop reads and serves each range"));
+                rows.push(row.note("the fetch's own timing (first request to verified end): 32 KiB ranges, 8 in flight, each group checked against the BLAKE3 outboard and written on the phone (its verified offset committed every MiB); the desktop reads and serves each range"));
                 for (side, peak) in [
                     (
                         "desktop",
