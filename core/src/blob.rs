@@ -4,8 +4,9 @@
 //!   task) and a desktop's `artifact` facts hold a [`BlobRef`]; the bytes travel over
 //!   `/errand/blob/1` and are verified against [`BlobHash`] as they arrive.
 //! - A name comes from another device, so it is never used as a path as it stands:
-//!   [`safe_file_name`] turns any string into one plain file name, and a reader skips a
-//!   reference whose name is not already one ([`is_safe_file_name`]).
+//!   [`safe_file_name`] turns any string into one plain file name; a writer writes only
+//!   names that are already one ([`is_safe_file_name`]), and a reader reads any other name
+//!   as the plain name it ends in (`../../x` is `x`).
 
 use std::{fmt, str::FromStr};
 

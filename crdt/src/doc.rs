@@ -1721,12 +1721,14 @@ impl Reader<'_> {
         }
         Some(out)
     }
-    /// A file reference in `m`, all of it written by `by`: a 64-hex hash, a plain file
-    /// name, a size, a valid media type.
+    /// A file reference in `m`, all of it written by `by`: a 64-hex hash, a file name (read
+    /// as a plain one), a size, a valid media type.
     fn read_blob_ref(&self, m: &ObjId, by: &ActorId) -> Option<BlobRef> {
         let b = BlobRef {
             hash: self.str_by(m, "hash", by, 64)?.parse().ok()?,
-            name: self.str_by(m, "name", by, MAX_FILE_NAME_BYTES)?,
+            // A name that is not one plain file name (`../../x`, `C:\\a`) is read as the
+            // plain name it ends in: the file still arrives, and never by its path.
+            name: errand_core::safe_file_name(&self.str_by(m, "name", by, MAX_FILE_NAME_BYTES)?),
             size: match self.scalar_by(m, "size", by)? {
                 ScalarValue::Uint(u) => u,
                 ScalarValue::Int(i) => u64::try_from(i).ok()?,

@@ -143,25 +143,37 @@ impl Replica {
         self.changed.subscribe()
     }
 
+    /// How many times the thread changed (local commits, merges, a new or adopted thread)
+    /// since the replica opened: a cheap key for caches of what the thread says.
+    pub fn change_count(&self) -> u64 {
+        *self.changed.borrow()
+    }
+
     fn bump(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     /// Creates this home's thread (desktop), if it has none.
     pub fn create_thread(&self, genesis: ThreadGenesis) -> Result<ThreadGenesis, ReplicaError> {
-        self.lock().create_thread(genesis)
+        let created = self.lock().create_thread(genesis);
+        self.bump();
+        created
     }
 
     /// Switches this home to `genesis` (a phone pairing with a desktop). The previous thread,
     /// if any, stays in the store under its own document ids but is no longer shown.
     pub fn replace_thread(&self, genesis: ThreadGenesis) -> Result<(), ReplicaError> {
-        self.lock().replace_thread(genesis)
+        let replaced = self.lock().replace_thread(genesis);
+        self.bump();
+        replaced
     }
 
     /// Adopts the thread of a trusted desktop that owns it. A home that has a thread keeps
     /// it: a different thread is an error.
     pub async fn adopt(&self, genesis: ThreadGenesis) -> Result<(), ReplicaError> {
-        self.blocking(move |e| e.adopt(genesis)).await?
+        let adopted = self.blocking(move |e| e.adopt(genesis)).await?;
+        self.bump();
+        adopted
     }
 
     /// Reads the thread (the documents held in memory: the meta document, the newest

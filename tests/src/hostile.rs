@@ -926,3 +926,218 @@ impl PairFlood {
         rt.shutdown_background();
     }
 }
+
+// ---- blob peers ------------------------------------------------------------------------------
+
+/// Reads a home's node identity (the home must not be open in another process).
+pub fn home_keypair(home: &Path) -> Result<libp2p::identity::Keypair> {
+    let bytes = Store::open(home)?
+        .meta(META_IDENTITY)?
+        .context("the home has no identity")?;
+    Ok(libp2p::identity::Keypair::from_protobuf_encoding(&bytes)?)
+}
+
+/// What a [`BlobPeer`]'s server did.
+#[derive(Debug, Default)]
+pub struct Served {
+    /// Data responses sent.
+    pub responses: std::sync::atomic::AtomicU64,
+    /// Of those, how many had a bit flipped.
+    pub flipped: std::sync::atomic::AtomicU64,
+}
+
+/// An in-process libp2p peer connected to a desktop for `/errand/blob/1` only (TCP + Noise
+/// + Yamux and `libp2p-stream`, nothing else): it asks what it likes, or serves blobs badly.
+pub struct BlobPeer {
+    rt: tokio::runtime::Runtime,
+    control: libp2p_stream::Control,
+    desktop: libp2p::PeerId,
+}
+
+impl std::fmt::Debug for BlobPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobPeer")
+            .field("desktop", &self.desktop)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One answer to a raw request: (status byte, size, body length), or why the stream ended.
+pub type Answer = std::result::Result<(u8, u64, usize), String>;
+
+impl BlobPeer {
+    /// Connects to `desktop` at `addr` as `keypair`.
+    pub fn connect(keypair: libp2p::identity::Keypair, desktop: &str, addr: &str) -> Result<Self> {
+        use futures::StreamExt;
+        use libp2p::swarm::{SwarmEvent, dial_opts::DialOpts};
+        let desktop: libp2p::PeerId = desktop.parse()?;
+        let addr: libp2p::Multiaddr = addr.parse()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let control = rt.block_on(async {
+            let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+                .with_tokio()
+                .with_tcp(
+                    libp2p::tcp::Config::default().nodelay(true),
+                    libp2p::noise::Config::new,
+                    libp2p::yamux::Config::default,
+                )?
+                .with_behaviour(|_| libp2p_stream::Behaviour::new())?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
+                .build();
+            let control = swarm.behaviour().new_control();
+            swarm.dial(DialOpts::peer_id(desktop).addresses(vec![addr]).build())?;
+            tokio::time::timeout(DEADLINE, async {
+                loop {
+                    match swarm.select_next_some().await {
+                        SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == desktop => {
+                            return Ok(());
+                        }
+                        SwarmEvent::OutgoingConnectionError { error, .. } => {
+                            return Err(anyhow!("dialing the desktop failed: {error}"));
+                        }
+                        _ => {}
+                    }
+                }
+            })
+            .await
+            .context("connecting to the desktop timed out")??;
+            tokio::spawn(async move {
+                loop {
+                    swarm.select_next_some().await;
+                }
+            });
+            anyhow::Ok(control)
+        })?;
+        Ok(Self {
+            rt,
+            control,
+            desktop,
+        })
+    }
+
+    /// Opens one blob stream, writes each raw request frame and reads its answer, in order.
+    /// After a stream error the remaining answers repeat it.
+    pub fn ask(&self, frames: &[Vec<u8>]) -> Result<Vec<Answer>> {
+        use futures::{AsyncReadExt, AsyncWriteExt};
+        let mut control = self.control.clone();
+        let desktop = self.desktop;
+        let frames = frames.to_vec();
+        self.rt.block_on(async move {
+            let mut s = tokio::time::timeout(
+                DEADLINE,
+                control.open_stream(desktop, errand_p2p::blob::BLOB_PROTOCOL),
+            )
+            .await
+            .context("opening a blob stream timed out")?
+            .map_err(|e| anyhow!("opening a blob stream: {e}"))?;
+            let mut out = Vec::new();
+            let mut broken: Option<String> = None;
+            for f in frames {
+                if let Some(e) = &broken {
+                    out.push(Err(e.clone()));
+                    continue;
+                }
+                let answer = tokio::time::timeout(DEADLINE, async {
+                    s.write_all(&f).await?;
+                    s.flush().await?;
+                    let mut head = [0u8; 13];
+                    s.read_exact(&mut head).await?;
+                    let size = u64::from_be_bytes(head[1..9].try_into().unwrap_or_default());
+                    let len = u32::from_be_bytes(head[9..13].try_into().unwrap_or_default());
+                    let mut body = vec![0u8; len as usize];
+                    s.read_exact(&mut body).await?;
+                    std::io::Result::Ok((head[0], size, body.len()))
+                })
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+                if let Err(e) = &answer {
+                    broken = Some(e.clone());
+                }
+                out.push(answer);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Serves blob streams from the files in `blobs` (a home's `blobs` folder: `<hash>` and
+    /// `<hash>.obao`), flipping the last bit of every `flip_every`-th data response (0: none).
+    /// Serves anything it has, referenced or not, until dropped.
+    pub fn serve_flipping(&self, blobs: PathBuf, flip_every: u64) -> Result<Arc<Served>> {
+        use errand_p2p::blob::wire::{self, Status, What};
+        use futures::StreamExt;
+        let served = Arc::new(Served::default());
+        let mut incoming = self
+            .control
+            .clone()
+            .accept(errand_p2p::blob::BLOB_PROTOCOL)
+            .map_err(|e| anyhow!("{e}"))?;
+        let counts = served.clone();
+        self.rt.spawn(async move {
+            while let Some((_, mut s)) = incoming.next().await {
+                let (blobs, counts) = (blobs.clone(), counts.clone());
+                tokio::spawn(async move {
+                    while let Ok(Some(req)) = wire::read_request(&mut s).await {
+                        let hex = data_encoding_hex(&req.hash);
+                        let path = match req.what {
+                            What::Data => blobs.join(&hex),
+                            What::Outboard => blobs.join(format!("{hex}.obao")),
+                        };
+                        let size = std::fs::metadata(blobs.join(&hex)).map_or(0, |m| m.len());
+                        let bytes = std::fs::read(&path).ok().and_then(|all| {
+                            let start = usize::try_from(req.offset).ok()?;
+                            let end = start.checked_add(req.len as usize)?;
+                            all.get(start..end).map(<[u8]>::to_vec)
+                        });
+                        let Some(mut bytes) = bytes else {
+                            if wire::write_response(&mut s, Status::NotFound, 0, &[])
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            continue;
+                        };
+                        if req.what == What::Data {
+                            let n = counts.responses.fetch_add(1, Ordering::Relaxed) + 1;
+                            if flip_every > 0 && n % flip_every == 0 && !bytes.is_empty() {
+                                let last = bytes.len() - 1;
+                                bytes[last] ^= 1;
+                                counts.flipped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        if wire::write_response(&mut s, Status::Ok, size, &bytes)
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(served)
+    }
+
+    /// Closes the peer.
+    pub fn close(self) {
+        self.rt.shutdown_background();
+    }
+}
+
+fn data_encoding_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A raw `/errand/blob/1` request frame (see `errand_p2p::blob::wire`): `what` 0 for data,
+/// 1 for the outboard.
+pub fn blob_request(what: u8, hash: &[u8; 32], offset: u64, len: u32) -> Vec<u8> {
+    let mut f = vec![what];
+    f.extend_from_slice(hash);
+    f.extend_from_slice(&offset.to_be_bytes());
+    f.extend_from_slice(&len.to_be_bytes());
+    f
+}

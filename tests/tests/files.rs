@@ -4,10 +4,14 @@
 //! its own home in a temp dir, trusted by hand. The bytes are compared by BLAKE3 and SHA-256
 //! on both sides.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, ensure};
-use errand_tests::{Home, trust_pair, wait_for};
+use errand_tests::{Home, bin, trust_pair, wait_for};
 use sha2::{Digest, Sha256};
 
 /// For waits that take a second on a quiet machine.
@@ -179,5 +183,136 @@ fn files_a_task_writes_to_errand_out_become_artifacts_that_fetch_gets_byte_ident
             .is_some_and(|v| v.iter().all(|a| a["local_path"].is_string())),
         "{after}"
     );
+    Ok(())
+}
+
+/// Runs a task on `desktop` that writes `size` random bytes to `$ERRAND_OUT/name`, waits
+/// for the phone's daemon to see it done, and returns the task id and the artifact's JSON.
+fn task_with_artifact(
+    phone: &Home,
+    name: &str,
+    size: usize,
+) -> Result<(String, serde_json::Value)> {
+    let sent = phone.json(&[
+        "send",
+        &format!("head -c {size} /dev/urandom > \"$ERRAND_OUT/{name}\""),
+        "--json",
+    ])?;
+    let id = sent["task_id"].as_str().context("task_id")?.to_owned();
+    let done = wait_for(&format!("task {id} to end with its artifact"), LONG, || {
+        let t = phone.json(&["task", &id, "--json"]).ok()?;
+        let s = t["status"].as_str()?.to_owned();
+        ["done", "failed", "cancelled", "interrupted"]
+            .contains(&s.as_str())
+            .then_some(t)
+    })?;
+    ensure!(done["status"] == "done", "{done}");
+    let artifact = done["artifacts"][0].clone();
+    ensure!(artifact["size"] == size as u64, "{done}");
+    Ok((id, artifact))
+}
+
+/// Length of the phone's partial copy of a blob (its verified groups), if there is one.
+fn partial_len(phone: &Home, hash: &str) -> Option<u64> {
+    std::fs::metadata(phone.dir.join("blobs/partial").join(hash))
+        .ok()
+        .map(|m| m.len())
+}
+
+#[test]
+fn a_fetch_cut_by_a_sigkill_of_the_desktop_resumes_from_the_verified_offset() -> Result<()> {
+    const SIZE: usize = 40 * 1024 * 1024;
+    let root = test_root()?;
+    let desktop = Home::desktop(root.path(), "desktop");
+    let phone = Home::phone(root.path(), "phone");
+    let (desktop_daemon, addr) = desktop.start(&[])?;
+    trust_pair(&desktop, &phone, Some(&addr))?;
+    let (phone_daemon, _) = phone.start(&[])?;
+    wait_for("the phone to get the desktop's thread", SHORT, || {
+        phone.thread().ok()
+    })?;
+    let (id, artifact) = task_with_artifact(&phone, "big.bin", SIZE)?;
+    let hash = artifact["hash"].as_str().context("hash")?.to_owned();
+    // `fetch` runs the phone in its own process from here on.
+    phone_daemon.stop()?;
+
+    let into = root.path().join("downloads");
+    let into = into.to_str().context("path")?;
+    let home = phone.dir.to_str().context("path")?;
+    // A short timeout: once the desktop is gone, this fetch gives up (exit 3) after 20 s
+    // without a verified byte.
+    let mut first = Command::new(bin("errand-phone"))
+        .args([
+            "--home",
+            home,
+            "fetch",
+            &id,
+            into,
+            "--json",
+            "--timeout",
+            "20s",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Poll closely: the desktop must die while the phone holds some but not all of it.
+    let deadline = Instant::now() + LONG;
+    let cut_at = loop {
+        if let Some(len) = partial_len(&phone, &hash)
+            && len > 0
+        {
+            break len;
+        }
+        ensure!(
+            first.try_wait()?.is_none(),
+            "the first fetch ended before it wrote anything: {:?}",
+            first.wait_with_output()?
+        );
+        ensure!(Instant::now() < deadline, "the fetch never started");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    desktop_daemon.kill();
+    ensure!(
+        cut_at < SIZE as u64,
+        "the whole file was in before the kill"
+    );
+    let out = first.wait_with_output()?;
+    ensure!(
+        out.status.code() == Some(3),
+        "the first fetch should give up on the dead desktop with exit 3: {out:?}"
+    );
+    let held = partial_len(&phone, &hash).context("the partial copy is gone")?;
+    ensure!(
+        held > 0 && held < SIZE as u64,
+        "the phone holds {held} bytes"
+    );
+    ensure!(!Path::new(into).join("big.bin").exists());
+
+    let (_desktop_daemon, _) = desktop.start_at(&addr, &[])?;
+    let second = phone.json(&["fetch", &id, into, "--json", "--timeout", "5m"])?;
+    let t = &second["transfers"][0];
+    let resumed = t["resumed_from"].as_u64().context("resumed_from")?;
+    let received = t["received_bytes"].as_u64().context("received_bytes")?;
+    println!("killed at {cut_at} bytes; resumed from {resumed}; received {received} of {SIZE}");
+    ensure!(resumed > 0, "{second}");
+    ensure!(
+        received < SIZE as u64,
+        "the second fetch took every byte again: {second}"
+    );
+    ensure!(received >= SIZE as u64 - resumed, "{second}");
+
+    let original = std::fs::read(
+        desktop
+            .dir
+            .join("workspace")
+            .join(&id)
+            .join("out/1/big.bin"),
+    )?;
+    let got = std::fs::read(Path::new(into).join("big.bin"))?;
+    ensure!(got.len() == SIZE, "{} bytes", got.len());
+    ensure!(blake3::hash(&got) == blake3::hash(&original));
+    ensure!(blake3::hash(&got).to_hex().as_str() == hash);
+    ensure!(sha256_hex(&got) == sha256_hex(&original));
     Ok(())
 }

@@ -823,17 +823,32 @@ fn relayed_pair_with_limits(
     root: &Path,
     limit_flags: &[&str],
 ) -> Result<(Relay, Dev, Dev, Proc, Proc)> {
+    // `--approval ask` keeps the desktop from running every task it gets: the test is about
+    // moving the thread, and 100 shell processes would only slow a 2-core machine.
+    relayed_pair(root, limit_flags, "ask")
+}
+
+/// [`relayed_pair_with_limits`] with the desktop's `--approval` policy.
+fn relayed_pair(
+    root: &Path,
+    limit_flags: &[&str],
+    approval: &str,
+) -> Result<(Relay, Dev, Dev, Proc, Proc)> {
     let mut args = vec!["--listen", LOOPBACK];
     args.extend_from_slice(limit_flags);
     let relay = Relay::start(None, &root.join("relay"), &args, 1, root)?;
     let relay_addr = relay.addrs[0].clone();
     let desktop = Dev::desktop(root, "desk", None);
     let phone = Dev::phone(root, "phone", None);
-    // `--approval ask` keeps the desktop from running every task it gets: the test is about
-    // moving the thread, and 100 shell processes would only slow a 2-core machine.
     let d = desktop.daemon(
         LOOPBACK,
-        &["--relay", &relay_addr, "--relay-only", "--approval", "ask"],
+        &[
+            "--relay",
+            &relay_addr,
+            "--relay-only",
+            "--approval",
+            approval,
+        ],
         root,
     )?;
     reserved(&desktop, SHORT)?;
@@ -891,6 +906,82 @@ fn circuits_cut_at_their_byte_limit_are_replaced_and_no_task_is_lost() -> Result
     for id in &sent {
         ensure!(ids.contains(id), "task {id} is lost: {thread}");
     }
+    Ok(())
+}
+
+#[test]
+fn a_50_mib_artifact_crosses_circuits_cut_at_64_kib_and_arrives_whole() -> Result<()> {
+    /// The relay's per-circuit budget, both directions summed: one range request and its
+    /// answer (32 KiB) fit, the whole file is 800 times over it.
+    const LIMIT: &str = "65536";
+    const SIZE: usize = 50 * 1024 * 1024;
+    let root = tempdir()?;
+    let (relay, desktop, phone, _d, _p) =
+        relayed_pair(root.path(), &["--max-circuit-bytes", LIMIT], "auto")?;
+    let id = phone.send(&format!(
+        "head -c {SIZE} /dev/urandom > \"$ERRAND_OUT/big.bin\""
+    ))?;
+    let done = wait_for(&format!("task {id} to end on the phone"), LONG, || {
+        let t = phone.home.json(&["task", &id, "--json"]).ok()?;
+        let s = t["status"].as_str()?.to_owned();
+        ["done", "failed", "cancelled", "interrupted"]
+            .contains(&s.as_str())
+            .then_some(t)
+    })?;
+    ensure!(done["status"] == "done", "{done}");
+    let hash = done["artifacts"][0]["hash"]
+        .as_str()
+        .context("artifact hash")?
+        .to_owned();
+    let cuts_before = relay
+        .log_lines(&["circuit closed", "Max circuit bytes reached"])
+        .len();
+
+    let into = root.path().join("downloads");
+    let into = into.to_str().context("path")?;
+    let started = Instant::now();
+    // The timeout bounds a wait without progress; the call through the daemon is bounded
+    // by it plus a minute, so it is generous for 800 circuits or more in a debug build.
+    let out = phone.run(&["fetch", &id, into, "--json", "--timeout", "20m"])?;
+    ensure!(
+        out.status.success(),
+        "fetch failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fetched: Value = serde_json::from_slice(&out.stdout)?;
+    let t = &fetched["transfers"][0];
+    let reconnects = t["reconnects"].as_u64().context("reconnects")?;
+    let cuts = relay
+        .log_lines(&["circuit closed", "Max circuit bytes reached"])
+        .len()
+        - cuts_before;
+    println!(
+        "{SIZE} bytes in {:.1} s through {cuts} circuits cut at {LIMIT} bytes; the fetch went on {reconnects} times; {t}",
+        started.elapsed().as_secs_f64()
+    );
+    // The circuits were cut many times over, and the fetch says so.
+    ensure!(cuts >= 100, "the relay cut only {cuts} circuits");
+    ensure!(reconnects >= 100, "{fetched}");
+    ensure!(
+        t["received_bytes"].as_u64() < Some(2 * SIZE as u64),
+        "{fetched}"
+    );
+
+    let original = std::fs::read(
+        desktop
+            .home
+            .dir
+            .join("workspace")
+            .join(&id)
+            .join("out/1/big.bin"),
+    )?;
+    let got = std::fs::read(Path::new(into).join("big.bin"))?;
+    ensure!(got.len() == SIZE, "{} bytes", got.len());
+    ensure!(blake3::hash(&got).to_hex().as_str() == hash);
+    ensure!(blake3::hash(&got) == blake3::hash(&original));
+    use sha2::Digest as _;
+    ensure!(sha2::Sha256::digest(&got) == sha2::Sha256::digest(&original));
     Ok(())
 }
 

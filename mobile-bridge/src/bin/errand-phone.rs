@@ -377,13 +377,24 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
             if json {
                 cli::print_json(&fetched);
             } else {
-                for f in &fetched.files {
+                for (i, f) in fetched.files.iter().enumerate() {
                     println!(
                         "{}  {} bytes  {}",
                         f.name,
                         f.size,
                         f.local_path.as_deref().unwrap_or("")
                     );
+                    if let Some(t) = fetched.transfers.get(i) {
+                        if t.resumed_from > 0 {
+                            eprintln!("  resumed at byte {}", t.resumed_from);
+                        }
+                        if t.reconnects > 0 {
+                            eprintln!(
+                                "  the connection was cut {} times (a relay's circuit limit, or the desktop away); each time the transfer went on from the verified offset",
+                                t.reconnects
+                            );
+                        }
+                    }
                 }
             }
             Ok(())

@@ -6,12 +6,19 @@ use errand_core::{BlobRef, TaskId, fold};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, Call, ops::GetTask, views::FileInfo};
-use crate::{blob::FetchError, peer::Peer};
+use crate::{
+    blob::{FetchError, FetchStats},
+    peer::Peer,
+};
 
 /// First wait before trying a fetch again after the stream broke; doubles up to 10 s.
 const RETRY_START: Duration = Duration::from_millis(500);
 /// Longest wait between tries.
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// First wait after a stream that carried bytes was cut (a relay's circuit limit): long
+/// enough for the node to see the old connection closed, short enough that a file crossing
+/// hundreds of circuits is not slowed by much.
+const RETRY_AFTER_CUT: Duration = Duration::from_millis(20);
 
 /// `fetch TASK [DIR]`: download the task's artifacts, verified, into `dir`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +38,27 @@ pub struct Fetched {
     pub task_id: TaskId,
     /// Each artifact, with the path it was written to.
     pub files: Vec<FileInfo>,
+    /// How each artifact's bytes came, in the order of `files`.
+    #[serde(default)]
+    pub transfers: Vec<Transfer>,
+}
+
+/// How one file's bytes came in one `fetch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// The blob.
+    pub hash: errand_core::BlobHash,
+    /// Bytes this device held verified before the fetch began (from a fetch cut off
+    /// earlier); the fetch asked only for what follows.
+    pub resumed_from: u64,
+    /// Bytes of the file (and of its outboard, 32 bytes per 16 KiB) received over the wire
+    /// by this fetch, good or refused.
+    pub received_bytes: u64,
+    /// Times a stream that had carried bytes of the file was cut (a relay's circuit limit,
+    /// the desktop going away) and the fetch went on from the verified offset over a new one.
+    pub reconnects: u32,
+    /// Milliseconds from the first request to the verified end, waits included.
+    pub ms: u64,
 }
 
 /// Sets `local_path` on each file this device holds whole.
@@ -50,26 +78,63 @@ pub async fn with_local_paths(peer: &Peer, files: &mut [FileInfo]) {
     }
 }
 
-/// Fetches one blob from `from`, trying again while the stream breaks, until `deadline`.
+/// Fetches one blob from `from`, trying again from the verified offset while the stream
+/// breaks, until `timeout` passes without a verified byte.
 pub async fn fetch_with_retries(
     peer: &Peer,
     from: libp2p::PeerId,
     blob: &BlobRef,
-    deadline: tokio::time::Instant,
+    timeout: Duration,
     progress: &mut (dyn FnMut(u64, u64) + Send),
-) -> Result<PathBuf, ApiError> {
+) -> Result<(PathBuf, Transfer), ApiError> {
+    let store = peer.blobs();
+    let hash = blob.hash;
+    let held = tokio::task::spawn_blocking(move || store.entry(&hash))
+        .await
+        .map_err(|e| ApiError::new(e.to_string()))?
+        .map_err(|e| ApiError::new(format!("could not fetch {}: {e}", blob.name)))?;
+    let mut transfer = Transfer {
+        hash,
+        resumed_from: held.map_or(0, |e| if e.complete { e.size } else { e.verified_upto }),
+        received_bytes: 0,
+        reconnects: 0,
+        ms: 0,
+    };
     let mut delay = RETRY_START;
+    let started = tokio::time::Instant::now();
+    let mut deadline = started + timeout;
     loop {
-        match peer.fetch_blob(from, blob, progress).await {
-            Ok(p) => return Ok(p),
+        let mut stats = FetchStats::default();
+        let fetched = peer
+            .fetch_blob_counted(from, blob, progress, &mut stats)
+            .await;
+        transfer.received_bytes += stats.received;
+        match fetched {
+            Ok(p) => {
+                transfer.ms = started.elapsed().as_millis() as u64;
+                return Ok((p, transfer));
+            }
             Err(FetchError::Stream { source, .. }) => {
+                if stats.received > 0 {
+                    // The peer was there: this is a cut stream (a relay's circuit limit, a
+                    // restart), not an absent peer. Go on at once, and wait for it anew.
+                    delay = RETRY_AFTER_CUT;
+                    deadline = tokio::time::Instant::now() + timeout;
+                    transfer.reconnects += 1;
+                    tracing::info!(
+                        file = %blob.name,
+                        from = stats.resumed_from,
+                        received = stats.received,
+                        error = %source,
+                        "the stream was cut; going on from the verified offset"
+                    );
+                }
                 if tokio::time::Instant::now() + delay > deadline {
                     return Err(ApiError::with_code(
                         super::exit::UNREACHABLE,
                         format!("could not fetch {}: {source}", blob.name),
                     ));
                 }
-                tracing::debug!(file = %blob.name, error = %source, "fetching again shortly");
             }
             Err(e) => return Err(ApiError::new(format!("could not fetch {}: {e}", blob.name))),
         }
@@ -94,12 +159,13 @@ pub async fn fetch_artifacts(
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|e| ApiError::new(format!("cannot create {}: {e}", dir.display())))?;
-    let deadline = tokio::time::Instant::now() + timeout;
     let mut used = std::collections::HashSet::new();
     let mut files = Vec::new();
+    let mut transfers = Vec::new();
     for a in &artifacts {
         let mut each = |done: u64, size: u64| progress(a, done, size);
-        let source = fetch_with_retries(peer, from, a, deadline, &mut each).await?;
+        let (source, transfer) = fetch_with_retries(peer, from, a, timeout, &mut each).await?;
+        transfers.push(transfer);
         let mut name = errand_core::safe_file_name(&a.name);
         let mut i = 2;
         while !used.insert(name.to_lowercase()) {
@@ -124,7 +190,11 @@ pub async fn fetch_artifacts(
         info.local_path = Some(dst.to_string_lossy().into_owned());
         files.push(info);
     }
-    Ok(Fetched { task_id: id, files })
+    Ok(Fetched {
+        task_id: id,
+        files,
+        transfers,
+    })
 }
 
 impl Call for FetchArtifacts {

@@ -14,6 +14,6 @@ pub mod store;
 pub mod tree;
 pub mod wire;
 
-pub use protocol::{FetchError, fetch, serve};
+pub use protocol::{FetchError, FetchStats, fetch, serve};
 pub use store::{BlobError, BlobStore, MAX_BLOB_BYTES, MAX_TOTAL_BYTES};
 pub use wire::BLOB_PROTOCOL;

@@ -10,7 +10,11 @@
 //!   again, up to [`MAX_BAD_RESPONSES`] times in a row; a closed stream leaves the verified
 //!   prefix for the next fetch.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use errand_core::{BlobHash, BlobRef, fold};
 use futures::{AsyncRead, AsyncWrite};
@@ -26,6 +30,11 @@ use crate::replica::Replica;
 /// A fetch gives up after this many bad responses in a row (a flipped bit, a short group):
 /// an honest peer on a flaky link sends a good one long before, a hostile one is cut off.
 pub const MAX_BAD_RESPONSES: u32 = 4;
+
+/// Range requests a fetch keeps in flight on its stream, so the server reads the next ranges
+/// while the fetcher checks and writes the last one. Each is still one request and one answer
+/// of at most 32 KiB, so each fits a relay circuit; 8 × 32 KiB is Yamux's default window.
+pub const PIPELINE: usize = 8;
 
 /// Why a fetch stopped.
 #[derive(Debug, thiserror::Error)]
@@ -81,25 +90,72 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| FetchError::Join(e.to_string()))
 }
 
-/// True when a task in the thread references `hash` (an attachment, or an artifact fact of
-/// its target).
-pub async fn referenced(replica: &Replica, hash: BlobHash) -> bool {
-    replica
-        .read(move |d| {
-            d.tasks().iter().any(|t| {
-                t.attachments.iter().any(|a| a.hash == hash)
-                    || fold(t).artifacts.iter().any(|a| a.hash == hash)
+/// Which blobs the thread references (an attachment of a task, or an artifact fact of its
+/// target), read from the thread once per change of it and shared by every stream served:
+/// a request does not read every loaded task, and a relay that cuts circuits (a new stream
+/// for each) costs no more reads than one stream.
+#[derive(Clone)]
+pub struct Referenced {
+    replica: Replica,
+    /// The set, and the replica's change count it was read at.
+    cache: Arc<Mutex<Option<ReadAt>>>,
+}
+
+/// A set of referenced blobs and the replica's change count it was read at.
+type ReadAt = (u64, Arc<HashSet<BlobHash>>);
+
+impl std::fmt::Debug for Referenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Referenced").finish_non_exhaustive()
+    }
+}
+
+impl Referenced {
+    /// The referenced blobs of `replica`'s thread.
+    pub fn new(replica: Replica) -> Self {
+        Self {
+            replica,
+            cache: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// True when a task in the thread references `hash`.
+    pub async fn contains(&self, hash: BlobHash) -> bool {
+        let version = self.replica.change_count();
+        if let Ok(c) = self.cache.lock()
+            && let Some((v, set)) = c.as_ref()
+            && *v == version
+        {
+            return set.contains(&hash);
+        }
+        let set: HashSet<BlobHash> = self
+            .replica
+            .read(|d| {
+                d.tasks()
+                    .iter()
+                    .flat_map(|t| {
+                        let mut hashes: Vec<BlobHash> =
+                            t.attachments.iter().map(|a| a.hash).collect();
+                        hashes.extend(fold(t).artifacts.iter().map(|a| a.hash));
+                        hashes
+                    })
+                    .collect()
             })
-        })
-        .await
-        .unwrap_or(false)
+            .await
+            .unwrap_or_default();
+        let found = set.contains(&hash);
+        if let Ok(mut c) = self.cache.lock() {
+            *c = Some((version, Arc::new(set)));
+        }
+        found
+    }
 }
 
 /// Serves one stream of requests from a trusted peer until it closes.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     peer: PeerId,
-    replica: Replica,
+    referenced: Referenced,
     store: BlobStore,
 ) -> std::io::Result<()> {
     let mut allowed: HashMap<[u8; 32], bool> = HashMap::new();
@@ -108,7 +164,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let ok = match allowed.get(&req.hash) {
             Some(ok) => *ok,
             None => {
-                let ok = referenced(&replica, hash).await;
+                let ok = referenced.contains(hash).await;
                 allowed.insert(req.hash, ok);
                 ok
             }
@@ -147,6 +203,18 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 /// Progress of a fetch: (verified bytes, size).
 pub type Progress<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
 
+/// What one fetch of a blob moved, for a report: where it started, and how many of the
+/// blob's bytes came over the wire (good or refused; the outboard not counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FetchStats {
+    /// Bytes verified before this fetch asked for anything (what a restart or an earlier,
+    /// broken fetch left).
+    pub resumed_from: u64,
+    /// Bytes received in responses: the blob's and its outboard's (the outboard is 32 bytes
+    /// per 16 KiB).
+    pub received: u64,
+}
+
 /// Fetches `blob` from `peer` over `stream` into `store`, resuming from its verified prefix.
 /// Returns the path of the whole, verified blob.
 pub async fn fetch<S: AsyncRead + AsyncWrite + Unpin>(
@@ -155,93 +223,194 @@ pub async fn fetch<S: AsyncRead + AsyncWrite + Unpin>(
     store: &BlobStore,
     blob: &BlobRef,
     progress: Progress<'_>,
+    stats: &mut FetchStats,
 ) -> Result<PathBuf, FetchError> {
     let (hash, size) = (blob.hash, blob.size);
     let s = store.clone();
-    let mut partial: Partial = blocking(move || s.receive(hash, size)).await??;
-    let broke = |source| FetchError::Stream { peer, source };
-    let mut bad = 0u32;
-    let ask = async |stream: &mut S, what: What, offset: u64, len: u32| {
-        let req = Request {
-            what,
-            hash: *hash.as_bytes(),
-            offset,
-            len,
-        };
-        wire::write_request(stream, &req).await.map_err(broke)?;
-        let (status, got_size, bytes) = wire::read_response(stream, len).await.map_err(broke)?;
-        match status {
-            Status::Ok if got_size == size && bytes.len() == len as usize => Ok(bytes),
-            Status::Ok => Err(FetchError::Protocol {
-                peer,
-                what: format!(
-                    "size {got_size} (expected {size}), {} bytes (asked {len})",
-                    bytes.len()
-                ),
-            }),
-            Status::NotFound => Err(FetchError::NotFound { peer, hash }),
-            Status::BadRange => Err(FetchError::Protocol {
-                peer,
-                what: format!("range {offset}+{len} refused"),
-            }),
+    let partial: Partial = blocking(move || s.receive(hash, size)).await??;
+    stats.resumed_from = partial.verified_upto();
+    stats.received = 0;
+    let mut slot = Some(partial);
+    let fetched = fetch_into(stream, peer, blob, &mut slot, progress, stats).await;
+    if fetched.is_err()
+        && let Some(mut partial) = slot.take()
+    {
+        // What was verified since the last commit stays for the next fetch.
+        match blocking(move || partial.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(blob = %hash, error = %e, "could not keep the verified prefix")
+            }
+            Err(e) => {
+                tracing::warn!(blob = %hash, error = %e, "could not keep the verified prefix")
+            }
         }
+    }
+    fetched?;
+    let s = store.clone();
+    blocking(move || s.path(&hash))
+        .await??
+        .ok_or(FetchError::Store(BlobError::Missing(hash)))
+}
+
+/// Sends one range request.
+async fn request<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    peer: PeerId,
+    hash: BlobHash,
+    what: What,
+    offset: u64,
+    len: u32,
+) -> Result<(), FetchError> {
+    let req = Request {
+        what,
+        hash: *hash.as_bytes(),
+        offset,
+        len,
     };
-    while partial.needs_outboard() {
+    wire::write_request(stream, &req)
+        .await
+        .map_err(|source| FetchError::Stream { peer, source })
+}
+
+/// Reads the answer to a request for `offset`+`len` of a blob of `size` bytes.
+async fn answer<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    peer: PeerId,
+    hash: BlobHash,
+    size: u64,
+    offset: u64,
+    len: u32,
+) -> Result<Vec<u8>, FetchError> {
+    let (status, got_size, bytes) = wire::read_response(stream, len)
+        .await
+        .map_err(|source| FetchError::Stream { peer, source })?;
+    match status {
+        Status::Ok if got_size == size && bytes.len() == len as usize => Ok(bytes),
+        Status::Ok => Err(FetchError::Protocol {
+            peer,
+            what: format!(
+                "size {got_size} (expected {size}), {} bytes (asked {len})",
+                bytes.len()
+            ),
+        }),
+        Status::NotFound => Err(FetchError::NotFound { peer, hash }),
+        Status::BadRange => Err(FetchError::Protocol {
+            peer,
+            what: format!("range {offset}+{len} refused"),
+        }),
+    }
+}
+
+/// The body of [`fetch`]: the outboard, then the bytes with up to [`PIPELINE`] ranges in
+/// flight. `slot` holds the partial blob between steps (it is moved to blocking threads).
+async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    peer: PeerId,
+    blob: &BlobRef,
+    slot: &mut Option<Partial>,
+    progress: Progress<'_>,
+    stats: &mut FetchStats,
+) -> Result<(), FetchError> {
+    let (hash, size) = (blob.hash, blob.size);
+    let lost = || FetchError::Join("the partial blob was lost".into());
+    let mut bad = 0u32;
+    let corrupt = |bad: u32| FetchError::Corrupt {
+        peer,
+        hash,
+        count: bad,
+    };
+    while slot.as_ref().ok_or_else(lost)?.needs_outboard() {
         let total = tree::outboard_len(size);
-        let mut outboard = Vec::with_capacity(total as usize);
+        // What earlier fetches received of it: an outboard over 64 KiB (a blob over 32 MiB)
+        // crosses several relay circuits.
+        let mut outboard = slot.as_ref().ok_or_else(lost)?.outboard_received();
+        if outboard.len() as u64 > total {
+            outboard.clear();
+        }
         while (outboard.len() as u64) < total {
             let offset = outboard.len() as u64;
             let len = (total - offset).min(u64::from(MAX_RANGE)) as u32;
-            outboard.extend(ask(stream, What::Outboard, offset, len).await?);
+            request(stream, peer, hash, What::Outboard, offset, len).await?;
+            let piece = answer(stream, peer, hash, size, offset, len).await?;
+            stats.received += piece.len() as u64;
+            slot.as_ref()
+                .ok_or_else(lost)?
+                .keep_outboard_piece(&piece)?;
+            outboard.extend(piece);
         }
-        match partial.set_outboard(outboard) {
+        match slot.as_mut().ok_or_else(lost)?.set_outboard(outboard) {
             Ok(()) => {}
             Err(BlobError::Verify(e)) => {
                 bad += 1;
                 tracing::warn!(%peer, blob = %hash, error = %e, "refused an outboard");
                 if bad >= MAX_BAD_RESPONSES {
-                    return Err(FetchError::Corrupt {
-                        peer,
-                        hash,
-                        count: bad,
-                    });
+                    return Err(corrupt(bad));
                 }
             }
             Err(e) => return Err(e.into()),
         }
     }
-    progress(partial.verified_upto(), size);
-    while !partial.is_complete() {
-        let offset = partial.verified_upto();
-        let len = (size - offset).min(u64::from(MAX_RANGE)) as u32;
-        let bytes = ask(stream, What::Data, offset, len).await?;
-        let (r, p) = blocking(move || {
+    let mut verified = slot.as_ref().ok_or_else(lost)?.verified_upto();
+    progress(verified, size);
+    // The first offset not asked for yet, and the ranges asked for, in order.
+    let mut next = verified;
+    let mut in_flight: VecDeque<(u64, u32)> = VecDeque::with_capacity(PIPELINE);
+    // A request that could not be sent (the peer closed its side): the answers already on
+    // their way are still read and kept, then this ends the fetch.
+    let mut unsent: Option<FetchError> = None;
+    while !slot.as_ref().ok_or_else(lost)?.is_complete() {
+        if size == 0 && in_flight.is_empty() {
+            // An empty blob: one empty range completes it.
+            request(stream, peer, hash, What::Data, 0, 0).await?;
+            in_flight.push_back((0, 0));
+        }
+        while unsent.is_none() && in_flight.len() < PIPELINE && next < size {
+            let len = (size - next).min(u64::from(MAX_RANGE)) as u32;
+            if let Err(e) = request(stream, peer, hash, What::Data, next, len).await {
+                unsent = Some(e);
+                break;
+            }
+            in_flight.push_back((next, len));
+            next += u64::from(len);
+        }
+        let Some((offset, len)) = in_flight.pop_front() else {
+            return Err(unsent.unwrap_or_else(|| FetchError::Protocol {
+                peer,
+                what: "nothing left to ask for, yet the blob is not whole".into(),
+            }));
+        };
+        let bytes = answer(stream, peer, hash, size, offset, len).await?;
+        stats.received += bytes.len() as u64;
+        let mut partial = slot.take().ok_or_else(lost)?;
+        let (r, partial) = blocking(move || {
             let r = partial.append(&bytes);
             (r, partial)
         })
         .await?;
-        partial = p;
+        verified = partial.verified_upto();
+        *slot = Some(partial);
         match r {
             Ok(_) => bad = 0,
             Err(BlobError::Verify(e)) => {
                 bad += 1;
                 tracing::warn!(%peer, blob = %hash, error = %e, "refused a range that does not match");
                 if bad >= MAX_BAD_RESPONSES {
-                    return Err(FetchError::Corrupt {
-                        peer,
-                        hash,
-                        count: bad,
-                    });
+                    return Err(corrupt(bad));
                 }
+                // The answers still in flight start past the refused group: take them off
+                // the stream unread, then ask again from the verified offset.
+                while let Some((offset, len)) = in_flight.pop_front() {
+                    let dropped = answer(stream, peer, hash, size, offset, len).await?;
+                    stats.received += dropped.len() as u64;
+                }
+                next = verified;
             }
             Err(e) => return Err(e.into()),
         }
-        progress(partial.verified_upto(), size);
+        progress(verified, size);
     }
-    let s = store.clone();
-    blocking(move || s.path(&hash))
-        .await??
-        .ok_or(FetchError::Store(BlobError::Missing(hash)))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -319,14 +488,26 @@ mod tests {
         let mut stream = spawn_server(a, 2, u32::MAX, sent.clone()).compat();
         let peer = PeerId::random();
         let mut seen = Vec::new();
-        let path = fetch(&mut stream, peer, &b, &blob, &mut |done, _| seen.push(done))
-            .await
-            .unwrap();
+        let path = fetch(
+            &mut stream,
+            peer,
+            &b,
+            &blob,
+            &mut |done, _| seen.push(done),
+            &mut FetchStats::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
         assert!(seen.windows(2).all(|w| w[0] <= w[1]));
-        // Each bad response's first group was good and kept: only the bad group was sent
-        // again, twice.
-        assert_eq!(sent.load(Ordering::Relaxed), size + 2 * tree::GROUP);
+        // Each bad response's first group was good and kept; the bad group was asked for
+        // again, and so were the ranges in flight behind it (dropped unread), twice.
+        let sent = sent.load(Ordering::Relaxed);
+        assert!(sent >= size + 2 * tree::GROUP, "{sent}");
+        assert!(
+            sent <= size + 2 * (tree::GROUP + (PIPELINE as u64 - 1) * u64::from(MAX_RANGE)),
+            "{sent}"
+        );
         assert!(
             !db.path()
                 .join("blobs/partial")
@@ -350,7 +531,15 @@ mod tests {
         let peer = PeerId::random();
         let first = Arc::new(AtomicU64::new(0));
         let mut s1 = spawn_server(a.clone(), 0, 10, first.clone()).compat();
-        let err = fetch(&mut s1, peer, &b, &blob, &mut |_, _| {}).await;
+        let err = fetch(
+            &mut s1,
+            peer,
+            &b,
+            &blob,
+            &mut |_, _| {},
+            &mut FetchStats::default(),
+        )
+        .await;
         assert!(matches!(err, Err(FetchError::Stream { .. })), "{err:?}");
         assert_eq!(first.load(Ordering::Relaxed), 10 * u64::from(MAX_RANGE));
 
@@ -359,14 +548,75 @@ mod tests {
         let b = store(db.path());
         let second = Arc::new(AtomicU64::new(0));
         let mut s2 = spawn_server(a, 0, u32::MAX, second.clone()).compat();
-        let path = fetch(&mut s2, peer, &b, &blob, &mut |_, _| {})
+        let mut stats = FetchStats::default();
+        let path = fetch(&mut s2, peer, &b, &blob, &mut |_, _| {}, &mut stats)
             .await
             .unwrap();
+        assert_eq!(stats.resumed_from, 10 * u64::from(MAX_RANGE));
+        assert_eq!(stats.received, size - stats.resumed_from);
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
         assert_eq!(
             second.load(Ordering::Relaxed),
             size - 10 * u64::from(MAX_RANGE)
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_crash_between_commits_loses_at_most_one_commit_of_verified_bytes() {
+        use super::super::store::COMMIT_EVERY;
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (store(da.path()), store(db.path()));
+        let (src, bytes) = random_file(da.path(), 3 * 1024 * 1024 + 512 * 1024);
+        let (hash, size) = a.add_file(&src).unwrap();
+        let mut partial = b.receive(hash, size).unwrap();
+        let total = tree::outboard_len(size) as u32;
+        partial
+            .set_outboard(a.read(&hash, What::Outboard, 0, total).unwrap().1)
+            .unwrap();
+        // 2.5 MiB verified and written, then the process dies: no flush.
+        let upto = 5 * COMMIT_EVERY / 2;
+        for offset in (0..upto).step_by(MAX_RANGE as usize) {
+            let (_, range) = a.read(&hash, What::Data, offset, MAX_RANGE).unwrap();
+            partial.append(&range).unwrap();
+        }
+        assert_eq!(partial.verified_upto(), upto);
+        drop(partial);
+        drop(b);
+
+        let b = store(db.path());
+        let resumed = b.receive(hash, size).unwrap();
+        assert_eq!(resumed.verified_upto(), 2 * COMMIT_EVERY);
+        let on_disk = std::fs::metadata(db.path().join("blobs/partial").join(hash.to_string()))
+            .unwrap()
+            .len();
+        assert_eq!(
+            on_disk,
+            2 * COMMIT_EVERY,
+            "the file is cut back to the commit"
+        );
+        drop(resumed);
+        let blob = BlobRef {
+            hash,
+            name: "x.bin".into(),
+            size,
+            mime: "application/octet-stream".into(),
+        };
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut stream = spawn_server(a, 0, u32::MAX, sent.clone()).compat();
+        let mut stats = FetchStats::default();
+        let path = fetch(
+            &mut stream,
+            PeerId::random(),
+            &b,
+            &blob,
+            &mut |_, _| {},
+            &mut stats,
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        assert_eq!(stats.resumed_from, 2 * COMMIT_EVERY);
+        assert_eq!(sent.load(Ordering::Relaxed), size - 2 * COMMIT_EVERY);
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -379,7 +629,12 @@ mod tests {
         let replica = Replica::open(Store::open(&da.path().join("other")).unwrap()).unwrap();
         let (client, server) = tokio::io::duplex(64 * 1024);
         let peer = PeerId::random();
-        tokio::spawn(serve(server.compat(), peer, replica, a.clone()));
+        tokio::spawn(serve(
+            server.compat(),
+            peer,
+            Referenced::new(replica),
+            a.clone(),
+        ));
         let blob = BlobRef {
             hash,
             name: "x.bin".into(),
@@ -387,7 +642,15 @@ mod tests {
             mime: "application/octet-stream".into(),
         };
         let mut stream = client.compat();
-        let err = fetch(&mut stream, peer, &b, &blob, &mut |_, _| {}).await;
+        let err = fetch(
+            &mut stream,
+            peer,
+            &b,
+            &blob,
+            &mut |_, _| {},
+            &mut FetchStats::default(),
+        )
+        .await;
         assert!(matches!(err, Err(FetchError::NotFound { .. })), "{err:?}");
         // A range past the end of a held blob is refused by the store the server reads.
         assert!(matches!(

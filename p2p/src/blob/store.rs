@@ -39,6 +39,11 @@ pub const MAX_TOTAL_BYTES: u64 = 10 << 30;
 /// The folder of a home's blobs.
 pub const BLOB_DIR: &str = "blobs";
 
+/// Verified bytes a fetch writes between two commits of its verified offset (an fsync of the
+/// partial file and a redb commit): one per MiB instead of one per 32 KiB range. A crash
+/// re-fetches at most this much; what is committed was synced first, so it is never corrupt.
+pub const COMMIT_EVERY: u64 = 1 << 20;
+
 /// What the index holds for one blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -156,6 +161,9 @@ impl BlobStore {
     }
     fn partial_outboard(&self, hash: &BlobHash) -> PathBuf {
         self.dir.join("partial").join(format!("{hash}.obao"))
+    }
+    fn pending_outboard(&self, hash: &BlobHash) -> PathBuf {
+        self.dir.join("partial").join(format!("{hash}.obao.part"))
     }
     fn tmp(&self) -> PathBuf {
         self.dir
@@ -444,19 +452,27 @@ impl BlobStore {
         Ok(Partial {
             store: self.clone(),
             hash,
+            committed: entry.verified_upto,
             entry,
             verifier,
+            file: None,
         })
     }
 }
 
-/// A blob being received. Bytes are appended only in verified groups, in order.
+/// A blob being received. Bytes are appended only in verified groups, in order; the
+/// verified offset is committed every [`COMMIT_EVERY`] bytes, at the end, and on
+/// [`Partial::flush`].
 #[derive(Debug)]
 pub struct Partial {
     store: BlobStore,
     hash: BlobHash,
     entry: Entry,
     verifier: Option<Verifier>,
+    /// The partial file, open for appending.
+    file: Option<File>,
+    /// The verified offset the index holds.
+    committed: u64,
 }
 
 impl Partial {
@@ -480,8 +496,27 @@ impl Partial {
         !self.entry.complete && self.verifier.is_none()
     }
 
-    /// Takes the whole outboard: checked against the hash, stored, or refused.
+    /// The outboard bytes received so far by earlier fetches (a relay circuit may carry less
+    /// than a whole outboard), not checked yet: [`Self::set_outboard`] checks them whole.
+    pub fn outboard_received(&self) -> Vec<u8> {
+        fs::read(self.store.pending_outboard(&self.hash)).unwrap_or_default()
+    }
+
+    /// Keeps a piece of the outboard that follows what was received so far.
+    pub fn keep_outboard_piece(&self, bytes: &[u8]) -> Result<(), BlobError> {
+        let path = self.store.pending_outboard(&self.hash);
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err("opening", &path))?;
+        f.write_all(bytes).map_err(io_err("writing", &path))
+    }
+
+    /// Takes the whole outboard: checked against the hash, stored, or refused. The pieces
+    /// kept so far are dropped either way.
     pub fn set_outboard(&mut self, outboard: Vec<u8>) -> Result<(), BlobError> {
+        let _ = fs::remove_file(self.store.pending_outboard(&self.hash));
         let v = Verifier::new(*self.hash.as_bytes(), self.entry.size, outboard)?;
         self.store
             .write_atomic(&self.store.partial_outboard(&self.hash), v.outboard())?;
@@ -515,17 +550,22 @@ impl Partial {
         }
         if good > 0 {
             let path = self.store.partial(&self.hash);
-            let mut f = OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(io_err("opening", &path))?;
+            let mut f = match self.file.take() {
+                Some(f) => f,
+                None => OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err("opening", &path))?,
+            };
             f.seek(SeekFrom::Start(start))
                 .map_err(io_err("writing", &path))?;
             f.write_all(&bytes[..good])
                 .map_err(io_err("writing", &path))?;
-            f.sync_data().map_err(io_err("syncing", &path))?;
+            self.file = Some(f);
             self.entry.verified_upto = start + good as u64;
-            self.store.put_entry(&self.hash, &self.entry)?;
+            if self.entry.verified_upto - self.committed >= COMMIT_EVERY {
+                self.commit()?;
+            }
         }
         if self.entry.verified_upto == self.entry.size && failure.is_none() {
             self.finish()?;
@@ -536,8 +576,32 @@ impl Partial {
         }
     }
 
+    /// Makes the verified offset durable: syncs the partial file, then records the offset.
+    fn commit(&mut self) -> Result<(), BlobError> {
+        if let Some(f) = &self.file {
+            f.sync_data()
+                .map_err(io_err("syncing", &self.store.partial(&self.hash)))?;
+        }
+        self.store.put_entry(&self.hash, &self.entry)?;
+        self.committed = self.entry.verified_upto;
+        Ok(())
+    }
+
+    /// Commits what was verified since the last commit (a fetch that stops calls it, so the
+    /// next one resumes from the last verified group, not the last MiB).
+    pub fn flush(&mut self) -> Result<(), BlobError> {
+        if !self.entry.complete && self.entry.verified_upto > self.committed {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
     /// Checks the whole file once more, then moves it (and its outboard) into place.
     fn finish(&mut self) -> Result<(), BlobError> {
+        if let Some(f) = self.file.take() {
+            f.sync_data()
+                .map_err(io_err("syncing", &self.store.partial(&self.hash)))?;
+        }
         let path = self.store.partial(&self.hash);
         let mut f = File::open(&path).map_err(io_err("opening", &path))?;
         let mut hasher = blake3::Hasher::new();
@@ -553,6 +617,7 @@ impl Partial {
             // Written verified, read back different: the disk changed it. Start over.
             self.entry.verified_upto = 0;
             self.store.put_entry(&self.hash, &self.entry)?;
+            self.committed = 0;
             let _ = fs::remove_file(&path);
             return Err(BlobError::Verify(tree::VerifyError::Group(0)));
         }
@@ -566,6 +631,7 @@ impl Partial {
         self.store.sync_dir()?;
         self.entry.complete = true;
         self.store.put_entry(&self.hash, &self.entry)?;
+        self.committed = self.entry.verified_upto;
         Ok(())
     }
 }

@@ -516,6 +516,21 @@ impl Peer {
         blob: &errand_core::BlobRef,
         progress: crate::blob::protocol::Progress<'_>,
     ) -> Result<std::path::PathBuf, crate::blob::FetchError> {
+        let mut stats = crate::blob::FetchStats::default();
+        self.fetch_blob_counted(from, blob, progress, &mut stats)
+            .await
+    }
+
+    /// [`Self::fetch_blob`], also telling `stats` where it resumed and how many bytes it
+    /// received (set even when the fetch fails part way).
+    pub async fn fetch_blob_counted(
+        &self,
+        from: PeerId,
+        blob: &errand_core::BlobRef,
+        progress: crate::blob::protocol::Progress<'_>,
+        stats: &mut crate::blob::FetchStats,
+    ) -> Result<std::path::PathBuf, crate::blob::FetchError> {
+        *stats = crate::blob::FetchStats::default();
         let store = self.blobs();
         if let Some(path) = {
             let (s, h) = (store.clone(), blob.hash);
@@ -523,6 +538,7 @@ impl Peer {
                 .await
                 .map_err(|e| crate::blob::FetchError::Join(e.to_string()))??
         } {
+            stats.resumed_from = blob.size;
             progress(blob.size, blob.size);
             return Ok(path);
         }
@@ -535,6 +551,14 @@ impl Peer {
                 ),
             });
         };
+        // A relay that cut the last circuit at its byte limit, or a peer that came back: dial
+        // now at the addresses we remember instead of waiting for the supervisor's redial,
+        // so a transfer through a small circuit limit goes on at once. (The node dials only
+        // when it has no connection to the peer, whatever this side has heard yet.)
+        let addrs = self.remembered_addrs(&from).await;
+        if let Err(e) = node.dial(from, addrs).await {
+            tracing::debug!(peer = %from, error = %e, "could not dial for a blob");
+        }
         let mut stream = node
             .control()
             .open_stream(from, crate::blob::BLOB_PROTOCOL)
@@ -543,7 +567,7 @@ impl Peer {
                 peer: from,
                 source: std::io::Error::other(e.to_string()),
             })?;
-        crate::blob::fetch(&mut stream, from, &store, blob, progress).await
+        crate::blob::fetch(&mut stream, from, &store, blob, progress, stats).await
     }
 
     pub(super) fn is_trusted(&self, peer: &PeerId) -> bool {
@@ -559,6 +583,20 @@ impl Peer {
             .traffic
             .lock()
             .map(|mut t| t.entry(peer).or_default().clone())
+            .unwrap_or_default()
+    }
+
+    /// The addresses remembered for a trusted peer (none if it is not trusted).
+    async fn remembered_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        let id = peer.to_base58();
+        self.inner
+            .replica
+            .store_blocking(move |s| s.trusted_peer(&id))
+            .await
+            .ok()
+            .and_then(|r| r.ok().flatten())
+            .filter(|t| !t.revoked)
+            .map(|t| t.addrs.iter().filter_map(|a| a.parse().ok()).collect())
             .unwrap_or_default()
     }
 

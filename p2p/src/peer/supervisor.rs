@@ -146,6 +146,7 @@ impl Peer {
             .map_err(|e| PeerError::Invalid(e.to_string()))?;
         let this = self.clone();
         let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_BLOB_STREAMS));
+        let referenced = crate::blob::protocol::Referenced::new(self.replica().clone());
         Ok(tokio::spawn(async move {
             let mut streams = tokio::task::JoinSet::new();
             loop {
@@ -162,13 +163,13 @@ impl Peer {
                             tracing::info!(%peer, "refused a blob stream: too many at once");
                             continue;
                         };
-                        let (replica, store) = (this.replica().clone(), this.blobs());
+                        let (referenced, store) = (referenced.clone(), this.blobs());
                         let cancel = cancel.clone();
                         streams.spawn(async move {
                             let _permit = permit;
                             tokio::select! {
                                 _ = cancel.cancelled() => {}
-                                r = crate::blob::serve(stream, peer, replica, store) => {
+                                r = crate::blob::serve(stream, peer, referenced, store) => {
                                     if let Err(e) = r {
                                         tracing::debug!(%peer, error = %e, "blob stream ended");
                                     }

@@ -132,6 +132,8 @@ struct Plan {
     p8_runs: usize,
     p8_large_runs: usize,
     p9_runs: usize,
+    p10_bytes: usize,
+    p10_runs: usize,
     settle_ms: u64,
 }
 
@@ -162,6 +164,8 @@ impl Plan {
                 p8_runs: 5,
                 p8_large_runs: 0,
                 p9_runs: 5,
+                p10_bytes: 100 << 20,
+                p10_runs: 1,
                 settle_ms: 1_000,
             }
         } else {
@@ -189,6 +193,8 @@ impl Plan {
                 p8_runs: 20,
                 p8_large_runs: 5,
                 p9_runs: 30,
+                p10_bytes: 100 << 20,
+                p10_runs: 3,
                 settle_ms: 3_000,
             }
         }
@@ -2735,6 +2741,339 @@ fn run_p9(ctx: &mut Ctx) -> Vec<Row> {
     }]
 }
 
+// ---- P10 ---------------------------------------------------------------------------------
+
+/// One P10 transfer: the blob's throughput as the fetch timed it, and the peak RSS of each
+/// side while it ran.
+struct BlobRun {
+    mbps: f64,
+    desktop_peak: f64,
+    phone_peak: f64,
+}
+
+/// How often P10 samples the RSS of both sides during a transfer.
+const P10_RSS_EVERY: Duration = Duration::from_millis(10);
+
+/// A desktop and a phone that trust each other, directly or through `relay` only; the phone
+/// daemon is not running.
+struct BlobPair {
+    desktop: Proc,
+    phs: String,
+    net: Vec<String>,
+}
+
+fn p10_pair(ctx: &mut Ctx, relay: Option<&str>) -> Result<BlobPair> {
+    let dir = ctx.fresh_dir("p10")?;
+    let (dh, ph) = (dir.join("desktop"), dir.join("phone"));
+    let (dhs, phs) = (dh.display().to_string(), ph.display().to_string());
+    trust_phone(ctx, &dhs, &phs)?;
+    let Some(relay) = relay else {
+        let (desktop, desktop_id, addr) = start_desktop(ctx, &dhs)?;
+        trust_desktop(ctx, &phs, &desktop_id, &addr)?;
+        return Ok(BlobPair {
+            desktop,
+            phs,
+            net: Vec::new(),
+        });
+    };
+    let args: Vec<String> = [
+        "--home",
+        &dhs,
+        "run",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--relay",
+        relay,
+        "--relay-only",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut desktop = Proc::spawn(
+        "errand-desktop",
+        &ctx.bin("errand-desktop")?,
+        &args,
+        &ctx.logs,
+    )?;
+    let (_, running) = desktop.wait_line("running", LONG, |l| l.contains(" running"))?;
+    let desktop_id = running
+        .split_whitespace()
+        .nth(1)
+        .context("no peer id in the running line")?
+        .to_owned();
+    let end = Instant::now() + STEP;
+    loop {
+        let v = ctx.cli_json("errand-desktop", &["--home", &dhs, "status", "--json"])?;
+        if v["relay"]["reservation"] == "accepted" {
+            break;
+        }
+        if Instant::now() > end {
+            bail!(
+                "the desktop got no reservation on the relay: {}",
+                v["relay"]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let circuit = format!("{relay}/p2p-circuit/p2p/{desktop_id}");
+    trust_desktop(ctx, &phs, &desktop_id, &circuit)?;
+    Ok(BlobPair {
+        desktop,
+        phs,
+        net: vec!["--relay".into(), relay.into(), "--relay-only".into()],
+    })
+}
+
+/// Has the desktop make a `bytes`-byte artifact (the phone's daemon sends the task and waits
+/// for it), then times `errand-phone fetch` of it while sampling both sides' RSS.
+fn p10_transfer(ctx: &mut Ctx, pair: &mut BlobPair, bytes: usize) -> Result<BlobRun> {
+    let net: Vec<&str> = pair.net.iter().map(String::as_str).collect();
+    let mut args: Vec<String> = [
+        "--home",
+        &pair.phs,
+        "daemon",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(pair.net.iter().cloned());
+    let mut phone = Proc::spawn("errand-phone", &ctx.bin("errand-phone")?, &args, &ctx.logs)?;
+    phone.wait_line("running", LONG, |l| l.contains("running"))?;
+    let end = Instant::now() + LONG;
+    while ctx
+        .cli_json("errand-phone", &["--home", &pair.phs, "thread", "--json"])
+        .is_err()
+    {
+        if Instant::now() > end {
+            bail!("the phone never got the desktop's thread");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = ctx.cli_json(
+        "errand-phone",
+        &[
+            "--home",
+            &pair.phs,
+            "send",
+            &format!("head -c {bytes} /dev/urandom > \"$ERRAND_OUT/p10.bin\""),
+            "--json",
+        ],
+    )?;
+    let id = sent["task_id"].as_str().context("task id")?.to_owned();
+    let end = Instant::now() + LONG;
+    loop {
+        let t = ctx.cli_json(
+            "errand-phone",
+            &["--home", &pair.phs, "task", &id, "--json"],
+        )?;
+        match t["status"].as_str() {
+            Some("done") if t["artifacts"].as_array().is_some_and(|a| !a.is_empty()) => break,
+            Some("failed" | "cancelled" | "interrupted") => bail!("the artifact task ended: {t}"),
+            _ => {}
+        }
+        if Instant::now() > end {
+            bail!("the artifact task did not end: {t}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    terminate(phone)?;
+    ctx.settle();
+    let into = ctx.fresh_dir("p10-into")?.display().to_string();
+    let mut fetch_args = vec![
+        "--home",
+        &pair.phs,
+        "fetch",
+        &id,
+        &into,
+        "--json",
+        "--timeout",
+        "10m",
+        "--no-mdns",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+    ];
+    fetch_args.extend(net);
+    let mut child = Command::new(ctx.bin("errand-phone")?)
+        .args(&fetch_args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let (mut desktop_peak, mut phone_peak) = (0f64, 0f64);
+    let end = Instant::now() + LONG;
+    while child.try_wait()?.is_none() {
+        if let Ok(r) = rss_bytes(pair.desktop.pid()) {
+            desktop_peak = desktop_peak.max(r);
+        }
+        if let Ok(r) = rss_bytes(child.id()) {
+            phone_peak = phone_peak.max(r);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            bail!("the fetch did not end");
+        }
+        std::thread::sleep(P10_RSS_EVERY);
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "errand-phone fetch failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).context("fetch printed no JSON")?;
+    let t = &v["transfers"][0];
+    let ms = t["ms"].as_f64().context("no transfer time")?;
+    if t["resumed_from"].as_u64() != Some(0) {
+        bail!("the fetch did not start from zero: {t}");
+    }
+    let _ = std::fs::remove_dir_all(&into);
+    Ok(BlobRun {
+        mbps: bytes as f64 / (ms / 1e3) / 1e6,
+        desktop_peak,
+        phone_peak,
+    })
+}
+
+/// Stops a daemon with SIGTERM and waits for it to exit (what it merged is then on disk).
+fn terminate(mut p: Proc) -> Result<()> {
+    Command::new("kill")
+        .args(["-TERM", &p.pid().to_string()])
+        .status()?;
+    let end = Instant::now() + STEP;
+    while p.child.try_wait()?.is_none() {
+        if Instant::now() > end {
+            bail!("{} did not exit after SIGTERM", p.name);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn p10_runs(ctx: &mut Ctx, relay: Option<&str>) -> Result<Vec<BlobRun>> {
+    let mut pair = p10_pair(ctx, relay)?;
+    let mut runs = Vec::new();
+    for _ in 0..ctx.plan.p10_runs {
+        runs.push(p10_transfer(ctx, &mut pair, ctx.plan.p10_bytes)?);
+    }
+    terminate(pair.desktop)?;
+    Ok(runs)
+}
+
+fn run_p10(ctx: &mut Ctx) -> Vec<Row> {
+    let bytes = ctx.plan.p10_bytes;
+    let size = fmt_value(bytes as f64, Unit::Bytes);
+    let mut rows = Vec::new();
+    // The floor, in the same run: bytes through one libp2p stream (TCP + Noise + Yamux),
+    // directly and through the relay, as P5 measures it.
+    let relay = spawn_relay(ctx, P5_RELAY_FLAGS);
+    let raw: Result<Value> = relay
+        .as_ref()
+        .map_err(|e| anyhow!("{e:#}"))
+        .and_then(|(_, addr)| {
+            let args: Vec<String> = [
+                "throughput",
+                "--relay",
+                addr,
+                "--bytes",
+                &bytes.to_string(),
+                "--runs",
+                &ctx.plan.p10_runs.max(2).to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            Proc::spawn(
+                "throughput",
+                &ctx.bin("errand-benchpeer")?,
+                &args,
+                &ctx.logs,
+            )
+            .and_then(|mut p| p.wait_ev("throughput", LONG, |v| v["ev"] == "throughput"))
+        });
+    let raw_of = |k: &str| -> Option<f64> {
+        let v = raw.as_ref().ok()?;
+        let s: Vec<f64> = v["mbps"][k]
+            .as_array()?
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect();
+        (!s.is_empty()).then(|| median(&s))
+    };
+    let relay_addr = relay.as_ref().ok().map(|(_, a)| a.clone());
+    for (label, via) in [("direct", None), ("relayed", relay_addr.as_deref())] {
+        let metric = format!(
+            "blob throughput, {label} ({size} artifact, errand-phone fetch from errand-desktop, loopback)"
+        );
+        if label == "relayed" && via.is_none() {
+            rows.push(Row::missing(
+                "P10",
+                metric,
+                Unit::MBps,
+                "no relay".to_owned(),
+            ));
+            continue;
+        }
+        match p10_runs(ctx, via) {
+            Ok(runs) => {
+                let mut row = Row::new("P10", metric, Unit::MBps)
+                    .samples(runs.iter().map(|r| r.mbps).collect());
+                if let Some(r) = raw_of(label) {
+                    row =
+                        row.reference("raw TCP + Noise (+ Yamux): one libp2p stream, same run", r);
+                }
+                if label == "direct" {
+                    row = row.goals(vec![Check::RefRatioAtLeast(0.6)]);
+                }
+                rows.push(row.note("the fetch's own timing (first request to verified end): 32 KiB ranges, 8 in flight, each group checked against the BLAKE3 outboard and written on the phone (its verified offset committed every MiB); the desktop reads and serves each range"));
+                for (side, peak) in [
+                    (
+                        "desktop",
+                        runs.iter().map(|r| r.desktop_peak).collect::<Vec<_>>(),
+                    ),
+                    (
+                        "phone (the fetch process)",
+                        runs.iter().map(|r| r.phone_peak).collect(),
+                    ),
+                ] {
+                    rows.push(
+                        Row::new(
+                            "P10",
+                            format!("peak RSS during a {label} transfer, {side}"),
+                            Unit::Bytes,
+                        )
+                        .samples(peak)
+                        .goals(vec![Check::P50AtMost(64.0 * 1024.0 * 1024.0)])
+                        .note(format!(
+                            "VmRSS sampled every {} ms while the fetch ran; goal 64 MiB",
+                            P10_RSS_EVERY.as_millis()
+                        )),
+                    );
+                }
+            }
+            Err(e) => rows.push(Row::missing("P10", metric, Unit::MBps, format!("{e:#}"))),
+        }
+    }
+    if let Ok((relay, _)) = relay {
+        relay.stop();
+    }
+    if let Err(e) = &raw {
+        rows.push(Row::missing(
+            "P10",
+            "raw TCP + Noise throughput",
+            Unit::MBps,
+            format!("{e:#}"),
+        ));
+    }
+    rows
+}
+
 // ---- automerge-repo ----------------------------------------------------------------------
 
 /// Runs automerge-repo's script; `Err` says why the column is skipped.
@@ -2977,6 +3316,10 @@ fn run() -> Result<()> {
     if want("P9") {
         progress!("P9");
         rows.extend(run_p9(&mut ctx));
+    }
+    if want("P10") {
+        progress!("P10");
+        rows.extend(run_p10(&mut ctx));
     }
     rows.sort_by_key(|r| r.id);
 
