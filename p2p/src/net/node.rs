@@ -595,6 +595,14 @@ impl NodeActor {
                     limit,
                 },
             )) => {
+                // The relay's per-circuit limit, as it announced it: past it the relay cuts
+                // the circuit, and whoever needs the peer dials a new one.
+                tracing::info!(
+                    %peer,
+                    limit_bytes = limit.and_then(|l| l.data_in_bytes()),
+                    limit_secs = limit.and_then(|l| l.duration()).map(|d| d.as_secs()),
+                    "relayed circuit"
+                );
                 if let Some(bytes) = limit.and_then(|l| l.data_in_bytes()) {
                     if self.circuit_limits.len() >= MAX_CIRCUIT_LIMITS {
                         self.circuit_limits.clear();
@@ -607,31 +615,6 @@ impl NodeActor {
             )) => {
                 self.relays.on_reservation(relay_peer_id, &mut self.swarm);
                 self.emit(NodeEvent::RelayReady(relay_peer_id)).await;
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
-                relay::client::Event::OutboundCircuitEstablished {
-                    relay_peer_id,
-                    limit,
-                },
-            )) => {
-                // The relay's per-circuit limit, as it announced it: past it the relay
-                // cuts the circuit, and whoever needs the peer dials a new one.
-                tracing::info!(
-                    relay = %relay_peer_id,
-                    limit_bytes = limit.and_then(|l| l.data_in_bytes()),
-                    limit_secs = limit.and_then(|l| l.duration()).map(|d| d.as_secs()),
-                    "relayed circuit out"
-                );
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
-                relay::client::Event::InboundCircuitEstablished { src_peer_id, limit },
-            )) => {
-                tracing::info!(
-                    from = %src_peer_id,
-                    limit_bytes = limit.and_then(|l| l.data_in_bytes()),
-                    limit_secs = limit.and_then(|l| l.duration()).map(|d| d.as_secs()),
-                    "relayed circuit in"
-                );
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rendezvous(
                 rendezvous::client::Event::Discovered {
