@@ -469,6 +469,11 @@ impl Supervisor {
                     self.open_stream(peer);
                 }
             }
+            NodeEvent::Path { peer, relayed } => {
+                if self.peer.is_trusted(&peer) {
+                    self.peer.set_live(peer, |l| l.relayed = relayed);
+                }
+            }
             NodeEvent::Disconnected { peer } => {
                 self.peer.set_live(peer, |l| {
                     l.connected = false;
