@@ -463,7 +463,12 @@ fn ticket(desktop: &Dev) -> Result<String> {
 fn pair(phone: &Dev, ticket: &str, listen: &str, extra: &[&str]) -> Result<Value> {
     let mut args = vec!["pair", ticket, "--json", "--no-mdns", "--listen", listen];
     args.extend_from_slice(extra);
-    let out = phone.run(&args)?;
+    let out = phone
+        .cmd(&args)
+        .env("RUST_LOG", "info,errand_p2p=debug")
+        .stdin(Stdio::null())
+        .output()
+        .context("running errand-phone pair")?;
     ensure!(
         out.status.success(),
         "pairing failed ({}): {}",
@@ -471,7 +476,11 @@ fn pair(phone: &Dev, ticket: &str, listen: &str, extra: &[&str]) -> Result<Value
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).context("pair --json prints JSON")?;
-    ensure!(v["synced"] == true, "paired but not synced: {v}");
+    ensure!(
+        v["synced"] == true,
+        "paired but not synced: {v}; its log:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(v)
 }
 
