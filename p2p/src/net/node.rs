@@ -78,6 +78,13 @@ pub enum NodeEvent {
         /// Reachable through relay circuits only.
         relayed: bool,
     },
+    /// A hole punch replaced the relayed connections to `peer`, and we closed them. A stream
+    /// on a connection closed from this side can wait forever for its next frame, so the
+    /// sync session must be started again (on the direct connection).
+    Upgraded {
+        /// The peer.
+        peer: PeerId,
+    },
     /// The last connection to `peer` closed.
     Disconnected {
         /// The peer.
@@ -366,7 +373,7 @@ struct NodeActor {
     relay_only: bool,
     gate: SharedGate,
     /// Relayed connections a hole punch replaced, closed once their grace ends.
-    superseded: Vec<(ConnectionId, tokio::time::Instant)>,
+    superseded: Vec<(PeerId, ConnectionId, tokio::time::Instant)>,
     /// Callers of [`NodeHandle::disconnect`] waiting for a peer's last connection to close.
     closing: HashMap<PeerId, Vec<oneshot::Sender<()>>>,
     /// See [`NodeConfig::pairing_grace`].
@@ -419,24 +426,30 @@ impl NodeActor {
                 ev = self.swarm.select_next_some() => self.on_event(ev).await,
                 _ = relay_tick.tick() => {
                     self.relays.tick(&mut self.swarm, true);
-                    self.close_superseded();
+                    for peer in self.close_superseded() {
+                        self.emit(NodeEvent::Upgraded { peer }).await;
+                    }
                     self.retry_punches();
                 }
             }
         }
     }
 
-    /// Closes the superseded relayed connections whose grace has ended.
-    fn close_superseded(&mut self) {
+    /// Closes the superseded relayed connections whose grace has ended; returns their peers.
+    fn close_superseded(&mut self) -> Vec<PeerId> {
         let now = tokio::time::Instant::now();
         let swarm = &mut self.swarm;
-        self.superseded.retain(|(id, due)| {
+        let mut closed = Vec::new();
+        self.superseded.retain(|(peer, id, due)| {
             if *due > now {
                 return true;
             }
-            swarm.close_connection(*id);
+            if swarm.close_connection(*id) && !closed.contains(peer) {
+                closed.push(*peer);
+            }
             false
         });
+        closed
     }
 
     /// A hole punch to `peer` failed: retries start if the peer is still reachable through a
@@ -719,10 +732,17 @@ impl NodeActor {
                     if pairing {
                         let due = tokio::time::Instant::now() + self.pairing_grace;
                         self.superseded
-                            .extend(relayed.into_iter().map(|id| (id, due)));
+                            .extend(relayed.into_iter().map(|id| (remote_peer_id, id, due)));
                     } else {
+                        let mut closed = false;
                         for id in relayed {
-                            self.swarm.close_connection(id);
+                            closed |= self.swarm.close_connection(id);
+                        }
+                        if closed {
+                            self.emit(NodeEvent::Upgraded {
+                                peer: remote_peer_id,
+                            })
+                            .await;
                         }
                     }
                 }

@@ -474,6 +474,14 @@ impl Supervisor {
                     self.peer.set_live(peer, |l| l.relayed = relayed);
                 }
             }
+            NodeEvent::Upgraded { peer } => {
+                // The session may sit on a relayed connection we just closed; its stream would
+                // not notice. End it: the opener opens a new one on the direct connection.
+                if let Some((_, c)) = self.sessions.get(&peer) {
+                    tracing::debug!(%peer, "hole punched; restarting the sync session");
+                    c.cancel();
+                }
+            }
             NodeEvent::Disconnected { peer } => {
                 self.peer.set_live(peer, |l| {
                     l.connected = false;
