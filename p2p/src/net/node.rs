@@ -63,13 +63,30 @@ pub enum NodeEvent {
     Connected {
         /// The peer.
         peer: PeerId,
-        /// Through a relay circuit.
+        /// The peer is reachable through relay circuits only: this connection is relayed and
+        /// no direct one is open. (A relayed connection opened next to a direct one, such as a
+        /// hole-punch retry that crossed a success, does not make the path relayed.)
         relayed: bool,
         /// The circuit's byte limit (both ways summed), as the relay stated it when the
         /// circuit opened; `None` when direct or not stated.
         circuit_bytes: Option<u64>,
         /// The remote address.
         addr: Multiaddr,
+    },
+    /// A connection to `peer` closed and others remain, and with it the path changed: the
+    /// last direct one closed (`relayed`), or the last relayed one next to a direct one.
+    Path {
+        /// The peer.
+        peer: PeerId,
+        /// Reachable through relay circuits only.
+        relayed: bool,
+    },
+    /// A hole punch replaced the relayed connections to `peer`, and we closed them. A stream
+    /// on a connection closed from this side can wait forever for its next frame, so the
+    /// sync session must be started again (on the direct connection).
+    Upgraded {
+        /// The peer.
+        peer: PeerId,
     },
     /// The last connection to `peer` closed.
     Disconnected {
@@ -260,6 +277,13 @@ fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
     None
 }
 
+/// True when `peer` has an open connection and none of them is direct.
+fn relayed_only(conns: &HashMap<PeerId, HashMap<ConnectionId, bool>>, peer: &PeerId) -> bool {
+    conns
+        .get(peer)
+        .is_some_and(|cs| !cs.is_empty() && cs.values().all(|relayed| *relayed))
+}
+
 fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
@@ -342,6 +366,7 @@ pub async fn spawn(
         closing: HashMap::new(),
         pairing_grace: config.pairing_grace,
         circuit_limits: HashMap::new(),
+        punch_retries: HashMap::new(),
     };
     let task = tokio::spawn(actor.run());
     Ok((
@@ -365,7 +390,7 @@ struct NodeActor {
     relay_only: bool,
     gate: SharedGate,
     /// Relayed connections a hole punch replaced, closed once their grace ends.
-    superseded: Vec<(ConnectionId, tokio::time::Instant)>,
+    superseded: Vec<(PeerId, ConnectionId, tokio::time::Instant)>,
     /// Callers of [`NodeHandle::disconnect`] waiting for a peer's last connection to close.
     closing: HashMap<PeerId, Vec<oneshot::Sender<()>>>,
     /// See [`NodeConfig::pairing_grace`].
@@ -374,15 +399,36 @@ struct NodeActor {
     /// through it, by the source peer for a circuit it opened to us (taken when its
     /// connection is established). At most [`MAX_CIRCUIT_LIMITS`] entries.
     circuit_limits: HashMap<PeerId, u64>,
+    /// Peers whose hole punch failed and that are still relayed only.
+    punch_retries: HashMap<PeerId, PunchRetry>,
 }
 
 /// Circuit limits remembered at once: a few relays and the peers being connected through
 /// them; past this, the map starts over (a limit missed only means no check).
 const MAX_CIRCUIT_LIMITS: usize = 64;
 
-/// How often the node does relay upkeep (reserve, register, discover). Cheap: most ticks
-/// do nothing.
+/// How often the node does relay upkeep (reserve, register, discover, retry hole punches).
+/// Cheap: most ticks do nothing.
 const RELAY_TICK: Duration = Duration::from_secs(1);
+
+/// First pause before another hole punch, after one failed while the peer is still reachable
+/// only through a relay. Punches fail for passing reasons too (on a loaded machine the DCUtR
+/// sync and the two dials drift apart), and libp2p's DCUtR never tries again on the same
+/// relayed connection: without a retry the peers would stay relayed for as long as it lasts.
+const PUNCH_RETRY_START: Duration = Duration::from_secs(2);
+/// Cap of the hole-punch retry backoff. Behind a NAT that never lets a punch through (one that
+/// maps every destination to a new port) a retry costs one idle circuit through the relay, for
+/// a minute, every 5 min.
+const PUNCH_RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// Hole-punch retries of one peer that is connected through a relay only.
+#[derive(Debug)]
+struct PunchRetry {
+    /// When to try again.
+    due: tokio::time::Instant,
+    /// The pause after that try.
+    delay: Duration,
+}
 
 impl NodeActor {
     async fn run(mut self) {
@@ -405,23 +451,92 @@ impl NodeActor {
                 ev = self.swarm.select_next_some() => self.on_event(ev).await,
                 _ = relay_tick.tick() => {
                     self.relays.tick(&mut self.swarm, true);
-                    self.close_superseded();
+                    for peer in self.close_superseded() {
+                        self.emit(NodeEvent::Upgraded { peer }).await;
+                    }
+                    self.retry_punches();
                 }
             }
         }
     }
 
-    /// Closes the superseded relayed connections whose grace has ended.
-    fn close_superseded(&mut self) {
+    /// Closes the superseded relayed connections whose grace has ended; returns their peers.
+    fn close_superseded(&mut self) -> Vec<PeerId> {
         let now = tokio::time::Instant::now();
         let swarm = &mut self.swarm;
-        self.superseded.retain(|(id, due)| {
+        let mut closed = Vec::new();
+        self.superseded.retain(|(peer, id, due)| {
             if *due > now {
                 return true;
             }
-            swarm.close_connection(*id);
+            if swarm.close_connection(*id) && !closed.contains(peer) {
+                closed.push(*peer);
+            }
             false
         });
+        closed
+    }
+
+    /// A hole punch to `peer` failed: retries start if the peer is still reachable through a
+    /// relay only (a failure while they run changes nothing: they keep their own backoff).
+    fn punch_failed(&mut self, peer: PeerId, error: &dcutr::Error) {
+        if self.relays.is_relay(&peer) || !relayed_only(&self.conns, &peer) {
+            tracing::info!(%peer, %error, "hole punch failed");
+            return;
+        }
+        let retry = self
+            .punch_retries
+            .entry(peer)
+            .or_insert_with(|| PunchRetry {
+                due: tokio::time::Instant::now() + PUNCH_RETRY_START,
+                delay: PUNCH_RETRY_START,
+            });
+        let retry_in = retry
+            .due
+            .saturating_duration_since(tokio::time::Instant::now());
+        tracing::info!(%peer, %error, ?retry_in, "hole punch failed; staying on the relay and trying again later");
+    }
+
+    /// Starts the hole punches that are due, and forgets the peers that are direct or gone.
+    ///
+    /// libp2p's DCUtR runs one round (up to three dials) per relayed connection, started by
+    /// the side that accepted the circuit. So a retry is a new circuit to the peer through
+    /// each relay we hold a reservation on: the peer starts the punch on it. The circuit the
+    /// session runs on stays untouched; the new one idles out if the punch fails again.
+    fn retry_punches(&mut self) {
+        let now = tokio::time::Instant::now();
+        let conns = &self.conns;
+        self.punch_retries
+            .retain(|peer, _| relayed_only(conns, peer));
+        let me = *self.swarm.local_peer_id();
+        let circuits = self.relays.circuit_addrs(me);
+        for (peer, retry) in &mut self.punch_retries {
+            if retry.due > now {
+                continue;
+            }
+            retry.delay = (retry.delay * 2).min(PUNCH_RETRY_MAX);
+            retry.due = now + retry.delay;
+            // `<relay>/p2p-circuit/p2p/<me>` → `<relay>/p2p-circuit/p2p/<peer>`.
+            let addrs: Vec<Multiaddr> = circuits
+                .iter()
+                .map(|a| {
+                    let mut a = a.clone();
+                    a.pop();
+                    a.with(Protocol::P2p(*peer))
+                })
+                .collect();
+            if addrs.is_empty() {
+                continue;
+            }
+            tracing::info!(%peer, next_in = ?retry.delay, "trying the hole punch again over a new relayed connection");
+            let opts = DialOpts::peer_id(*peer)
+                .condition(PeerCondition::Always)
+                .addresses(addrs)
+                .build();
+            if let Err(error) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, %error, "cannot dial a new relayed connection");
+            }
+        }
     }
 
     /// Closes every connection and gives the swarm a moment to send the closes.
@@ -535,6 +650,7 @@ impl NodeActor {
                 if self.relays.is_relay(&peer_id) {
                     self.relays.on_connected(peer_id);
                 }
+                let relayed = relayed_only(&self.conns, &peer_id);
                 self.emit(NodeEvent::Connected {
                     peer: peer_id,
                     relayed,
@@ -551,13 +667,23 @@ impl NodeActor {
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, ?cause, "connection closed");
+                let was_relayed = relayed_only(&self.conns, &peer_id);
                 if let Some(cs) = self.conns.get_mut(&peer_id) {
                     cs.remove(&connection_id);
                     if cs.is_empty() {
                         self.conns.remove(&peer_id);
                     }
                 }
+                let relayed = relayed_only(&self.conns, &peer_id);
+                if num_established > 0 && relayed != was_relayed {
+                    self.emit(NodeEvent::Path {
+                        peer: peer_id,
+                        relayed,
+                    })
+                    .await;
+                }
                 if num_established == 0 {
+                    self.punch_retries.remove(&peer_id);
                     for waiting in self.closing.remove(&peer_id).into_iter().flatten() {
                         let _ = waiting.send(());
                     }
@@ -647,6 +773,7 @@ impl NodeActor {
                 result,
             })) => match result {
                 Ok(_) => {
+                    self.punch_retries.remove(&remote_peer_id);
                     // Both connections stay open after a hole punch, and streams would land on
                     // either at random: close the relayed ones (dependency notes, 1.3).
                     let relayed: Vec<ConnectionId> = self
@@ -663,16 +790,21 @@ impl NodeActor {
                     if pairing {
                         let due = tokio::time::Instant::now() + self.pairing_grace;
                         self.superseded
-                            .extend(relayed.into_iter().map(|id| (id, due)));
+                            .extend(relayed.into_iter().map(|id| (remote_peer_id, id, due)));
                     } else {
+                        let mut closed = false;
                         for id in relayed {
-                            self.swarm.close_connection(id);
+                            closed |= self.swarm.close_connection(id);
+                        }
+                        if closed {
+                            self.emit(NodeEvent::Upgraded {
+                                peer: remote_peer_id,
+                            })
+                            .await;
                         }
                     }
                 }
-                Err(e) => {
-                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying on the relay")
-                }
+                Err(e) => self.punch_failed(remote_peer_id, &e),
             },
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 tracing::debug!(%error, "incoming connection refused");

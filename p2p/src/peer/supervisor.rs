@@ -486,6 +486,29 @@ impl Supervisor {
                     self.open_stream(peer);
                 }
             }
+            NodeEvent::Path { peer, relayed } => {
+                if self.peer.is_trusted(&peer) {
+                    let mut circuit_bytes = None;
+                    self.peer.set_live(peer, |l| {
+                        l.relayed = relayed;
+                        circuit_bytes = l.circuit_bytes;
+                    });
+                    // Parts are bounded only while every connection to the peer is a circuit.
+                    let replica = self.peer.replica().clone();
+                    self.tasks.spawn(async move {
+                        let limit = relayed.then(|| session::part_limit(circuit_bytes));
+                        let _ = replica.set_part_limit(peer, limit).await;
+                    });
+                }
+            }
+            NodeEvent::Upgraded { peer } => {
+                // The session may sit on a relayed connection we just closed; its stream would
+                // not notice. End it: the opener opens a new one on the direct connection.
+                if let Some((_, c)) = self.sessions.get(&peer) {
+                    tracing::debug!(%peer, "hole punched; restarting the sync session");
+                    c.cancel();
+                }
+            }
             NodeEvent::Disconnected { peer } => {
                 self.peer.set_live(peer, |l| {
                     l.connected = false;
