@@ -44,7 +44,7 @@ struct Pair {
     root: tempfile::TempDir,
     desktop: Home,
     phone: Home,
-    desktop_daemon: Option<Daemon>,
+    _desktop_daemon: Option<Daemon>,
     phone_daemon: Option<Daemon>,
 }
 
@@ -67,7 +67,7 @@ impl Pair {
             root,
             desktop,
             phone,
-            desktop_daemon: Some(d),
+            _desktop_daemon: Some(d),
             phone_daemon: Some(p),
         };
         let first = pair.send(&["true", "--executor", "shell"])?;
@@ -143,7 +143,7 @@ fn blob_files(home: &Home) -> Result<BTreeSet<String>> {
     }
     Ok(files_under(&dir)?
         .into_iter()
-        .filter(|f| !f.starts_with("tmp/"))
+        .filter(|f| !f.starts_with("tmp/") && dir.join(f).is_file())
         .collect())
 }
 
