@@ -878,7 +878,7 @@ mod tests {
     fn every_marker_is_found_anywhere_in_the_text() {
         let script = Script::parse(
             "go [flood 12] [read /a b.txt]\n[write out.md][permission] [wait] [exit] [refuse] \
-             [garbage] [read c]",
+             [garbage] [read c] [out r.md]",
         );
         assert_eq!(
             script,
@@ -886,6 +886,7 @@ mod tests {
                 flood: Some(12),
                 reads: vec!["/a b.txt".into(), "c".into()],
                 writes: vec!["out.md".into()],
+                outs: vec!["r.md".into()],
                 permission: true,
                 wait: true,
                 exit: true,
