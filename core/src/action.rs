@@ -271,6 +271,7 @@ mod tests {
     fn an_unfinished_task_may_be_approved_denied_or_cancelled_but_not_retried() {
         for facts in [
             vec![],
+            vec![EventKind::Fetching],
             vec![EventKind::Delivered],
             vec![EventKind::ApprovalRequested],
             vec![EventKind::Started],

@@ -1,7 +1,7 @@
 //! Tasks, their events, and the pure status fold.
 //!
 //! A task's history is a list of events. Only the task's *target* desktop writes facts
-//! (`delivered`, `approval_requested`, `started`, `output`, `finished`, `failed`, `cancelled`,
+//! (`fetching`, `delivered`, `approval_requested`, `started`, `output`, `finished`, `failed`, `cancelled`,
 //! `denied`, `interrupted`, and for agents `agent_session`, `tool_call`, `plan`,
 //! `permission_requested`, `permission_resolved`). Other devices write requests
 //! (`cancel_requested`, `approved`, `denied`, `retried`, `replied`, `permission_answered`).
@@ -23,7 +23,11 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventKind {
-    /// Fact: the desktop has the task.
+    /// Fact: the desktop has the task and fetches its attachments; `delivered` follows once
+    /// every one is verified and in place. Written once per attempt, only for a task with
+    /// attachments the desktop does not hold yet.
+    Fetching,
+    /// Fact: the desktop has the task (and its attachments, in place).
     Delivered,
     /// Fact: the desktop waits for the phone's approval.
     ApprovalRequested,
@@ -184,6 +188,7 @@ impl EventKind {
     /// The kind's name in the document.
     pub fn name(&self) -> &'static str {
         match self {
+            Self::Fetching => "fetching",
             Self::Delivered => "delivered",
             Self::ApprovalRequested => "approval_requested",
             Self::Started => "started",
@@ -320,6 +325,8 @@ pub struct Task {
 pub enum TaskStatus {
     /// No fact yet: only its author has it, as far as anyone knows.
     Queued,
+    /// The desktop has it and fetches its attachments.
+    FetchingAttachments,
     /// The desktop has it.
     Delivered,
     /// The desktop waits for approval.
@@ -345,6 +352,7 @@ impl TaskStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Queued => "queued",
+            Self::FetchingAttachments => "fetching_attachments",
             Self::Delivered => "delivered",
             Self::AwaitingApproval => "awaiting_approval",
             Self::Running => "running",
@@ -354,6 +362,14 @@ impl TaskStatus {
             Self::Cancelled => "cancelled",
             Self::Denied => "denied",
             Self::Interrupted => "interrupted",
+        }
+    }
+
+    /// The status in words, for a person: [`Self::as_str`], except `fetching attachments`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::FetchingAttachments => "fetching attachments",
+            s => s.as_str(),
         }
     }
 
@@ -486,10 +502,11 @@ fn opening_reply(task: &Task, attempt: u32) -> Option<(Millis, &str)> {
 /// Rank of a fact for the status table: higher wins within an attempt.
 fn rank(kind: &EventKind) -> u8 {
     match kind {
-        k if k.is_terminal() => 4,
-        EventKind::Started => 3,
-        EventKind::ApprovalRequested => 2,
-        EventKind::Delivered => 1,
+        k if k.is_terminal() => 5,
+        EventKind::Started => 4,
+        EventKind::ApprovalRequested => 3,
+        EventKind::Delivered => 2,
+        EventKind::Fetching => 1,
         _ => 0,
     }
 }
@@ -500,7 +517,7 @@ fn rank(kind: &EventKind) -> u8 {
 /// - Attempt 1 is open from the start. A `retried` request naming attempt n opens attempt n+1,
 ///   but only once attempt n has a terminal fact.
 /// - Within the latest attempt the highest-ranked fact decides (terminal > started >
-///   approval requested > delivered), so list order and duplicates do not matter. If the
+///   approval requested > delivered > fetching), so list order and duplicates do not matter. If the
 ///   desktop ever wrote two terminal facts, the earliest (by time, then list order) wins.
 pub fn fold(task: &Task) -> TaskView {
     let is_fact = |e: &TaskEvent| e.author == task.target && e.kind.is_fact_kind();
@@ -551,9 +568,10 @@ pub fn fold(task: &Task) -> TaskView {
         Some(_) => (TaskStatus::Interrupted, None, None),
         None => (
             match best {
-                3 => TaskStatus::Running,
-                2 => TaskStatus::AwaitingApproval,
-                1 => TaskStatus::Delivered,
+                4 => TaskStatus::Running,
+                3 => TaskStatus::AwaitingApproval,
+                2 => TaskStatus::Delivered,
+                1 => TaskStatus::FetchingAttachments,
                 _ => TaskStatus::Queued,
             },
             None,
@@ -567,8 +585,8 @@ pub fn fold(task: &Task) -> TaskView {
         .filter(|e| e.attempt == attempt && is_request(e))
         .filter_map(|e| match e.kind {
             EventKind::CancelRequested if !status.is_terminal() => Some(Request::CancelRequested),
-            EventKind::Approved if best < 3 && !status.is_terminal() => Some(Request::Approved),
-            EventKind::Denied if best < 3 && !status.is_terminal() => Some(Request::Denied),
+            EventKind::Approved if best < 4 && !status.is_terminal() => Some(Request::Approved),
+            EventKind::Denied if best < 4 && !status.is_terminal() => Some(Request::Denied),
             _ => None,
         })
         .collect();
@@ -927,6 +945,27 @@ pub(crate) mod tests {
     fn status_follows_the_table() {
         let d = desktop();
         let cases = [
+            (vec![Fetching], TaskStatus::FetchingAttachments),
+            (vec![Fetching, Delivered], TaskStatus::Delivered),
+            (vec![Delivered, Fetching], TaskStatus::Delivered),
+            (
+                vec![
+                    Fetching,
+                    Cancelled {
+                        reason: "requested".into(),
+                    },
+                ],
+                TaskStatus::Cancelled,
+            ),
+            (
+                vec![
+                    Fetching,
+                    Failed {
+                        reason: "could not fetch".into(),
+                    },
+                ],
+                TaskStatus::Failed,
+            ),
             (vec![Delivered], TaskStatus::Delivered),
             (
                 vec![Delivered, ApprovalRequested],

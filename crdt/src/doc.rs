@@ -1876,6 +1876,7 @@ impl Reader<'_> {
         let field = |obj: &ObjId, key: &str| self.str_by(obj, key, by, short);
         let text = |key: &str| field(ev, key);
         let kind = match self.str_by(ev, "kind", by, 32)?.as_str() {
+            "fetching" => EventKind::Fetching,
             "delivered" => EventKind::Delivered,
             "approval_requested" => EventKind::ApprovalRequested,
             "started" => EventKind::Started,

@@ -33,9 +33,9 @@ use agent_client_protocol::{
             CancelNotification, ClientCapabilities, ContentBlock, FileSystemCapabilities,
             InitializeRequest, LoadSessionRequest, NewSessionRequest, PromptRequest,
             ReadTextFileRequest, ReadTextFileResponse, RequestPermissionOutcome,
-            RequestPermissionRequest, RequestPermissionResponse, SelectedPermissionOutcome,
-            SessionNotification, SessionUpdate, StopReason, TextContent, WriteTextFileRequest,
-            WriteTextFileResponse,
+            RequestPermissionRequest, RequestPermissionResponse, ResourceLink,
+            SelectedPermissionOutcome, SessionNotification, SessionUpdate, StopReason, TextContent,
+            WriteTextFileRequest, WriteTextFileResponse,
         },
     },
 };
@@ -195,6 +195,57 @@ pub struct AgentInfo {
     pub login_hint: Option<String>,
 }
 
+/// One content block of a prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptBlock {
+    /// Text.
+    Text(String),
+    /// A file in the workspace, as an ACP `resource_link`: the agent reads it itself.
+    File {
+        /// Its name, as sent.
+        name: String,
+        /// Its absolute path.
+        path: PathBuf,
+        /// Its MIME type.
+        mime: String,
+        /// Its size in bytes.
+        size: u64,
+    },
+}
+
+impl PromptBlock {
+    fn into_content(self) -> ContentBlock {
+        match self {
+            Self::Text(t) => ContentBlock::Text(TextContent::new(t)),
+            Self::File {
+                name,
+                path,
+                mime,
+                size,
+            } => ContentBlock::ResourceLink(
+                ResourceLink::new(name, file_uri(&path))
+                    .mime_type(mime)
+                    .size(i64::try_from(size).unwrap_or(i64::MAX)),
+            ),
+        }
+    }
+}
+
+/// The `file://` URI of an absolute path, each byte outside RFC 3986's unreserved set and `/`
+/// percent-encoded (a file name from a phone may hold spaces, `#` or `%`).
+pub fn file_uri(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::from("file://");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 enum Cmd {
     New {
         cwd: PathBuf,
@@ -207,7 +258,7 @@ enum Cmd {
     },
     Prompt {
         session: String,
-        blocks: Vec<String>,
+        blocks: Vec<PromptBlock>,
         reply: oneshot::Sender<Result<StopReason, String>>,
     },
 }
@@ -380,7 +431,7 @@ impl Agent {
 
     /// Starts a turn with `blocks` as the prompt's text blocks; then read it with
     /// [`Self::next`] until it ends.
-    pub async fn start_turn(&mut self, blocks: Vec<String>) -> Result<(), TurnEnd> {
+    pub async fn start_turn(&mut self, blocks: Vec<PromptBlock>) -> Result<(), TurnEnd> {
         let Some(session) = self.session.clone() else {
             return Err(TurnEnd::Failed("no session is open".into()));
         };
@@ -766,10 +817,7 @@ async fn serve(
                         blocks,
                         reply,
                     } => {
-                        let prompt = blocks
-                            .into_iter()
-                            .map(|t| ContentBlock::Text(TextContent::new(t)))
-                            .collect();
+                        let prompt = blocks.into_iter().map(PromptBlock::into_content).collect();
                         let turn = cx
                             .send_request(PromptRequest::new(session.clone(), prompt))
                             .block_task();

@@ -15,6 +15,8 @@
 //! output_cap = "256KiB"              # output kept in the thread per task
 //! thread_context = "64KiB"           # most of the thread handed over in ERRAND_THREAD
 //! max_parallel = 1                   # tasks that run at once
+//! max_blob_bytes = "1GiB"            # largest file a task may bring or leave
+//! max_blob_storage_bytes = "10GiB"   # most bytes of files kept in the home
 //!
 //! [[executors]]                      # default: only `shell`
 //! name = "agent"
@@ -75,6 +77,14 @@ pub const MAX_THREAD_CONTEXT: usize = 16 << 20;
 /// any workstation wants, and bounds what a config typo can start.
 pub const MAX_PARALLEL: usize = 64;
 
+/// Smallest accepted `max_blob_bytes` and `max_blob_storage_bytes`: 1 KiB. Less would refuse
+/// every file worth sending, which is more likely a typo (a missing unit) than a wish.
+pub const MIN_BLOB_CAP: usize = 1024;
+
+/// Largest accepted `max_blob_bytes` and `max_blob_storage_bytes`: 16 TiB, past any disk a
+/// desktop has; a larger number is a typo.
+pub const MAX_BLOB_CAP: usize = 16 << 40;
+
 /// The path of the config file in `home`.
 pub fn config_path(home: &Path) -> PathBuf {
     home.join(CONFIG_FILE)
@@ -120,6 +130,8 @@ pub struct Settings {
     pub thread_context: usize,
     /// Tasks that may run at once.
     pub max_parallel: usize,
+    /// The caps of the home's blob store: the largest file, and the most bytes of files.
+    pub blob_caps: errand_p2p::blob::BlobCaps,
 }
 
 impl Settings {
@@ -134,6 +146,7 @@ impl Settings {
             output_cap: DEFAULT_OUTPUT_CAP,
             thread_context: DEFAULT_THREAD_CONTEXT,
             max_parallel: 1,
+            blob_caps: errand_p2p::blob::BlobCaps::default(),
         }
     }
 
@@ -171,6 +184,30 @@ impl Settings {
         }
         if let Some(p) = raw.max_parallel {
             s.max_parallel = p.0;
+        }
+        if raw.max_blob_bytes.is_some() || raw.max_blob_storage_bytes.is_some() {
+            let blob = raw
+                .max_blob_bytes
+                .as_ref()
+                .map_or(s.blob_caps.max_blob_bytes(), |b| b.get_ref().0);
+            let total = raw
+                .max_blob_storage_bytes
+                .as_ref()
+                .map_or(s.blob_caps.max_total_bytes(), |b| b.get_ref().0);
+            s.blob_caps = errand_p2p::blob::BlobCaps::new(blob, total).map_err(|e| {
+                let at = raw
+                    .max_blob_bytes
+                    .as_ref()
+                    .or(raw.max_blob_storage_bytes.as_ref())
+                    .map_or(0, |b| b.span().start);
+                let (line, key) = locate(text, at);
+                ConfigError::Invalid {
+                    path: path.to_owned(),
+                    line,
+                    key,
+                    message: e.to_string(),
+                }
+            })?;
         }
         if let Some(list) = raw.executors {
             s.executors = check_executors(path, text, list)?;
@@ -211,6 +248,12 @@ impl fmt::Display for Settings {
         writeln!(f, "output_cap = {}", self.output_cap)?;
         writeln!(f, "thread_context = {}", self.thread_context)?;
         writeln!(f, "max_parallel = {}", self.max_parallel)?;
+        writeln!(f, "max_blob_bytes = {}", self.blob_caps.max_blob_bytes())?;
+        writeln!(
+            f,
+            "max_blob_storage_bytes = {}",
+            self.blob_caps.max_total_bytes()
+        )?;
         for e in &self.executors {
             writeln!(f, "\n[[executors]]\nname = {}", q(e.name()))?;
             match e.kind() {
@@ -442,6 +485,8 @@ struct RawConfig {
     output_cap: Option<OutputCap>,
     thread_context: Option<ThreadContext>,
     max_parallel: Option<Parallel>,
+    max_blob_bytes: Option<Spanned<BlobCap>>,
+    max_blob_storage_bytes: Option<Spanned<BlobCap>>,
     executors: Option<Spanned<Vec<Spanned<toml::Table>>>>,
 }
 
@@ -488,9 +533,13 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
         "kb" => 1000,
         "m" | "mib" => 1024 * 1024,
         "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        "t" | "tib" => 1 << 40,
+        "tb" => 1_000_000_000_000,
         other => {
             return Err(format!(
-                "unknown size unit {other:?} in {text:?}; use B, KiB or MiB"
+                "unknown size unit {other:?} in {text:?}; use B, KiB, MiB, GiB or TiB"
             ));
         }
     };
@@ -547,6 +596,13 @@ impl<'de> Deserialize<'de> for ThreadContext {
     }
 }
 
+struct BlobCap(u64);
+impl<'de> Deserialize<'de> for BlobCap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        deserialize_bytes(d, MIN_BLOB_CAP, MAX_BLOB_CAP).map(|n| Self(n as u64))
+    }
+}
+
 struct Parallel(usize);
 impl<'de> Deserialize<'de> for Parallel {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -587,6 +643,14 @@ pub const TEMPLATE: &str = r#"# Errand desktop configuration. Every setting is o
 # Tasks that may run at once.
 # max_parallel = 1
 
+# The largest file a phone may attach or a task may leave in $ERRAND_OUT: 1GiB holds a video
+# clip or a small project's disk image; larger files belong in a shared folder.
+# max_blob_bytes = "1GiB"
+
+# The most bytes of files (attachments and artifacts) kept in blobs/ beside this file, so
+# files from the phone never fill the disk unnoticed; a file that would go over is refused.
+# max_blob_storage_bytes = "10GiB"
+
 # Executors this desktop offers; the phone picks one per task. Without this list, only "shell"
 # (sh -c -- <instruction>, in the workspace) is offered. A "command" executor fills {instruction}
 # into its argv argument by argument, never through a shell.
@@ -608,6 +672,15 @@ pub const TEMPLATE: &str = r#"# Errand desktop configuration. Every setting is o
 # name = "agent"
 # kind = "command"
 # argv = ["my-agent", "--print", "--context", "{thread_file}", "--", "{instruction}"]
+#
+# {attachments}, as an argv element of its own, becomes one argument per file sent with the
+# task: the absolute path of its copy in <workspace>/<task>/attachments/ (none without files;
+# the folder is also in $ERRAND_ATTACHMENTS):
+#
+# [[executors]]
+# name = "summarise"
+# kind = "command"
+# argv = ["my-agent", "--print", "{attachments}", "--", "{instruction}"]
 #
 # [[executors]]
 # name = "claude-print"
@@ -673,6 +746,27 @@ mod tests {
             }) => (line, key, message),
             other => panic!("expected an invalid config, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn blob_caps_are_settings_with_defaults_and_clear_errors() {
+        let s = parse("").unwrap();
+        assert_eq!(s.blob_caps.max_blob_bytes(), 1 << 30);
+        assert_eq!(s.blob_caps.max_total_bytes(), 10 << 30);
+        let s = parse("max_blob_bytes = \"5MiB\"\nmax_blob_storage_bytes = \"2GiB\"\n").unwrap();
+        assert_eq!(s.blob_caps.max_blob_bytes(), 5 << 20);
+        assert_eq!(s.blob_caps.max_total_bytes(), 2 << 30);
+        assert!(s.to_string().contains("max_blob_bytes = 5242880"));
+        let (line, key, msg) = invalid("\nmax_blob_bytes = 12\n");
+        assert_eq!((line, key.as_deref()), (2, Some("max_blob_bytes")));
+        assert!(msg.contains("between 1024"), "{msg}");
+        let (line, key, msg) =
+            invalid("max_blob_storage_bytes = \"1MiB\"\nmax_blob_bytes = \"2MiB\"\n");
+        assert_eq!((line, key.as_deref()), (2, Some("max_blob_bytes")));
+        assert!(msg.contains("could never be stored"), "{msg}");
+        let (_, key, msg) = invalid("max_blob_storage_bytes = \"lots\"\n");
+        assert_eq!(key.as_deref(), Some("max_blob_storage_bytes"));
+        assert!(msg.contains("not a size"), "{msg}");
     }
 
     #[test]

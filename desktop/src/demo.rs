@@ -456,7 +456,7 @@ fn fact_of(s: TaskStatus) -> &'static str {
 
 fn rank(s: TaskStatus) -> u8 {
     match s {
-        TaskStatus::Queued => 0,
+        TaskStatus::Queued | TaskStatus::FetchingAttachments => 0,
         TaskStatus::Delivered => 1,
         TaskStatus::AwaitingApproval => 2,
         TaskStatus::Running | TaskStatus::AwaitingPermission => 3,

@@ -20,7 +20,9 @@
 //!   4. `[read PATH]`: `fs/read_text_file`, then `read ok: <first 40 chars>\n` or
 //!      `read refused: <error message>\n` (every such marker, in order);
 //!   5. `[write PATH]`: `fs/write_text_file` with `written by the demo agent\n`, then `write ok\n`
-//!      or `write refused: <error message>\n` (every such marker, in order);
+//!      or `write refused: <error message>\n` (every such marker, in order); `[out NAME]`: the
+//!      same text written by the agent itself to `$ERRAND_OUT/NAME`, then `out ok: NAME\n` or
+//!      `out refused: <why>\n`;
 //!   6. `[permission]`: `session/request_permission` for tool call `call-2` ("Write summary.md",
 //!      kind edit) with the options `allow-once`, `allow-always`, `reject-once`,
 //!      `reject-always`; it waits for the answer however long it takes. A `cancelled` outcome
@@ -41,7 +43,9 @@
 //! - With `ERRAND_DEMO_AGENT_LOG` set, every message of interest is appended to that file as
 //!   one JSON line: `{"event":"initialize"}`,
 //!   `{"event":"new_session","session_id":S,"cwd":C}`, `{"event":"load_session","session_id":S}`,
-//!   `{"event":"prompt","session_id":S,"text":T}`, `{"event":"cancel","session_id":S}`,
+//!   `{"event":"prompt","session_id":S,"text":T,"links":[{name,uri,mime,size}],
+//!   "errand_out":O,"errand_attachments":A}` (the prompt's `resource_link`s and the agent's
+//!   `$ERRAND_OUT` and `$ERRAND_ATTACHMENTS`, null when unset), `{"event":"cancel","session_id":S}`,
 //!   `{"event":"permission","outcome":"selected"|"cancelled","option_id":O|null}` (written when
 //!   the answer arrives, even for an abandoned request; an error answer has outcome `error` and
 //!   an `error` field), `{"event":"fs_read","path":P,"ok":B}`, `{"event":"fs_write","path":P,"ok":B}`.
@@ -257,10 +261,14 @@ async fn serve(
                         cx: ConnectionTo<Client>| {
                 let text = prompt_text(&request.prompt);
                 let id = request.session_id.0.to_string();
+                let env = |k: &str| std::env::var(k).ok();
                 on_prompt.log.record(json!({
                     "event": "prompt",
                     "session_id": id,
                     "text": text,
+                    "links": prompt_links(&request.prompt),
+                    "errand_out": env("ERRAND_OUT"),
+                    "errand_attachments": env("ERRAND_ATTACHMENTS"),
                 }));
                 let Some((number, cancel)) = on_prompt.begin_turn(&id) else {
                     return responder.respond_with_error(
@@ -348,6 +356,7 @@ struct Script {
     flood: Option<usize>,
     reads: Vec<String>,
     writes: Vec<String>,
+    outs: Vec<String>,
     permission: bool,
     wait: bool,
     exit: bool,
@@ -364,6 +373,7 @@ impl Script {
                 .map(|n| n.min(MAX_FLOOD)),
             reads: arguments(text, "read"),
             writes: arguments(text, "write"),
+            outs: arguments(text, "out"),
             permission: text.contains("[permission]"),
             wait: text.contains("[wait]"),
             exit: text.contains("[exit]"),
@@ -472,6 +482,13 @@ impl Turn {
             let line = match self.write(path).await {
                 Ok(()) => "write ok\n".to_owned(),
                 Err(e) => format!("write refused: {}\n", e.message),
+            };
+            self.say(&line)?;
+        }
+        for name in &script.outs {
+            let line = match write_result(name) {
+                Ok(()) => format!("out ok: {name}\n"),
+                Err(e) => format!("out refused: {e}\n"),
             };
             self.say(&line)?;
         }
@@ -651,6 +668,32 @@ fn prompt_text(prompt: &[ContentBlock]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// `[out NAME]`: writes [`WRITTEN`] to `$ERRAND_OUT/NAME` itself (a result file, as
+/// an agent's shell tool would leave one). NAME must be a plain file name.
+fn write_result(name: &str) -> Result<(), String> {
+    let out = std::env::var_os("ERRAND_OUT").ok_or("ERRAND_OUT is not set")?;
+    if name.is_empty() || name.contains(['/', '\\']) || name == ".." || name == "." {
+        return Err(format!("{name:?} is not a plain file name"));
+    }
+    std::fs::write(Path::new(&out).join(name), WRITTEN).map_err(|e| e.to_string())
+}
+
+/// The `resource_link` blocks of a prompt, as `{name, uri, mime, size}`.
+fn prompt_links(prompt: &[ContentBlock]) -> Vec<serde_json::Value> {
+    prompt
+        .iter()
+        .filter_map(|block| match block {
+            ContentBlock::ResourceLink(l) => Some(json!({
+                "name": l.name,
+                "uri": l.uri,
+                "mime": l.mime_type,
+                "size": l.size,
+            })),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The first text block of a prompt.
@@ -835,7 +878,7 @@ mod tests {
     fn every_marker_is_found_anywhere_in_the_text() {
         let script = Script::parse(
             "go [flood 12] [read /a b.txt]\n[write out.md][permission] [wait] [exit] [refuse] \
-             [garbage] [read c]",
+             [garbage] [read c] [out r.md]",
         );
         assert_eq!(
             script,
@@ -843,6 +886,7 @@ mod tests {
                 flood: Some(12),
                 reads: vec!["/a b.txt".into(), "c".into()],
                 writes: vec!["out.md".into()],
+                outs: vec!["r.md".into()],
                 permission: true,
                 wait: true,
                 exit: true,

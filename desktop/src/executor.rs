@@ -186,6 +186,12 @@ pub struct ExecutorConfig {
 /// (the same file `ERRAND_THREAD` names).
 pub const THREAD_FILE_PLACEHOLDER: &str = "{thread_file}";
 
+/// An argv element of a `command` executor that is exactly this becomes one argument per
+/// attachment of the task: the absolute path of its copy in `<workspace>/<task>/attachments/`,
+/// in the task's order (no argument when it has none). A path never starts with `-`, so no
+/// program takes it for an option.
+pub const ATTACHMENTS_PLACEHOLDER: &str = "{attachments}";
+
 /// Why an executor configuration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExecutorConfigError {
@@ -274,6 +280,16 @@ pub enum ExecutorConfigError {
         /// The executor's name.
         executor: String,
     },
+    /// `{attachments}` shares an element with other text, or names the program: it stands for
+    /// any number of arguments, so it must be an element of its own.
+    #[error(
+        "executor \"{executor}\": {{attachments}} must be an argv element of its own, after the \
+         program (it becomes one argument per attached file)"
+    )]
+    AttachmentsNotAlone {
+        /// The executor's name.
+        executor: String,
+    },
     /// No element contains the placeholder, so the instruction would never reach the program.
     #[error(
         "executor \"{executor}\": no argv element contains {{instruction}}, \
@@ -337,6 +353,13 @@ impl ExecutorConfig {
             if !args.iter().any(|a| a.contains(INSTRUCTION_PLACEHOLDER)) {
                 return Err(ExecutorConfigError::MissingInstruction { executor });
             }
+            if program.contains(ATTACHMENTS_PLACEHOLDER)
+                || args
+                    .iter()
+                    .any(|a| a.contains(ATTACHMENTS_PLACEHOLDER) && a != ATTACHMENTS_PLACEHOLDER)
+            {
+                return Err(ExecutorConfigError::AttachmentsNotAlone { executor });
+            }
         }
         Ok(Self {
             name,
@@ -357,11 +380,15 @@ impl ExecutorConfig {
     }
 
     /// [`Self::argv`], with every [`THREAD_FILE_PLACEHOLDER`] of the template replaced by
-    /// `thread_file` (before the instruction goes in, so an instruction's text stays as is).
+    /// `thread_file` (before the instruction goes in, so an instruction's text stays as is),
+    /// and each template element that is [`ATTACHMENTS_PLACEHOLDER`] replaced by the
+    /// `attachments` paths, one argument each (chosen by the template's element, so an
+    /// instruction that reads `{attachments}` stays text).
     pub fn argv_with_thread(
         &self,
         instruction: &str,
         thread_file: &str,
+        attachments: &[String],
     ) -> Result<Vec<String>, ArgvError> {
         match &self.kind {
             ExecutorKind::Command { argv } => {
@@ -369,12 +396,23 @@ impl ExecutorConfig {
                     .iter()
                     .map(|a| a.replace(THREAD_FILE_PLACEHOLDER, thread_file))
                     .collect();
-                Self {
+                let filled = Self {
                     name: self.name.clone(),
                     kind: ExecutorKind::Command { argv: template },
                     stdin_thread: self.stdin_thread,
                 }
-                .argv(instruction)
+                .argv(instruction)?;
+                Ok(argv
+                    .iter()
+                    .zip(filled)
+                    .flat_map(|(t, f)| {
+                        if t == ATTACHMENTS_PLACEHOLDER {
+                            attachments.to_vec()
+                        } else {
+                            vec![f]
+                        }
+                    })
+                    .collect())
             }
             _ => self.argv(instruction),
         }
@@ -1530,6 +1568,58 @@ mod tests {
         let outcome = result.unwrap();
         assert_eq!(outcome.exit_code, Some(3));
         assert!(!outcome.succeeded());
+    }
+
+    #[test]
+    fn attachments_become_one_argument_each_where_the_template_says() {
+        let executor = command(&[
+            "tool",
+            "--thread",
+            "{thread_file}",
+            "{attachments}",
+            "--",
+            "{instruction}",
+        ]);
+        let files = [
+            "/w/t/attachments/a b.txt".to_owned(),
+            "/w/t/attachments/c".to_owned(),
+        ];
+        assert_eq!(
+            executor
+                .argv_with_thread("{attachments} $(x)", "/l/t.md", &files)
+                .unwrap(),
+            [
+                "tool",
+                "--thread",
+                "/l/t.md",
+                "/w/t/attachments/a b.txt",
+                "/w/t/attachments/c",
+                "--",
+                "{attachments} $(x)",
+            ]
+        );
+        // No attachments: no argument at all, not an empty one.
+        assert_eq!(
+            executor.argv_with_thread("hi", "/l/t.md", &[]).unwrap(),
+            ["tool", "--thread", "/l/t.md", "--", "hi"]
+        );
+    }
+
+    #[test]
+    fn an_attachments_placeholder_must_be_an_element_of_its_own() {
+        for argv in [
+            &["tool", "--files={attachments}", "{instruction}"][..],
+            &["{attachments}", "{instruction}"],
+            &["tool", "{instruction} {attachments}"],
+        ] {
+            let argv: Vec<String> = argv.iter().map(|a| (*a).to_owned()).collect();
+            let refused = ExecutorConfig::new("t", ExecutorKind::Command { argv }).unwrap_err();
+            assert!(
+                matches!(refused, ExecutorConfigError::AttachmentsNotAlone { .. }),
+                "{refused:?}"
+            );
+            assert!(refused.to_string().contains("argv element of its own"));
+        }
     }
 
     #[tokio::test]

@@ -1,8 +1,8 @@
 //! The write-ahead task ledger: what this desktop did with each attempt, in a redb table of the
 //! home's store, so that a crash can never make it run an attempt twice (DESIGN.md section 8).
 //!
-//! - One entry per (task, attempt). Its state only moves forward: `delivered` →
-//!   `awaiting_approval` → `started` → `ended`.
+//! - One entry per (task, attempt). Its state only moves forward: `fetching` (a task's
+//!   attachments are being fetched) → `delivered` → `awaiting_approval` → `started` → `ended`.
 //! - `started` holds the attempt's process group, and is written durably by
 //!   [`begin_start`] from the executor's `on_spawn` hook, while the process still waits at its
 //!   start gate: nothing runs that the ledger does not know about. [`begin_start`] refuses an
@@ -50,6 +50,8 @@ const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum LedgerState {
+    /// `fetching` was appended: the task's attachments are being fetched.
+    Fetching,
     /// `delivered` was appended.
     Delivered,
     /// `approval_requested` was appended; waiting for the phone.
@@ -66,6 +68,7 @@ pub enum LedgerState {
 impl LedgerState {
     fn rank(&self) -> u8 {
         match self {
+            Self::Fetching => 0,
             Self::Delivered => 1,
             Self::AwaitingApproval => 2,
             Self::Started(_) => 3,
@@ -76,6 +79,7 @@ impl LedgerState {
     /// The state's name.
     pub fn name(&self) -> &'static str {
         match self {
+            Self::Fetching => "fetching",
             Self::Delivered => "delivered",
             Self::AwaitingApproval => "awaiting_approval",
             Self::Started(_) => "started",

@@ -326,6 +326,12 @@ async fn daemon(
     })
     .await?;
     net.apply(&peer);
+    peer.set_blob_caps(settings.blob_caps);
+    // Before any task runs: files no kept task references (a crash mid-delete, a revocation
+    // while stopped, a partial fetch of a task gone since) are removed.
+    if let Err(e) = peer.collect_blobs().await {
+        tracing::warn!(error = %e, "could not collect unreferenced files");
+    }
     if let Err(e) = config::write_template_if_missing(&home) {
         tracing::warn!(error = %e, "could not write a config template");
     }

@@ -7,7 +7,14 @@
 //!   [`PeerEvent::Committed`] for the tasks they name. A lagging event receiver rescans.
 //! - For each task whose target is this desktop, [`decide`] (pure) says what to do with its
 //!   latest attempt: append `delivered`; settle it (`cancelled{requested|expired|revoked}`,
-//!   `denied`, `failed` for an unknown executor); ask for approval and wait; or run it.
+//!   `denied`, `failed` for an unknown executor); fetch its attachments; ask for approval and
+//!   wait; or run it.
+//! - A task with attachments gets `fetching` (once per attempt, when a blob is not held here
+//!   yet), and `delivered` only once every attachment is verified and placed in
+//!   `<workspace>/<task>/attachments/`. The fetch runs beside the attempts (it takes no run
+//!   slot), waits for the phone while it is away, and is stopped by a cancel, a revocation or
+//!   an expiry; a fetch that fails for good ends the attempt `failed` with the reason. After
+//!   a restart, an attempt left at `fetching` fetches on from the verified prefix.
 //! - Runnable tasks wait in a queue ordered by task id (ULIDs sort by creation time, so oldest
 //!   first) and start while fewer than `max_parallel` run. Just before a start the task is read
 //!   again and decided again.
@@ -124,6 +131,12 @@ pub enum Decision {
     /// The attempt started before but does not run here: append `interrupted`. It never starts
     /// again.
     Interrupt,
+    /// Fetch the attachments (appending `fetching` first when they are not held here), then
+    /// look again; if they are not in place by `until`, look again then.
+    Fetch {
+        /// The task's `not_after`.
+        until: Option<Millis>,
+    },
     /// Append `approval_requested`, then wait (until `until` at the latest).
     AskApproval {
         /// When to look again (the task's `not_after` or the approval expiry).
@@ -154,6 +167,8 @@ pub struct DecideInput<'a> {
     pub author_revoked: bool,
     /// This desktop offers the task's executor.
     pub executor_known: bool,
+    /// The task has no attachments, or they are verified and placed for this attempt.
+    pub attachments_placed: bool,
     /// The approval policy.
     pub policy: ApprovalPolicy,
     /// Deny after waiting this long for approval.
@@ -163,9 +178,10 @@ pub struct DecideInput<'a> {
 }
 
 /// Decides what to do with the latest attempt of a task targeting this desktop that does not
-/// run in this process. A `queued` attempt is treated as `delivered` (the caller appends that
-/// fact first). Races are settled by a fixed order: cancel, revocation, expiry, a denial,
-/// approval.
+/// run in this process. A `queued` or `fetching_attachments` attempt whose attachments are in
+/// place is treated as `delivered` (the caller appends that fact first); one whose are not is
+/// fetched. Races are settled by a fixed order: cancel, revocation, expiry, unknown executor,
+/// a denial, the attachments, approval.
 pub fn decide(i: &DecideInput<'_>) -> Decision {
     let v = i.view;
     match v.status {
@@ -201,6 +217,14 @@ pub fn decide(i: &DecideInput<'_>) -> Decision {
     }
     if v.requests.contains(&Request::Denied) {
         return Decision::Settle(EventKind::Denied);
+    }
+    if !i.attachments_placed
+        && matches!(
+            v.status,
+            TaskStatus::Queued | TaskStatus::FetchingAttachments
+        )
+    {
+        return Decision::Fetch { until: not_after };
     }
     if v.requests.contains(&Request::Approved) {
         return Decision::Run { until: not_after };
@@ -451,6 +475,10 @@ impl Runner {
             attempt_ids: HashMap::new(),
             forwarded: HashMap::new(),
             agents: Agents::default(),
+            fetches: HashMap::new(),
+            fetch_jobs: JoinSet::new(),
+            fetch_ids: HashMap::new(),
+            placed: HashSet::new(),
             shutdown: shutdown.clone(),
         };
         let task = tokio::spawn(state.run(events, changes).instrument(info_span!("runner")));
@@ -520,6 +548,14 @@ struct Loop {
     forwarded: HashMap<TaskId, HashSet<String>>,
     /// Agents waiting for a reply between turns.
     agents: Agents,
+    /// Attachments being fetched, by task: the attempt and what stops the fetch.
+    fetches: HashMap<TaskId, (u32, CancellationToken)>,
+    /// The fetches themselves; each ends with its task, attempt and result.
+    fetch_jobs: JoinSet<(TaskId, u32, Result<PathBuf, FetchStopped>)>,
+    fetch_ids: HashMap<tokio::task::Id, TaskId>,
+    /// Attempts whose attachments this process placed (verified, copied into the task's
+    /// folder): they may be delivered.
+    placed: HashSet<(TaskId, u32)>,
     shutdown: CancellationToken,
 }
 
@@ -558,6 +594,23 @@ impl Loop {
                         self.forwarded.remove(&task);
                         // Requests that arrived while it ran (a retry) are looked at now.
                         self.load_and_handle(Some(BTreeSet::from([task]))).await;
+                    }
+                }
+                Some(joined) = self.fetch_jobs.join_next_with_id(), if !self.fetch_jobs.is_empty() => {
+                    match joined {
+                        Ok((job, (task, attempt, result))) => {
+                            self.fetch_ids.remove(&job);
+                            self.fetched(task, attempt, result).await;
+                        }
+                        Err(e) => {
+                            // A fetch that panicked: forget it; the next look fetches again.
+                            warn!(error = %e, "a fetch of attachments failed");
+                            if let Some(task) = self.fetch_ids.remove(&e.id()) {
+                                self.fetches.remove(&task);
+                                let at = now_ms() + RETRY_AFTER.as_millis() as i64;
+                                self.wake.insert(task, at);
+                            }
+                        }
                     }
                 }
                 () = sleep_until_ms(next_wake) => {
@@ -604,6 +657,9 @@ impl Loop {
 
     /// Stops running attempts (they record `interrupted`) and waits for them, bounded.
     async fn stop_attempts(&mut self) {
+        // Fetches stop at the shutdown token; what they verified stays for the next run.
+        self.fetch_jobs.abort_all();
+        while self.fetch_jobs.join_next().await.is_some() {}
         self.agents.stop_all().await;
         if self.running.is_empty() {
             return;
@@ -673,6 +729,8 @@ impl Loop {
             .tasks
             .iter()
             .filter(|t| t.target == self.me && !self.running.contains_key(&t.id))
+            // A task with attachments is delivered once they are in place (`handle`).
+            .filter(|t| t.attachments.is_empty())
             .filter_map(|t| {
                 let v = fold(t);
                 let started = loaded
@@ -831,7 +889,12 @@ impl Loop {
             .ledger
             .get(&(task.id, attempt))
             .map(|e| e.state.clone());
-        if view.status == TaskStatus::Queued
+        let attachments_placed =
+            task.attachments.is_empty() || self.placed.contains(&(task.id, attempt));
+        if matches!(
+            view.status,
+            TaskStatus::Queued | TaskStatus::FetchingAttachments
+        ) && attachments_placed
             && !ledger_state.as_ref().is_some_and(LedgerState::has_started)
         {
             if !self.append(task.id, attempt, EventKind::Delivered).await {
@@ -846,12 +909,38 @@ impl Loop {
             ledger: ledger_state.as_ref(),
             author_revoked: loaded.revoked.contains(&task.author),
             executor_known: self.settings.executor(&task.executor).is_some(),
+            attachments_placed,
             policy: self.settings.approval,
             approval_expiry: self.settings.approval_expiry,
             now: now_ms(),
         };
-        match decide(&input) {
+        let decision = decide(&input);
+        if !matches!(decision, Decision::Fetch { .. })
+            && let Some((_, stop)) = self.fetches.remove(&task.id)
+        {
+            // Cancelled, revoked, expired or ended elsewhere while its files were fetched.
+            stop.cancel();
+        }
+        match decision {
             Decision::Nothing => self.forget(task.id),
+            Decision::Fetch { until } => {
+                self.wait(task.id, until);
+                if self
+                    .fetches
+                    .get(&task.id)
+                    .is_some_and(|(a, _)| *a == attempt)
+                {
+                    return;
+                }
+                if view.status == TaskStatus::Queued && !attachments_held(&self.peer, task).await {
+                    if !self.append(task.id, attempt, EventKind::Fetching).await {
+                        return;
+                    }
+                    self.record(task.id, attempt, LedgerState::Fetching).await;
+                    info!(task = %task.id, attempt, files = task.attachments.len(), "fetching attachments");
+                }
+                self.fetch(task, attempt);
+            }
             Decision::Settle(fact) => {
                 info!(task = %task.id, attempt, fact = fact.name(), "settled");
                 self.settle(task.id, attempt, fact).await;
@@ -887,6 +976,77 @@ impl Loop {
         }
     }
 
+    /// Starts fetching and placing the attachments of the task's attempt, beside the attempts.
+    fn fetch(&mut self, task: &Task, attempt: u32) {
+        let stop = self.shutdown.child_token();
+        if let Some((_, old)) = self.fetches.insert(task.id, (attempt, stop.clone())) {
+            old.cancel();
+        }
+        let (peer, workspace, task) = (
+            self.peer.clone(),
+            self.settings.workspace.clone(),
+            task.clone(),
+        );
+        let span = info_span!("fetch", task = %task.id, attempt);
+        let id = task.id;
+        let handle = self.fetch_jobs.spawn(
+            async move {
+                let r = place_attachments(&peer, &workspace, &task, true, &stop, &stop).await;
+                (task.id, attempt, r)
+            }
+            .instrument(span),
+        );
+        self.fetch_ids.insert(handle.id(), id);
+    }
+
+    /// A fetch ended: deliver the attempt once its files are in place, fail it if the fetch
+    /// failed for good, or look again (it was stopped).
+    async fn fetched(&mut self, id: TaskId, attempt: u32, result: Result<PathBuf, FetchStopped>) {
+        if self.fetches.get(&id).is_some_and(|(a, _)| *a == attempt) {
+            self.fetches.remove(&id);
+        }
+        match result {
+            Ok(_) => {
+                self.placed.insert((id, attempt));
+            }
+            Err(FetchStopped::Failed(reason)) if !self.shutdown.is_cancelled() => {
+                // Only if the attempt still waits for its files (not cancelled meanwhile).
+                let still = self
+                    .load(Some(BTreeSet::from([id])))
+                    .await
+                    .ok()
+                    .and_then(|l| l.tasks.into_iter().find(|t| t.id == id))
+                    .map(|t| fold(&t))
+                    .is_some_and(|v| {
+                        v.attempt == attempt
+                            && matches!(
+                                v.status,
+                                TaskStatus::Queued | TaskStatus::FetchingAttachments
+                            )
+                    });
+                if still {
+                    warn!(task = %id, attempt, %reason, "fetching the attachments failed");
+                    let fact = EventKind::Failed {
+                        reason: cap_text(&reason),
+                    };
+                    self.settle(id, attempt, fact).await;
+                    let note =
+                        format!("Task {id} (attempt {attempt}) failed before it started: {reason}");
+                    if let Err(e) = self
+                        .peer
+                        .post_message(MessageKind::System, note, Some(id))
+                        .await
+                    {
+                        warn!(error = %e, "could not post the failure note");
+                    }
+                }
+                return;
+            }
+            Err(_) => {}
+        }
+        self.load_and_handle(Some(BTreeSet::from([id]))).await;
+    }
+
     fn wait(&mut self, id: TaskId, until: Option<Millis>) {
         self.ready.remove(&id);
         match until {
@@ -898,6 +1058,7 @@ impl Loop {
     fn forget(&mut self, id: TaskId) {
         self.ready.remove(&id);
         self.wake.remove(&id);
+        self.placed.retain(|(t, _)| *t != id);
     }
 
     /// Appends a fact; on failure, logs and schedules another look. Returns whether it was
@@ -1038,6 +1199,26 @@ pub fn out_dir(workspace: &Path, task: TaskId, attempt: u32) -> PathBuf {
         .join(attempt.to_string())
 }
 
+/// An agent's `$ERRAND_OUT`, the same for every turn of one agent process:
+/// `<workspace>/<task>/out/agent`.
+pub fn agent_out_dir(workspace: &Path, task: TaskId) -> PathBuf {
+    workspace.join(task.to_string()).join("out").join("agent")
+}
+
+/// Moves the entries an agent's turn left in `from` into `to` (the attempt's own folder), so
+/// that the next turn starts with an empty `$ERRAND_OUT` and no file counts twice.
+async fn move_results(from: &Path, to: &Path) {
+    let Ok(mut entries) = tokio::fs::read_dir(from).await else {
+        return;
+    };
+    while let Ok(Some(e)) = entries.next_entry().await {
+        let dst = to.join(e.file_name());
+        if let Err(err) = tokio::fs::rename(e.path(), &dst).await {
+            warn!(file = %e.path().display(), error = %err, "could not move a result of the turn");
+        }
+    }
+}
+
 /// Why the attachments are not in place.
 enum FetchStopped {
     /// The task was cancelled or the desktop is stopping.
@@ -1070,85 +1251,121 @@ struct Reported {
     plan: OutputPlan,
 }
 
-impl AttemptJob {
-    /// Fetches the task's attachments from its author, verified, and copies them into the
-    /// task's own folder (a copy: the task may change its files, never the blob store's).
-    /// Waits for the phone while it is away; returns the folder.
-    async fn fetch_attachments(&self) -> Result<PathBuf, FetchStopped> {
-        let dir = attachments_dir(&self.settings.workspace, self.task.id);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| FetchStopped::Failed(format!("cannot create {}: {e}", dir.display())))?;
-        let from = libp2p_peer_id(&self.task.author);
-        let names: Vec<&str> = self
-            .task
-            .attachments
-            .iter()
-            .map(|a| a.name.as_str())
-            .collect();
-        let names = attachment_names(&names);
-        for (blob, name) in self.task.attachments.iter().zip(names) {
-            let mut delay = FETCH_RETRY_START;
-            let source = loop {
-                let mut shown = 0u64;
-                let mut progress = |done: u64, size: u64| {
-                    // One line per tenth, not one per range.
-                    if size > 0 && done * 10 / size > shown {
-                        shown = done * 10 / size;
-                        debug!(file = %name, done, size, "fetching attachment");
-                    }
-                };
-                let fetched = tokio::select! {
-                    biased;
-                    _ = self.shutdown.cancelled() => return Err(FetchStopped::Cancelled),
-                    _ = self.active.cancel.cancelled() => return Err(FetchStopped::Cancelled),
-                    r = self.peer.fetch_blob(from, blob, &mut progress) => r,
-                };
-                match fetched {
-                    Ok(path) => break path,
-                    Err(errand_p2p::blob::FetchError::Stream { source, .. }) => {
-                        debug!(file = %name, error = %source, "the author is away; fetching again later");
-                    }
-                    Err(e) => {
-                        return Err(FetchStopped::Failed(format!(
-                            "could not fetch attachment {name}: {e}"
-                        )));
-                    }
-                }
-                tokio::select! {
-                    biased;
-                    _ = self.shutdown.cancelled() => return Err(FetchStopped::Cancelled),
-                    _ = self.active.cancel.cancelled() => return Err(FetchStopped::Cancelled),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(FETCH_RETRY_MAX);
-            };
-            let dst = dir.join(&name);
-            let tmp = dir.join(format!(".{name}.part"));
-            let copied = async {
-                tokio::fs::copy(&source, &tmp).await?;
-                tokio::fs::rename(&tmp, &dst).await
-            }
-            .await;
-            if let Err(e) = copied {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(FetchStopped::Failed(format!(
-                    "cannot place attachment {name} in {}: {e}",
-                    dir.display()
-                )));
-            }
-            info!(file = %name, size = blob.size, "attachment in place");
+/// Fetches the task's attachments from its author, verified, and copies them into the task's
+/// own folder (a copy: the task may change its files, never the blob store's). Waits for the
+/// phone while it is away, trying again with a backoff; returns the folder. With `refresh`
+/// every file is copied again (a new attempt gets them as sent); without it, a file already
+/// in the folder with the right size is kept.
+async fn place_attachments(
+    peer: &Peer,
+    workspace: &Path,
+    task: &Task,
+    refresh: bool,
+    cancel: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Result<PathBuf, FetchStopped> {
+    let dir = attachments_dir(workspace, task.id);
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| FetchStopped::Failed(format!("cannot create {}: {e}", dir.display())))?;
+    let from = libp2p_peer_id(&task.author);
+    let names: Vec<&str> = task.attachments.iter().map(|a| a.name.as_str()).collect();
+    let names = attachment_names(&names);
+    for (blob, name) in task.attachments.iter().zip(names) {
+        let dst = dir.join(&name);
+        if !refresh
+            && tokio::fs::symlink_metadata(&dst)
+                .await
+                .is_ok_and(|m| m.is_file() && m.len() == blob.size)
+        {
+            continue;
         }
-        Ok(dir)
+        let mut delay = FETCH_RETRY_START;
+        let source = loop {
+            let mut shown = 0u64;
+            let mut progress = |done: u64, size: u64| {
+                // One line per tenth, not one per range.
+                if size > 0 && done * 10 / size > shown {
+                    shown = done * 10 / size;
+                    debug!(file = %name, done, size, "fetching attachment");
+                }
+            };
+            let fetched = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Err(FetchStopped::Cancelled),
+                _ = cancel.cancelled() => return Err(FetchStopped::Cancelled),
+                r = peer.fetch_blob(from, blob, &mut progress) => r,
+            };
+            match fetched {
+                Ok(path) => break path,
+                Err(errand_p2p::blob::FetchError::Stream { source, .. }) => {
+                    debug!(file = %name, error = %source, "the author is away; fetching again later");
+                }
+                Err(e) => {
+                    return Err(FetchStopped::Failed(format!(
+                        "could not fetch attachment {name}: {e}"
+                    )));
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Err(FetchStopped::Cancelled),
+                _ = cancel.cancelled() => return Err(FetchStopped::Cancelled),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(FETCH_RETRY_MAX);
+        };
+        let tmp = dir.join(format!(".{name}.part"));
+        let copied = async {
+            tokio::fs::copy(&source, &tmp).await?;
+            tokio::fs::rename(&tmp, &dst).await
+        }
+        .await;
+        if let Err(e) = copied {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(FetchStopped::Failed(format!(
+                "cannot place attachment {name} in {}: {e}",
+                dir.display()
+            )));
+        }
+        info!(file = %name, size = blob.size, "attachment in place");
     }
+    Ok(dir)
+}
 
+/// True when every attachment of `task` is held whole in this home's blob store (placing
+/// them is then a local copy, with nothing to wait for).
+async fn attachments_held(peer: &Peer, task: &Task) -> bool {
+    let store = peer.blobs();
+    let hashes: Vec<_> = task.attachments.iter().map(|a| a.hash).collect();
+    tokio::task::spawn_blocking(move || {
+        hashes
+            .iter()
+            .all(|h| store.path(h).ok().flatten().is_some())
+    })
+    .await
+    .unwrap_or(false)
+}
+
+impl AttemptJob {
     async fn run(mut self) {
         let id = self.task.id;
         let attempt = self.attempt;
         let log_path = self.logs.join(format!("{id}-{attempt}.log"));
         let thread_path = self.logs.join(format!("{id}-{attempt}.thread.md"));
         if !self.task.attachments.is_empty() {
-            match self.fetch_attachments().await {
+            // Placed before `delivered`; fetched again only if a file went missing since
+            // (the desktop restarted and someone removed it).
+            let placed = place_attachments(
+                &self.peer,
+                &self.settings.workspace,
+                &self.task,
+                false,
+                &self.active.cancel,
+                &self.shutdown,
+            )
+            .await;
+            match placed {
                 Ok(dir) => self.attachments = Some(dir),
                 Err(stopped) => {
                     let fact = match stopped {
@@ -1170,6 +1387,21 @@ impl AttemptJob {
             }
         }
         if let ExecutorKind::Acp(opts) = self.exec.kind().clone() {
+            // The agent's `$ERRAND_OUT` stays the same while its process lives (a parked agent
+            // goes on in the next turn); what it holds after a turn moves to the attempt's own
+            // folder, and becomes artifacts from there.
+            let agent_out = agent_out_dir(&self.settings.workspace, id);
+            let out = out_dir(&self.settings.workspace, id, attempt);
+            for dir in [&agent_out, &out] {
+                if let Err(e) = tokio::fs::create_dir_all(dir).await {
+                    let reason = format!("cannot create {}: {e}", dir.display());
+                    let fact = EventKind::Failed {
+                        reason: cap_text(&reason),
+                    };
+                    self.finish(fact, reason, &log_path).await;
+                    return;
+                }
+            }
             let (answers_tx, answers) = mpsc::unbounded_channel();
             let answers = std::mem::replace(&mut self.answers, answers);
             drop(answers_tx);
@@ -1180,6 +1412,8 @@ impl AttemptJob {
                 executor: self.exec.name(),
                 opts: &opts,
                 workspace: &self.settings.workspace,
+                attachments: self.attachments.as_deref(),
+                out: &agent_out,
                 log_path: &log_path,
                 thread_context: self.settings.thread_context,
                 task_timeout: self.settings.task_timeout,
@@ -1191,6 +1425,8 @@ impl AttemptJob {
                 facts: Facts::start(&self.peer, self.task.id, attempt),
             };
             let (fact, summary) = turn.run(answers).await;
+            move_results(&agent_out, &out).await;
+            self.out = Some(out);
             self.finish(fact, summary, &log_path).await;
             return;
         }
@@ -1209,10 +1445,11 @@ impl AttemptJob {
         // The prompt of this attempt: a reply, else the instruction.
         let instruction = errand_core::prompt_of(&self.task, attempt).to_owned();
         // An instruction the executor would take for an option is refused before anything runs.
-        let result = match self
-            .exec
-            .argv_with_thread(&instruction, &thread_path.to_string_lossy())
-        {
+        let result = match self.exec.argv_with_thread(
+            &instruction,
+            &thread_path.to_string_lossy(),
+            &self.attachment_paths(),
+        ) {
             Err(refused) => Err(refused.to_string()),
             Ok(argv) => match self.write_transcript(&thread_path).await {
                 Ok(()) => Ok(self.execute(argv, &log_path, &thread_path).await),
@@ -1242,6 +1479,23 @@ impl AttemptJob {
             }
         };
         self.finish(fact, summary, &log_path).await;
+    }
+
+    /// The placed attachments' paths, in the task's order (empty without attachments).
+    fn attachment_paths(&self) -> Vec<String> {
+        let Some(dir) = &self.attachments else {
+            return Vec::new();
+        };
+        let names: Vec<&str> = self
+            .task
+            .attachments
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect();
+        attachment_names(&names)
+            .into_iter()
+            .map(|n| dir.join(n).to_string_lossy().into_owned())
+            .collect()
     }
 
     /// Posts the log note, appends the terminal fact and closes the ledger entry.
@@ -1671,6 +1925,7 @@ mod tests {
         ledger: Option<LedgerState>,
         revoked: bool,
         known: bool,
+        placed: bool,
         policy: ApprovalPolicy,
         expiry: Option<Duration>,
         now: Millis,
@@ -1683,6 +1938,7 @@ mod tests {
                 ledger: None,
                 revoked: false,
                 known: true,
+                placed: true,
                 policy: ApprovalPolicy::Auto,
                 expiry: None,
                 now: 1_000,
@@ -1696,6 +1952,7 @@ mod tests {
                 ledger: self.ledger.as_ref(),
                 author_revoked: self.revoked,
                 executor_known: self.known,
+                attachments_placed: self.placed,
                 policy: self.policy,
                 approval_expiry: self.expiry,
                 now: self.now,
@@ -1732,6 +1989,51 @@ mod tests {
                 until: Some(61_000)
             }
         );
+    }
+
+    #[test]
+    fn a_task_whose_attachments_are_not_in_place_is_fetched_first() {
+        for events in [vec![], vec![(D, 1, 10, EventKind::Fetching)]] {
+            let mut c = Case::new(task(events));
+            c.placed = false;
+            c.policy = ApprovalPolicy::Ask;
+            assert_eq!(c.decide(), Decision::Fetch { until: None });
+            // Once they are in place, approval and running go on as for any task.
+            c.placed = true;
+            assert!(matches!(c.decide(), Decision::AskApproval { .. }));
+        }
+    }
+
+    #[test]
+    fn a_task_fetching_its_attachments_is_cancelled_revoked_or_expired_before_it_runs() {
+        let fetching = (D, 1, 10, EventKind::Fetching);
+        let mut c = Case::new(task(vec![
+            fetching.clone(),
+            (P, 1, 20, EventKind::CancelRequested),
+        ]));
+        c.placed = false;
+        assert_eq!(c.decide(), cancelled(REASON_REQUESTED));
+        c.task = task(vec![fetching.clone()]);
+        c.revoked = true;
+        assert_eq!(c.decide(), cancelled(REASON_REVOKED));
+        c.revoked = false;
+        c.task.not_after = Some(900);
+        assert_eq!(c.decide(), cancelled(REASON_EXPIRED));
+        c.task.not_after = Some(2_000);
+        assert_eq!(c.decide(), Decision::Fetch { until: Some(2_000) });
+        // A fetch that failed for good ended the attempt: nothing more to do.
+        c.task = task(vec![
+            fetching,
+            (
+                D,
+                1,
+                30,
+                EventKind::Failed {
+                    reason: "could not fetch attachment a.txt".into(),
+                },
+            ),
+        ]);
+        assert_eq!(c.decide(), Decision::Nothing);
     }
 
     #[test]

@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, info, warn};
 
 use crate::{
-    acp::{Agent, AgentEvent, AgentSpec, PermissionAsk, Step, TurnEnd},
+    acp::{Agent, AgentEvent, AgentSpec, PermissionAsk, PromptBlock, Step, TurnEnd},
     executor::AcpOptions,
     ledger::{self, ProcessGroup},
     runner::{OutputPlan, REASON_REQUESTED, cap_text},
@@ -126,6 +126,11 @@ pub(crate) struct Turn<'a> {
     pub executor: &'a str,
     pub opts: &'a AcpOptions,
     pub workspace: &'a Path,
+    /// The task's placed attachments (`$ERRAND_ATTACHMENTS`), if it has any.
+    pub attachments: Option<&'a Path>,
+    /// The agent's `$ERRAND_OUT`: the task's folder for results, the same for every turn of
+    /// one agent process; the runner moves what it holds after each turn.
+    pub out: &'a Path,
     pub log_path: &'a Path,
     pub thread_context: usize,
     pub task_timeout: Duration,
@@ -286,13 +291,23 @@ impl Turn<'_> {
         let spec = AgentSpec {
             argv: self.opts.argv.clone(),
             workspace: self.workspace.to_owned(),
-            env: vec![
-                ("ERRAND_TASK_ID".into(), id.to_string()),
-                (
-                    "ERRAND_WORKSPACE".into(),
-                    self.workspace.to_string_lossy().into_owned(),
-                ),
-            ],
+            env: {
+                let mut env = vec![
+                    ("ERRAND_TASK_ID".into(), id.to_string()),
+                    (
+                        "ERRAND_WORKSPACE".into(),
+                        self.workspace.to_string_lossy().into_owned(),
+                    ),
+                    ("ERRAND_OUT".into(), self.out.to_string_lossy().into_owned()),
+                ];
+                if let Some(dir) = self.attachments {
+                    env.push((
+                        "ERRAND_ATTACHMENTS".into(),
+                        dir.to_string_lossy().into_owned(),
+                    ));
+                }
+                env
+            },
             log_path: self.log_path.to_owned(),
             startup_timeout: self.opts.startup_timeout,
         };
@@ -349,20 +364,46 @@ impl Turn<'_> {
         Ok(())
     }
 
-    /// The prompt's text blocks: this turn's text, and for a new session the context.
-    async fn prompt(&self, how: &str) -> Vec<String> {
+    /// The prompt's blocks: this turn's text, and for a new session the task's attachments
+    /// (as `resource_link`s to their placed copies) and the context. A continued or loaded
+    /// session had the attachments in its first prompt.
+    async fn prompt(&self, how: &str) -> Vec<PromptBlock> {
         let text = prompt_of(self.task, self.attempt).to_owned();
         match how {
-            SESSION_CONTINUED | SESSION_LOADED => vec![text],
+            SESSION_CONTINUED | SESSION_LOADED => vec![PromptBlock::Text(text)],
             _ => {
-                let mut blocks = vec![text];
+                let mut blocks = vec![PromptBlock::Text(text)];
+                blocks.extend(self.attachment_links());
                 let context = self.context().await;
                 if !context.is_empty() {
-                    blocks.push(context);
+                    blocks.push(PromptBlock::Text(context));
                 }
                 blocks
             }
         }
+    }
+
+    /// A `resource_link` for each placed attachment, in the task's order.
+    fn attachment_links(&self) -> Vec<PromptBlock> {
+        let Some(dir) = self.attachments else {
+            return Vec::new();
+        };
+        let names: Vec<&str> = self
+            .task
+            .attachments
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect();
+        crate::runner::attachment_names(&names)
+            .into_iter()
+            .zip(&self.task.attachments)
+            .map(|(placed, a)| PromptBlock::File {
+                name: placed.clone(),
+                path: std::path::absolute(dir.join(&placed)).unwrap_or_else(|_| dir.join(&placed)),
+                mime: a.mime.clone(),
+                size: a.size,
+            })
+            .collect()
     }
 
     /// The thread so far and this task's earlier turns, capped like an executor's transcript.

@@ -96,7 +96,9 @@ impl From<PeerError> for ErrandError {
     fn from(e: PeerError) -> Self {
         match e {
             PeerError::Replica(r) => (*r).into(),
-            PeerError::Store(_) | PeerError::Identity(_) => Self::Storage { msg: e.to_string() },
+            PeerError::Store(_) | PeerError::Identity(_) | PeerError::Blob(_) => {
+                Self::Storage { msg: e.to_string() }
+            }
             PeerError::Invalid(msg) => Self::InvalidInput { msg },
             PeerError::Node(_) | PeerError::NotStarted => Self::Unreachable { msg: e.to_string() },
         }

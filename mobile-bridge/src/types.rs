@@ -38,6 +38,7 @@ pub use errand_p2p::api::{ConnectionPath, Paired as PairResult};
 #[uniffi::remote(Enum)]
 pub enum TaskStatus {
     Queued,
+    FetchingAttachments,
     Delivered,
     AwaitingApproval,
     Running,
@@ -60,6 +61,7 @@ pub enum TaskRequest {
 /// What an event says: a fact from the desktop, or a request from a phone.
 #[uniffi::remote(Enum)]
 pub enum TaskEventKind {
+    Fetching,
     Delivered,
     ApprovalRequested,
     Started,

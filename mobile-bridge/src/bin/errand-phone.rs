@@ -21,8 +21,43 @@ struct Cli {
     /// The home directory (overrides ERRAND_HOME; default: the platform data dir + errand/phone).
     #[arg(long, global = true, env = "ERRAND_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
+    #[command(flatten)]
+    files: FileArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The phone's file settings. The phone has no config file: these are flags on every
+/// command, also read from the environment so that the daemon and one-shot commands of a
+/// home agree.
+#[derive(Debug, Clone, clap::Args)]
+struct FileArgs {
+    /// Largest file this phone attaches or fetches, in bytes or with a unit (1GiB holds a
+    /// video clip; larger files belong in a shared folder).
+    #[arg(long, global = true, env = "ERRAND_MAX_BLOB_BYTES", value_name = "BYTES",
+          default_value = "1GiB", value_parser = cli::parse_size)]
+    max_blob_bytes: u64,
+    /// Most bytes of files this phone keeps (attachments it sent, artifacts it fetched), so
+    /// files never fill the phone unnoticed.
+    #[arg(long, global = true, env = "ERRAND_MAX_BLOB_STORAGE_BYTES", value_name = "BYTES",
+          default_value = "10GiB", value_parser = cli::parse_size)]
+    max_blob_storage_bytes: u64,
+    /// The daemon fetches each artifact up to this size by itself as soon as it is reported
+    /// (0: never); larger ones wait for `errand-phone fetch`. 10MiB covers a report, a chart
+    /// or a photo without spending a phone's data on a large build output.
+    #[arg(long, global = true, env = "ERRAND_AUTO_FETCH_BYTES", value_name = "BYTES",
+          default_value = "10MiB", value_parser = cli::parse_size)]
+    auto_fetch_bytes: u64,
+}
+
+/// The blob caps given on the command line (or in the environment), set once in `main`.
+static BLOB_CAPS: std::sync::OnceLock<errand_p2p::blob::BlobCaps> = std::sync::OnceLock::new();
+
+/// Gives a home opened by this process the caps of the command line.
+fn apply_caps(peer: &errand_p2p::peer::Peer) {
+    if let Some(caps) = BLOB_CAPS.get() {
+        peer.set_blob_caps(*caps);
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,7 +263,20 @@ enum DevicesCommand {
 async fn main() -> ExitCode {
     let cli: Cli = cli::parse("errand-phone");
     let home = cli::home_dir(cli.home, "phone");
-    cli::finish(run(home, cli.command).await)
+    let caps =
+        errand_p2p::blob::BlobCaps::new(cli.files.max_blob_bytes, cli.files.max_blob_storage_bytes);
+    match caps {
+        Ok(caps) => {
+            let _ = BLOB_CAPS.set(caps);
+        }
+        Err(e) => {
+            return cli::finish(Err(ApiError::with_code(
+                exit::USAGE,
+                format!("bad file settings: {e}"),
+            )));
+        }
+    }
+    cli::finish(run(home, cli.files.auto_fetch_bytes, cli.command).await)
 }
 
 /// How to open this phone's home with the network flags given.
@@ -251,6 +299,7 @@ async fn open_net(
     let opened = cli::open_with(peer_config(home, net, name)).await?;
     if let Opened::Local(peer) = &opened {
         net.apply(peer);
+        apply_caps(peer);
     }
     Ok(opened)
 }
@@ -284,22 +333,34 @@ fn ticket_arg(arg: String) -> Result<String, ApiError> {
     Ok(ticket.to_owned())
 }
 
-async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
+async fn run(home: PathBuf, auto_fetch_bytes: u64, command: Command) -> Result<(), ApiError> {
     match command {
         Command::Daemon { net, name } => {
             cli::init_logging("info");
             let peer = cli::open_daemon(peer_config(&home, &net, name)).await?;
             net.apply(&peer);
+            apply_caps(&peer);
+            if let Err(e) = peer.collect_blobs().await {
+                tracing::warn!(error = %e, "could not collect unreferenced files");
+            }
             peer.start()
                 .await
                 .map_err(|e| ApiError::new(e.to_string()))?;
             let shutdown = cli::Shutdown::listen();
             let control = cli::serve_control(&peer)
                 .map_err(|e| ApiError::new(format!("cannot open the control socket: {e}")))?;
+            let stop_fetching = tokio_util::sync::CancellationToken::new();
+            let fetcher = tokio::spawn(api::files::auto_fetch(
+                peer.clone(),
+                auto_fetch_bytes,
+                stop_fetching.clone(),
+            ));
             println!("errand-phone {} running", peer.peer_id());
             use std::io::Write;
             let _ = std::io::stdout().flush();
             shutdown.wait().await;
+            stop_fetching.cancel();
+            let _ = fetcher.await;
             control.abort();
             peer.shutdown().await;
             Ok(())
@@ -483,7 +544,7 @@ async fn follow_task(
         let outputs: Vec<&str> = t.outputs().collect();
         if !json {
             if Some(status) != last_status {
-                eprintln!("[{status}]");
+                eprintln!("[{}]", status.label());
             }
             for o in outputs.iter().skip(printed) {
                 cli::print_text(o);
@@ -507,7 +568,10 @@ async fn follow_task(
         if tokio::time::Instant::now() >= deadline {
             return Err(ApiError::with_code(
                 exit::UNREACHABLE,
-                format!("timed out after {timeout:?}; task {id} is {status}"),
+                format!(
+                    "timed out after {timeout:?}; task {id} is {}",
+                    status.label()
+                ),
             ));
         }
         tokio::time::sleep(FOLLOW_POLL).await;
@@ -682,6 +746,9 @@ async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Resul
 
 /// A one-shot command: one request, its response printed.
 async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
+    if let Opened::Local(peer) = opened {
+        apply_caps(peer);
+    }
     let act = async |id: String, action: Action, json: bool| {
         let id = api::ops::parse_task_id(&id)?;
         cli::show(opened, api::Act { id, action }, json, CLI).await

@@ -197,6 +197,97 @@ pub async fn fetch_artifacts(
     })
 }
 
+/// The default of `auto_fetch_bytes`: artifacts up to 10 MiB (a report, a chart, a patch, a
+/// photo) come to the phone by themselves; larger ones wait until someone asks.
+pub const DEFAULT_AUTO_FETCH_BYTES: u64 = 10 << 20;
+
+/// How long an automatic fetch waits for the desktop before it leaves the file for later (the
+/// next artifact fact, restart or `fetch` tries again).
+const AUTO_FETCH_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Artifacts of `tasks` (all held tasks for `None`) that are at most `limit` bytes and not held
+/// here yet, with the desktop that serves each.
+async fn wanted(
+    peer: &Peer,
+    tasks: Option<std::collections::BTreeSet<TaskId>>,
+    limit: u64,
+) -> Vec<(libp2p::PeerId, BlobRef)> {
+    let read = peer
+        .replica()
+        .read(move |d| match &tasks {
+            Some(ids) => d.tasks_by_id(ids),
+            None => d.tasks(),
+        })
+        .await
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for t in read {
+        let Ok(from) = libp2p::PeerId::from_bytes(&t.target.to_bytes()) else {
+            continue;
+        };
+        for a in fold(&t).artifacts.into_iter().filter(|a| a.size <= limit) {
+            out.push((from, a));
+        }
+    }
+    let store = peer.blobs();
+    tokio::task::spawn_blocking(move || {
+        let mut seen = std::collections::HashSet::new();
+        out.into_iter()
+            .filter(|(_, a)| seen.insert(a.hash))
+            .filter(|(_, a)| store.path(&a.hash).ok().flatten().is_none())
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// The phone's policy for artifacts: each one of at most `limit` bytes is fetched in the
+/// background as soon as its fact arrives (and those missed before, at start and when the
+/// events lagged); larger ones wait for `fetch`. Runs until `shutdown`; one file at a time,
+/// so a burst of small results never crowds the connection.
+pub async fn auto_fetch(peer: Peer, limit: u64, shutdown: tokio_util::sync::CancellationToken) {
+    use tokio::sync::broadcast::error::RecvError;
+    if limit == 0 {
+        return;
+    }
+    let mut events = peer.events();
+    let mut look: Option<Option<std::collections::BTreeSet<TaskId>>> = Some(None);
+    loop {
+        if let Some(tasks) = look.take() {
+            for (from, blob) in wanted(&peer, tasks, limit).await {
+                let mut quiet = |_, _| {};
+                let fetched = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return,
+                    r = fetch_with_retries(&peer, from, &blob, AUTO_FETCH_PATIENCE, &mut quiet) => r,
+                };
+                match fetched {
+                    Ok(_) => {
+                        tracing::info!(file = %blob.name, size = blob.size, "artifact fetched")
+                    }
+                    Err(e) => {
+                        tracing::info!(file = %blob.name, error = %e, "artifact left for later")
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            ev = events.recv() => match ev {
+                Ok(crate::peer::PeerEvent::Merged { tasks, .. }) if !tasks.is_empty() => {
+                    look = Some(Some(tasks.into_iter().collect()));
+                }
+                // The desktop came back: what waited for it is tried again.
+                Ok(crate::peer::PeerEvent::Connected { .. }) => look = Some(None),
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => look = Some(None),
+                Err(RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
 impl Call for FetchArtifacts {
     type Response = Fetched;
     async fn run(self, peer: &Peer) -> Result<Fetched, ApiError> {

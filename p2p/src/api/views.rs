@@ -586,6 +586,9 @@ pub struct Revoked {
     pub revoked: bool,
     /// Its unstarted tasks that were cancelled.
     pub cancelled_tasks: u64,
+    /// Files of its tasks removed from this home (no kept task references them).
+    #[serde(default)]
+    pub removed_files: u64,
 }
 
 /// `forget --json` on a phone.
@@ -593,6 +596,9 @@ pub struct Revoked {
 pub struct Forgotten {
     /// The desktops forgotten.
     pub forgotten: Vec<String>,
+    /// Files of the pairing removed from this home.
+    #[serde(default)]
+    pub removed_files: u64,
 }
 
 /// `devices add ID --json`.

@@ -15,5 +15,5 @@ pub mod tree;
 pub mod wire;
 
 pub use protocol::{FetchError, FetchStats, fetch, serve};
-pub use store::{BlobError, BlobStore, MAX_BLOB_BYTES, MAX_TOTAL_BYTES};
+pub use store::{BlobCaps, BlobError, BlobStore, CapsError, MAX_BLOB_BYTES, MAX_TOTAL_BYTES};
 pub use wire::BLOB_PROTOCOL;

@@ -8,8 +8,9 @@
 //!   ([`errand_crdt::tables::BLOBS`]) records how many bytes are verified, written after the
 //!   bytes are synced; on reopening, the file is cut back to that, so a fetch resumes from the
 //!   last verified group after a disconnect, a crash or a restart.
-//! - Caps: [`MAX_BLOB_BYTES`] per blob, [`MAX_TOTAL_BYTES`] for the home (a partial blob
-//!   counts at its full size, reserved when its fetch starts).
+//! - Caps ([`BlobCaps`], settings of each device): [`MAX_BLOB_BYTES`] per blob and
+//!   [`MAX_TOTAL_BYTES`] for the home by default (a partial blob counts at its full size,
+//!   reserved when its fetch starts).
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -28,13 +29,91 @@ use super::{
 };
 use crate::replica::Replica;
 
-/// Largest blob this home stores or fetches. 1 GiB holds a video clip or a disk image of a
+/// Default largest blob a home stores or fetches (`max_blob_bytes`). 1 GiB holds a video clip or a disk image of a
 /// small project; larger files belong in a shared folder, not in a phone's queue.
 pub const MAX_BLOB_BYTES: u64 = 1 << 30;
 
-/// Most bytes of blobs one home holds, whole or partial. 10 GiB leaves room for a few
+/// Default for the most bytes of blobs one home holds, whole or partial
+/// (`max_blob_storage_bytes`). 10 GiB leaves room for a few
 /// hundred phone photos and their results without filling a laptop's disk unnoticed.
 pub const MAX_TOTAL_BYTES: u64 = 10 << 30;
+
+/// The caps a home's blob store keeps: a setting on each device (the desktop's config.toml,
+/// the phone's daemon flags), [`MAX_BLOB_BYTES`] and [`MAX_TOTAL_BYTES`] by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobCaps {
+    /// Largest blob stored or fetched.
+    max_blob_bytes: u64,
+    /// Most bytes of blobs the home holds, whole or partial.
+    max_total_bytes: u64,
+}
+
+/// Why caps were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CapsError {
+    /// A cap of zero would refuse every file.
+    #[error("{what} must be at least 1 byte")]
+    Zero {
+        /// Which cap.
+        what: &'static str,
+    },
+    /// A file at the per-file cap could never be stored.
+    #[error(
+        "max_blob_bytes ({max_blob_bytes}) is over max_blob_storage_bytes ({max_total_bytes}): \
+         a file that large could never be stored"
+    )]
+    BlobOverTotal {
+        /// The per-file cap.
+        max_blob_bytes: u64,
+        /// The storage cap.
+        max_total_bytes: u64,
+    },
+}
+
+impl BlobCaps {
+    /// Checked caps: both at least one byte, the per-file cap within the storage cap.
+    pub fn new(max_blob_bytes: u64, max_total_bytes: u64) -> Result<Self, CapsError> {
+        if max_blob_bytes == 0 {
+            return Err(CapsError::Zero {
+                what: "max_blob_bytes",
+            });
+        }
+        if max_total_bytes == 0 {
+            return Err(CapsError::Zero {
+                what: "max_blob_storage_bytes",
+            });
+        }
+        if max_blob_bytes > max_total_bytes {
+            return Err(CapsError::BlobOverTotal {
+                max_blob_bytes,
+                max_total_bytes,
+            });
+        }
+        Ok(Self {
+            max_blob_bytes,
+            max_total_bytes,
+        })
+    }
+
+    /// Largest blob stored or fetched.
+    pub fn max_blob_bytes(&self) -> u64 {
+        self.max_blob_bytes
+    }
+
+    /// Most bytes of blobs the home holds.
+    pub fn max_total_bytes(&self) -> u64 {
+        self.max_total_bytes
+    }
+}
+
+impl Default for BlobCaps {
+    fn default() -> Self {
+        Self {
+            max_blob_bytes: MAX_BLOB_BYTES,
+            max_total_bytes: MAX_TOTAL_BYTES,
+        }
+    }
+}
 
 /// The folder of a home's blobs.
 pub const BLOB_DIR: &str = "blobs";
@@ -43,6 +122,20 @@ pub const BLOB_DIR: &str = "blobs";
 /// partial file and a redb commit): one per MiB instead of one per 32 KiB range. A crash
 /// re-fetches at most this much; what is committed was synced first, so it is never corrupt.
 pub const COMMIT_EVERY: u64 = 1 << 20;
+
+/// What a garbage collection removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collected {
+    /// Blobs (whole or partial) whose files and index row were removed.
+    pub blobs: usize,
+    /// Their sizes, summed.
+    pub bytes: u64,
+    /// Files without an index row (left by a crash between the two) that were removed.
+    pub strays: usize,
+}
+
+/// A temporary file older than this is left over from a crash, not a copy in progress.
+const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What the index holds for one blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +152,7 @@ pub struct Entry {
 /// Why the store refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
-    /// The blob is over [`MAX_BLOB_BYTES`].
+    /// The blob is over the per-file cap.
     #[error("the file is {size} bytes, over the limit of {max} per file")]
     TooLarge {
         /// Its size.
@@ -67,7 +160,7 @@ pub enum BlobError {
         /// The cap.
         max: u64,
     },
-    /// Storing it would go over [`MAX_TOTAL_BYTES`].
+    /// Storing it would go over the storage cap.
     #[error("storing {size} more bytes would go over the home's limit of {max} bytes of files")]
     StoreFull {
         /// The blob's size.
@@ -132,21 +225,38 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> B
 pub struct BlobStore {
     dir: PathBuf,
     replica: Replica,
+    caps: BlobCaps,
 }
 
 impl std::fmt::Debug for BlobStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlobStore").field("dir", &self.dir).finish()
+        f.debug_struct("BlobStore")
+            .field("dir", &self.dir)
+            .field("caps", &self.caps)
+            .finish()
     }
 }
 
 impl BlobStore {
-    /// The blob store of the home at `home`, indexed in `replica`'s store.
+    /// The blob store of the home at `home`, indexed in `replica`'s store, with the default
+    /// caps.
     pub fn new(home: &Path, replica: Replica) -> Self {
         Self {
             dir: home.join(BLOB_DIR),
             replica,
+            caps: BlobCaps::default(),
         }
+    }
+
+    /// The same store with other caps.
+    pub fn with_caps(mut self, caps: BlobCaps) -> Self {
+        self.caps = caps;
+        self
+    }
+
+    /// The caps it keeps.
+    pub fn caps(&self) -> BlobCaps {
+        self.caps
     }
 
     /// Where a whole blob's bytes are.
@@ -239,10 +349,10 @@ impl BlobStore {
     }
 
     fn check_caps(&self, hash: &BlobHash, size: u64) -> Result<(), BlobError> {
-        if size > MAX_BLOB_BYTES {
+        if size > self.caps.max_blob_bytes {
             return Err(BlobError::TooLarge {
                 size,
-                max: MAX_BLOB_BYTES,
+                max: self.caps.max_blob_bytes,
             });
         }
         let others: u64 = self
@@ -251,10 +361,10 @@ impl BlobStore {
             .filter(|(h, _)| h != hash)
             .map(|(_, e)| e.size)
             .sum();
-        if others.saturating_add(size) > MAX_TOTAL_BYTES {
+        if others.saturating_add(size) > self.caps.max_total_bytes {
             return Err(BlobError::StoreFull {
                 size,
-                max: MAX_TOTAL_BYTES,
+                max: self.caps.max_total_bytes,
             });
         }
         Ok(())
@@ -301,10 +411,10 @@ impl BlobStore {
     fn add_opened(&self, src: &Path, mut input: File) -> Result<(BlobHash, u64), BlobError> {
         self.ensure_dirs()?;
         let len = input.metadata().map_err(io_err("reading", src))?.len();
-        if len > MAX_BLOB_BYTES {
+        if len > self.caps.max_blob_bytes {
             return Err(BlobError::TooLarge {
                 size: len,
-                max: MAX_BLOB_BYTES,
+                max: self.caps.max_blob_bytes,
             });
         }
         let tmp = self.tmp();
@@ -323,10 +433,10 @@ impl BlobStore {
             out.sync_all().map_err(io_err("syncing", &tmp))?;
             let (hash, size, outboard) = builder.finish();
             let hash = BlobHash::from_bytes(*hash.as_bytes());
-            if size > MAX_BLOB_BYTES {
+            if size > self.caps.max_blob_bytes {
                 return Err(BlobError::TooLarge {
                     size,
-                    max: MAX_BLOB_BYTES,
+                    max: self.caps.max_blob_bytes,
                 });
             }
             if let Some(e) = self.entry(&hash)?
@@ -404,6 +514,81 @@ impl BlobStore {
         Ok((e.size, buf))
     }
 
+    /// Removes every blob, whole or partial, whose hash is not in `keep`: its index row first,
+    /// then its files (and outboards). Then removes files that no index row names (a crash
+    /// between the two), and temporary files older than an hour.
+    pub fn retain(
+        &self,
+        keep: &std::collections::HashSet<BlobHash>,
+    ) -> Result<Collected, BlobError> {
+        let mut out = Collected::default();
+        let gone: Vec<(BlobHash, Entry)> = self
+            .entries()?
+            .into_iter()
+            .filter(|(h, _)| !keep.contains(h))
+            .collect();
+        if !gone.is_empty() {
+            let keys: Vec<String> = gone.iter().map(|(h, _)| h.to_string()).collect();
+            self.replica.with_store(|s| {
+                s.write(|t| {
+                    let mut table = t.table(BLOBS)?;
+                    for k in &keys {
+                        table.remove(k.as_str())?;
+                    }
+                    Ok::<_, StoreError>(())
+                })
+            })?;
+        }
+        for (hash, e) in &gone {
+            for path in [
+                self.whole(hash),
+                self.whole_outboard(hash),
+                self.partial(hash),
+                self.partial_outboard(hash),
+                self.pending_outboard(hash),
+            ] {
+                remove_if_there(&path)?;
+            }
+            out.blobs += 1;
+            out.bytes += e.size;
+        }
+        let indexed: std::collections::HashSet<BlobHash> =
+            self.entries()?.into_iter().map(|(h, _)| h).collect();
+        for dir in [self.dir.clone(), self.dir.join("partial")] {
+            let Ok(list) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in list.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let stem = name
+                    .strip_suffix(".obao.part")
+                    .or_else(|| name.strip_suffix(".obao"))
+                    .unwrap_or(&name);
+                let Ok(hash) = stem.parse::<BlobHash>() else {
+                    continue; // `partial/`, `tmp/`, or not ours
+                };
+                if !indexed.contains(&hash) && entry.file_type().is_ok_and(|t| t.is_file()) {
+                    remove_if_there(&entry.path())?;
+                    out.strays += 1;
+                }
+            }
+        }
+        if let Ok(list) = fs::read_dir(self.dir.join("tmp")) {
+            for entry in list.flatten() {
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > STALE_TMP);
+                if stale {
+                    remove_if_there(&entry.path())?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Starts or resumes receiving a blob of `size` bytes: reserves its size against the
     /// caps and cuts its partial file back to the verified prefix.
     pub fn receive(&self, hash: BlobHash, size: u64) -> Result<Partial, BlobError> {
@@ -457,6 +642,17 @@ impl BlobStore {
             verifier,
             file: None,
         })
+    }
+}
+
+fn remove_if_there(path: &Path) -> Result<(), BlobError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(BlobError::Io {
+            what: "removing",
+            path: path.to_owned(),
+            source: e,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -633,5 +829,86 @@ impl Partial {
         self.store.put_entry(&self.hash, &self.entry)?;
         self.committed = self.entry.verified_upto;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use errand_crdt::Store;
+
+    use super::*;
+
+    fn store(dir: &Path) -> BlobStore {
+        let replica = Replica::open(Store::open(dir).unwrap()).unwrap();
+        BlobStore::new(dir, replica)
+    }
+
+    fn add(s: &BlobStore, dir: &Path, name: &str, len: usize) -> BlobHash {
+        let src = dir.join(name);
+        fs::write(&src, vec![name.as_bytes()[0]; len]).unwrap();
+        s.add_file(&src).unwrap().0
+    }
+
+    #[test]
+    fn caps_are_checked_when_made_and_kept_when_storing() {
+        assert!(matches!(BlobCaps::new(0, 10), Err(CapsError::Zero { .. })));
+        assert!(matches!(
+            BlobCaps::new(11, 10),
+            Err(CapsError::BlobOverTotal { .. })
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path()).with_caps(BlobCaps::new(100_000, 150_000).unwrap());
+        add(&s, dir.path(), "a", 90_000);
+        let big = dir.path().join("big");
+        fs::write(&big, vec![1u8; 100_001]).unwrap();
+        assert!(matches!(
+            s.add_file(&big),
+            Err(BlobError::TooLarge { max: 100_000, .. })
+        ));
+        let more = dir.path().join("more");
+        fs::write(&more, vec![2u8; 90_000]).unwrap();
+        assert!(matches!(
+            s.add_file(&more),
+            Err(BlobError::StoreFull { max: 150_000, .. })
+        ));
+    }
+
+    #[test]
+    fn retain_removes_unkept_blobs_partials_and_strays_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let kept = add(&s, dir.path(), "k", 40_000);
+        let dropped = add(&s, dir.path(), "d", 40_000);
+        // A partial blob: reserved and cut to its verified prefix, never finished.
+        let partial = BlobHash::from_bytes(*blake3::hash(b"never finished").as_bytes());
+        s.receive(partial, 50_000).unwrap();
+        // A file no index row names (a crash between removing the row and the file).
+        let stray = dir
+            .path()
+            .join(BLOB_DIR)
+            .join(blake3::hash(b"x").to_hex().as_str());
+        fs::write(&stray, b"x").unwrap();
+
+        let done = s.retain(&HashSet::from([kept])).unwrap();
+        assert_eq!(
+            done,
+            Collected {
+                blobs: 2,
+                bytes: 90_000,
+                strays: 1
+            }
+        );
+        assert!(s.path(&kept).unwrap().is_some_and(|p| p.exists()));
+        assert!(s.entry(&dropped).unwrap().is_none());
+        assert!(s.entry(&partial).unwrap().is_none());
+        assert!(!s.whole(&dropped).exists() && !s.whole_outboard(&dropped).exists());
+        assert!(!s.partial(&partial).exists() && !stray.exists());
+        // Nothing left to remove the second time.
+        assert_eq!(
+            s.retain(&HashSet::from([kept])).unwrap(),
+            Collected::default()
+        );
     }
 }

@@ -99,7 +99,7 @@ pub fn task_line(t: &TaskInfo) -> String {
     format!(
         "{}  {:<19} {}{}",
         t.id,
-        t.status.as_str(),
+        t.status.label(),
         printable(t.instruction.lines().next().unwrap_or(""), false),
         if requests.is_empty() {
             String::new()

@@ -67,6 +67,8 @@ pub(super) struct Inner {
     pub(super) relay_opts: Mutex<(Vec<Multiaddr>, bool)>,
     pub(super) live: Mutex<HashMap<PeerId, Live>>,
     pub(super) traffic: Mutex<HashMap<PeerId, Arc<Traffic>>>,
+    /// The caps of this home's blob store (a setting; the defaults until one is given).
+    pub(super) blob_caps: Mutex<crate::blob::BlobCaps>,
 }
 
 /// A running (or openable) Errand peer. Cheap to clone.
@@ -157,6 +159,7 @@ impl Peer {
                 relay_opts: Mutex::new((Vec::new(), false)),
                 live: Mutex::new(HashMap::new()),
                 traffic: Mutex::new(HashMap::new()),
+                blob_caps: Mutex::new(crate::blob::BlobCaps::default()),
             }),
         })
     }
@@ -502,9 +505,84 @@ impl Peer {
             .await??)
     }
 
-    /// This home's blob store.
+    /// This home's blob store, with the caps set by [`Self::set_blob_caps`].
     pub fn blobs(&self) -> crate::blob::BlobStore {
-        crate::blob::BlobStore::new(self.home(), self.inner.replica.clone())
+        let caps = self.inner.blob_caps.lock().map(|c| *c).unwrap_or_default();
+        crate::blob::BlobStore::new(self.home(), self.inner.replica.clone()).with_caps(caps)
+    }
+
+    /// Garbage collection of this home's blobs: every blob (whole or partial) that no kept
+    /// task references is removed, file and index row. A kept task is, on a desktop, one
+    /// whose author is not revoked; on a phone, one whose desktop it still trusts (after
+    /// `forget`, none). Reads every segment of the thread. Run at a daemon's start and after
+    /// a revocation or `forget`.
+    pub async fn collect_blobs(&self) -> Result<crate::blob::store::Collected, PeerError> {
+        let desktops: Option<std::collections::HashSet<DeviceId>> = match self.kind() {
+            DeviceKind::Desktop => None,
+            _ => Some(
+                self.trusted_peers()
+                    .await?
+                    .into_iter()
+                    .filter(|t| t.kind == DeviceKind::Desktop && !t.revoked)
+                    .map(|t| t.id)
+                    .collect(),
+            ),
+        };
+        let keep = match self
+            .inner
+            .replica
+            .read_all(move |d| {
+                let revoked: std::collections::HashSet<DeviceId> = d
+                    .devices()
+                    .into_iter()
+                    .filter(|x| x.is_revoked())
+                    .map(|x| x.id)
+                    .collect();
+                d.tasks()
+                    .into_iter()
+                    .filter(|t| match &desktops {
+                        None => !revoked.contains(&t.author),
+                        Some(trusted) => trusted.contains(&t.target),
+                    })
+                    .flat_map(|t| {
+                        let artifacts = errand_core::fold(&t).artifacts;
+                        t.attachments
+                            .into_iter()
+                            .chain(artifacts)
+                            .map(|b| b.hash)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<std::collections::HashSet<_>>()
+            })
+            .await
+        {
+            Ok(keep) => keep,
+            // No thread yet: nothing references anything.
+            Err(crate::replica::ReplicaError::NoThread) => Default::default(),
+            Err(e) => return Err(e.into()),
+        };
+        let store = self.blobs();
+        let done = tokio::task::spawn_blocking(move || store.retain(&keep))
+            .await
+            .map_err(|e| PeerError::Invalid(format!("a blocking task failed: {e}")))??;
+        if done != Default::default() {
+            tracing::info!(
+                blobs = done.blobs,
+                bytes = done.bytes,
+                strays = done.strays,
+                "removed files no kept task references"
+            );
+        }
+        Ok(done)
+    }
+
+    /// Sets the caps of this home's blob store (the device's settings): files over
+    /// `max_blob_bytes`, or that would take the home over `max_blob_storage_bytes`, are
+    /// refused when stored or fetched from now on.
+    pub fn set_blob_caps(&self, caps: crate::blob::BlobCaps) {
+        if let Ok(mut c) = self.inner.blob_caps.lock() {
+            *c = caps;
+        }
     }
 
     /// Fetches `blob` from `from` (connected, trusted) into this home's blob store, resuming

@@ -281,7 +281,8 @@ async fn pair_inner(
 }
 
 /// Revokes a device: refuse it from now on, close its connections, mark it revoked in the
-/// thread, settle its unstarted tasks as `cancelled{revoked}`, rotate the discovery secret.
+/// thread, settle its unstarted tasks as `cancelled{revoked}`, rotate the discovery secret,
+/// and remove the files of its tasks that no kept task references.
 pub async fn revoke(peer: &Peer, id: &str) -> Result<serde_json::Value, PeerError> {
     let pid = parse_peer_id(id)?;
     let mut t = peer
@@ -319,7 +320,10 @@ pub async fn revoke(peer: &Peer, id: &str) -> Result<serde_json::Value, PeerErro
             let v = fold(&task);
             if matches!(
                 v.status,
-                TaskStatus::Queued | TaskStatus::Delivered | TaskStatus::AwaitingApproval
+                TaskStatus::Queued
+                    | TaskStatus::FetchingAttachments
+                    | TaskStatus::Delivered
+                    | TaskStatus::AwaitingApproval
             ) {
                 peer.append_event(
                     task.id,
@@ -337,10 +341,24 @@ pub async fn revoke(peer: &Peer, id: &str) -> Result<serde_json::Value, PeerErro
             .store_blocking(move |s| s.write(|tx| tx.put_meta(META_DISCOVERY, &fresh)))
             .await??;
     }
-    Ok(serde_json::json!({ "id": t.id.to_string(), "revoked": true, "cancelled_tasks": cancelled }))
+    // The files of the revoked device's tasks go, unless a kept task references them.
+    let removed = match peer.collect_blobs().await {
+        Ok(c) => c.blobs,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not remove the revoked device's files");
+            0
+        }
+    };
+    Ok(serde_json::json!({
+        "id": t.id.to_string(),
+        "revoked": true,
+        "cancelled_tasks": cancelled,
+        "removed_files": removed,
+    }))
 }
 
-/// The phone forgets its desktop: trust removed, connections closed. The thread stays readable.
+/// The phone forgets its desktop: trust removed, connections closed, and the pairing's files
+/// removed (attachments it sent, artifacts it fetched). The thread stays readable.
 pub async fn forget(peer: &Peer) -> Result<serde_json::Value, PeerError> {
     let trusted = peer.trusted_peers().await?;
     let mut forgotten = Vec::new();
@@ -360,5 +378,13 @@ pub async fn forget(peer: &Peer) -> Result<serde_json::Value, PeerError> {
         peer.disconnect(pid).await;
         forgotten.push(id);
     }
-    Ok(serde_json::json!({ "forgotten": forgotten }))
+    // The files of the forgotten pairing go (attachments sent, artifacts fetched).
+    let removed = match peer.collect_blobs().await {
+        Ok(c) => c.blobs,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not remove the forgotten pairing's files");
+            0
+        }
+    };
+    Ok(serde_json::json!({ "forgotten": forgotten, "removed_files": removed }))
 }

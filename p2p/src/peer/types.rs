@@ -82,6 +82,15 @@ pub enum PeerError {
     /// The network is not started.
     #[error("the network is not running in this process")]
     NotStarted,
+    /// The blob store failed.
+    #[error(transparent)]
+    Blob(Box<crate::blob::BlobError>),
+}
+
+impl From<crate::blob::BlobError> for PeerError {
+    fn from(e: crate::blob::BlobError) -> Self {
+        Self::Blob(Box::new(e))
+    }
 }
 
 impl From<ReplicaError> for PeerError {
