@@ -929,8 +929,20 @@ fn a_50_mib_artifact_crosses_circuits_cut_at_64_kib_and_arrives_whole() -> Resul
     const LIMIT: &str = "65536";
     const SIZE: usize = 50 * 1024 * 1024;
     let root = tempdir()?;
-    let (relay, desktop, phone, _d, _p) =
-        relayed_pair(root.path(), &["--max-circuit-bytes", LIMIT], "auto")?;
+    // 1,600 circuits, one after the other: the relay's default rate of new circuits (30 a
+    // minute per peer) would stretch the transfer to about an hour, so this relay has none.
+    let (relay, desktop, phone, _d, _p) = relayed_pair(
+        root.path(),
+        &[
+            "--max-circuit-bytes",
+            LIMIT,
+            "--circuit-rate-per-peer",
+            "0",
+            "--circuit-rate-per-ip",
+            "0",
+        ],
+        "auto",
+    )?;
     let id = phone.send(&format!(
         "head -c {SIZE} /dev/urandom > \"$ERRAND_OUT/big.bin\""
     ))?;
