@@ -80,7 +80,7 @@ fn writes_refuse_unsafe_names_and_too_many_attachments() {
 }
 
 #[test]
-fn a_task_whose_attachment_names_a_path_is_skipped_as_malformed() {
+fn an_attachment_named_by_a_path_reads_as_its_last_name_and_a_bad_hash_is_skipped() {
     let w = world(1);
     let mut desktop = w.desktop();
     let mut phone = w.replica(1);
@@ -100,8 +100,9 @@ fn a_task_whose_attachment_names_a_path_is_skipped_as_malformed() {
         .unwrap();
 
     // The phone turns hostile: raw writes with its own actor, a task whose attachment is named
-    // `../../x`, and one whose hash is not 64 hex characters. The third, written the same way
-    // but well-formed, shows the raw writes are otherwise readable.
+    // `../../x` (read as `x`: a name is never a path), and one whose hash is not 64 hex
+    // characters (skipped as malformed). The third, written the same way but well-formed, shows
+    // the raw writes are otherwise readable.
     let raw: &mut AutoCommit = phone.part_mut(1).unwrap().automerge();
     let tasks = raw.get(ROOT, "tasks").unwrap().unwrap().1;
     for (key, name, hash) in [
@@ -125,8 +126,13 @@ fn a_task_whose_attachment_names_a_path_is_skipped_as_malformed() {
     }
     raw.commit();
     sync_pair(&mut desktop, &mut sd, &mut phone, &mut sp);
-    let seen: Vec<_> = desktop.tasks().into_iter().map(|t| t.id).collect();
+    let tasks = desktop.tasks();
+    let seen: Vec<_> = tasks.iter().map(|t| t.id).collect();
     let control = "01ARZ3NDEKTSV4RRFFQ69G5FAX".parse().unwrap();
-    assert_eq!(seen.len(), 2, "{seen:?}");
-    assert!(seen.contains(&id) && seen.contains(&control));
+    let pathy = "01ARZ3NDEKTSV4RRFFQ69G5FAV".parse().unwrap();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.contains(&id) && seen.contains(&control) && seen.contains(&pathy));
+    let pathy = tasks.iter().find(|t| t.id == pathy).unwrap();
+    let names: Vec<&str> = pathy.attachments.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["x"]);
 }
