@@ -871,6 +871,21 @@ fn relayed_pair(
     Ok((relay, desktop, phone, d, p))
 }
 
+/// `--max-circuit-bytes 0` is a relay without a byte limit, and it announces 0: the peers
+/// once took that for a limit of 0 bytes and refused to send a single frame through it.
+#[test]
+fn a_relay_without_a_byte_limit_carries_the_sync_both_ways() -> Result<()> {
+    let root = tempdir()?;
+    let (_relay, desktop, phone, _d, _p) =
+        relayed_pair_with_limits(root.path(), &["--max-circuit-bytes", "0"])?;
+    let up = phone.send(&format!(": up {}", noise(64)))?;
+    arrives(&desktop, &up, LONG)?;
+    let down = desktop.send(&format!(": down {}", noise(64)))?;
+    arrives(&phone, &down, LONG)?;
+    relayed_and_equal(&desktop, &phone, LONG)?;
+    Ok(())
+}
+
 #[test]
 fn circuits_cut_at_their_byte_limit_are_replaced_and_no_task_is_lost() -> Result<()> {
     /// The relay's per-circuit budget, both directions summed.

@@ -729,7 +729,8 @@ impl NodeActor {
                     limit_secs = limit.and_then(|l| l.duration()).map(|d| d.as_secs()),
                     "relayed circuit"
                 );
-                if let Some(bytes) = limit.and_then(|l| l.data_in_bytes()) {
+                // A relay with no byte limit announces 0 (libp2p's relay counts 0 as none).
+                if let Some(bytes) = limit.and_then(|l| l.data_in_bytes()).filter(|b| *b > 0) {
                     if self.circuit_limits.len() >= MAX_CIRCUIT_LIMITS {
                         self.circuit_limits.clear();
                     }
