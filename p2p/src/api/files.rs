@@ -136,21 +136,7 @@ pub async fn fetch_with_retries(
                     ));
                 }
             }
-            Err(e) => {
-                // Another fetch of the same blob in this process (the phone's automatic one)
-                // may have finished it and removed the partial file under this one.
-                let store = peer.blobs();
-                let whole = tokio::task::spawn_blocking(move || store.path(&hash))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten();
-                if let Some(p) = whole {
-                    transfer.ms = started.elapsed().as_millis() as u64;
-                    return Ok((p, transfer));
-                }
-                return Err(ApiError::new(format!("could not fetch {}: {e}", blob.name)));
-            }
+            Err(e) => return Err(ApiError::new(format!("could not fetch {}: {e}", blob.name))),
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(RETRY_MAX);
