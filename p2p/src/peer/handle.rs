@@ -69,6 +69,9 @@ pub(super) struct Inner {
     pub(super) traffic: Mutex<HashMap<PeerId, Arc<Traffic>>>,
     /// The caps of this home's blob store (a setting; the defaults until one is given).
     pub(super) blob_caps: Mutex<crate::blob::BlobCaps>,
+    /// One fetch per blob at a time in this process: a second one (`errand-phone fetch`
+    /// beside the phone's automatic fetch) waits, then finds the blob whole.
+    pub(super) fetching: Mutex<HashMap<errand_core::BlobHash, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A running (or openable) Errand peer. Cheap to clone.
@@ -160,6 +163,7 @@ impl Peer {
                 live: Mutex::new(HashMap::new()),
                 traffic: Mutex::new(HashMap::new()),
                 blob_caps: Mutex::new(crate::blob::BlobCaps::default()),
+                fetching: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -609,6 +613,16 @@ impl Peer {
         stats: &mut crate::blob::FetchStats,
     ) -> Result<std::path::PathBuf, crate::blob::FetchError> {
         *stats = crate::blob::FetchStats::default();
+        let turn = {
+            let mut fetching = self
+                .inner
+                .fetching
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            fetching.retain(|_, m| Arc::strong_count(m) > 1);
+            fetching.entry(blob.hash).or_default().clone()
+        };
+        let _turn = turn.lock().await;
         let store = self.blobs();
         if let Some(path) = {
             let (s, h) = (store.clone(), blob.hash);
