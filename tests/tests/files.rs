@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use errand_tests::{Home, bin, trust_pair, wait_for};
 use sha2::{Digest, Sha256};
 
@@ -212,6 +212,15 @@ fn task_with_artifact(
     Ok((id, artifact))
 }
 
+/// The last 8,000 bytes of a log, from a line start.
+fn tail(log: &str) -> &str {
+    let mut from = log.len().saturating_sub(8000);
+    while !log.is_char_boundary(from) {
+        from += 1;
+    }
+    log[from..].find('\n').map_or("", |i| &log[from + i + 1..])
+}
+
 /// Length of the phone's partial copy of a blob (its verified groups), if there is one.
 fn partial_len(phone: &Home, hash: &str) -> Option<u64> {
     std::fs::metadata(phone.dir.join("blobs/partial").join(hash))
@@ -241,6 +250,7 @@ fn a_fetch_cut_by_a_sigkill_of_the_desktop_resumes_from_the_verified_offset() ->
     let home = phone.dir.to_str().context("path")?;
     // A short timeout: once the desktop is gone, this fetch gives up (exit 3) after 20 s
     // without a verified byte.
+    let first_log = root.path().join("first-fetch.log");
     let mut first = Command::new(bin("errand-phone"))
         .args([
             "--home",
@@ -252,10 +262,14 @@ fn a_fetch_cut_by_a_sigkill_of_the_desktop_resumes_from_the_verified_offset() ->
             "--timeout",
             "20s",
         ])
+        .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        // A file, not a pipe: nobody reads until the fetch ends, and a full pipe would stop
+        // the fetch at its next log line.
+        .stderr(std::fs::File::create(&first_log)?)
         .spawn()?;
+    let log = || std::fs::read_to_string(&first_log).unwrap_or_default();
     // Poll closely: the desktop must die while the phone holds some but not all of it.
     let deadline = Instant::now() + LONG;
     let cut_at = loop {
@@ -266,10 +280,18 @@ fn a_fetch_cut_by_a_sigkill_of_the_desktop_resumes_from_the_verified_offset() ->
         }
         ensure!(
             first.try_wait()?.is_none(),
-            "the first fetch ended before it wrote anything: {:?}",
-            first.wait_with_output()?
+            "the first fetch ended before it wrote anything: {:?}\n{}",
+            first.wait_with_output()?,
+            log()
         );
-        ensure!(Instant::now() < deadline, "the fetch never started");
+        if Instant::now() > deadline {
+            let _ = first.kill();
+            bail!(
+                "the fetch never started; its log:\n{}\nthe desktop's:\n{}",
+                log(),
+                tail(&desktop_daemon.stderr())
+            );
+        }
         std::thread::sleep(Duration::from_millis(2));
     };
     desktop_daemon.kill();
@@ -280,7 +302,8 @@ fn a_fetch_cut_by_a_sigkill_of_the_desktop_resumes_from_the_verified_offset() ->
     let out = first.wait_with_output()?;
     ensure!(
         out.status.code() == Some(3),
-        "the first fetch should give up on the dead desktop with exit 3: {out:?}"
+        "the first fetch should give up on the dead desktop with exit 3: {out:?}\n{}",
+        log()
     );
     let held = partial_len(&phone, &hash).context("the partial copy is gone")?;
     ensure!(

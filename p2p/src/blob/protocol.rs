@@ -36,6 +36,24 @@ pub const MAX_BAD_RESPONSES: u32 = 4;
 /// of at most 32 KiB, so each fits a relay circuit; 8 × 32 KiB is Yamux's default window.
 pub const PIPELINE: usize = 8;
 
+/// A fetch gives up on its stream when a request cannot be written, or its answer does not
+/// come, within this long: a peer that accepted the stream and then went silent (a stalled
+/// connection, a server stuck behind its disk) is left for a fresh stream from the verified
+/// offset, instead of holding the fetch past its own timeout. An answer is at most 32 KiB,
+/// so this allows a link of about 1 KiB/s.
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The stream error for an answer or request that did not move within [`STALL`].
+fn stalled(peer: PeerId, what: &str) -> FetchError {
+    FetchError::Stream {
+        peer,
+        source: std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{what} did not move for {} s", STALL.as_secs()),
+        ),
+    }
+}
+
 /// Why a fetch stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -268,8 +286,9 @@ async fn request<S: AsyncWrite + Unpin>(
         offset,
         len,
     };
-    wire::write_request(stream, &req)
+    tokio::time::timeout(STALL, wire::write_request(stream, &req))
         .await
+        .map_err(|_| stalled(peer, "a range request"))?
         .map_err(|source| FetchError::Stream { peer, source })
 }
 
@@ -282,8 +301,9 @@ async fn answer<S: AsyncRead + Unpin>(
     offset: u64,
     len: u32,
 ) -> Result<Vec<u8>, FetchError> {
-    let (status, got_size, bytes) = wire::read_response(stream, len)
+    let (status, got_size, bytes) = tokio::time::timeout(STALL, wire::read_response(stream, len))
         .await
+        .map_err(|_| stalled(peer, "the answer to a range request"))?
         .map_err(|source| FetchError::Stream { peer, source })?;
     match status {
         Status::Ok if got_size == size && bytes.len() == len as usize => Ok(bytes),

@@ -651,14 +651,25 @@ impl Peer {
         if let Err(e) = node.dial(from, addrs).await {
             tracing::debug!(peer = %from, error = %e, "could not dial for a blob");
         }
-        let mut stream = node
-            .control()
-            .open_stream(from, crate::blob::BLOB_PROTOCOL)
-            .await
-            .map_err(|e| crate::blob::FetchError::Stream {
-                peer: from,
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        // Bounded like each request on it: a dial that neither connects nor fails must not
+        // hold the fetch past its caller's timeout.
+        let stall = crate::blob::protocol::STALL;
+        let mut stream = tokio::time::timeout(
+            stall,
+            node.control().open_stream(from, crate::blob::BLOB_PROTOCOL),
+        )
+        .await
+        .map_err(|_| crate::blob::FetchError::Stream {
+            peer: from,
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no blob stream opened within {} s", stall.as_secs()),
+            ),
+        })?
+        .map_err(|e| crate::blob::FetchError::Stream {
+            peer: from,
+            source: std::io::Error::other(e.to_string()),
+        })?;
         crate::blob::fetch(&mut stream, from, &store, blob, progress, stats).await
     }
 
