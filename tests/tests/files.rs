@@ -120,7 +120,8 @@ fn files_a_task_writes_to_errand_out_become_artifacts_that_fetch_gets_byte_ident
     let phone = Home::phone(root.path(), "phone");
     let (_desktop_daemon, addr) = desktop.start(&[])?;
     trust_pair(&desktop, &phone, Some(&addr))?;
-    let (_phone_daemon, _) = phone.start(&[])?;
+    // Artifacts wait for `fetch` (the daemon would fetch files this small by itself).
+    let (_phone_daemon, _) = phone.start(&["--auto-fetch-bytes", "0"])?;
     wait_for("the phone to get the desktop's thread", SHORT, || {
         phone.thread().ok()
     })?;
@@ -262,7 +263,7 @@ fn a_fetch_cut_by_a_sigkill_of_the_desktop_resumes_from_the_verified_offset() ->
             "--timeout",
             "20s",
         ])
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "debug,libp2p_stream=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         // A file, not a pipe: nobody reads until the fetch ends, and a full pipe would stop
@@ -280,9 +281,10 @@ fn a_fetch_cut_by_a_sigkill_of_the_desktop_resumes_from_the_verified_offset() ->
         }
         ensure!(
             first.try_wait()?.is_none(),
-            "the first fetch ended before it wrote anything: {:?}\n{}",
+            "the first fetch ended before it wrote anything: {:?}\n{}\nthe desktop's log:\n{}",
             first.wait_with_output()?,
-            log()
+            log(),
+            tail(&desktop_daemon.stderr())
         );
         if Instant::now() > deadline {
             let _ = first.kill();

@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// First wait before trying a fetch again after the stream broke; doubles up to 10 s.
-const RETRY_START: Duration = Duration::from_millis(500);
+const RETRY_START: Duration = Duration::from_millis(100);
 /// Longest wait between tries.
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// First wait after a stream that carried bytes was cut (a relay's circuit limit): long

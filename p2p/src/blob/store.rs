@@ -118,10 +118,16 @@ impl Default for BlobCaps {
 /// The folder of a home's blobs.
 pub const BLOB_DIR: &str = "blobs";
 
-/// Verified bytes a fetch writes between two commits of its verified offset (an fsync of the
-/// partial file and a redb commit): one per MiB instead of one per 32 KiB range. A crash
-/// re-fetches at most this much; what is committed was synced first, so it is never corrupt.
+/// Verified bytes a fetch writes at least between two commits of its verified offset (an
+/// fsync of the partial file and a redb commit), and [`COMMIT_INTERVAL`] the least time: on a
+/// slow link one commit per MiB, on a fast one four a second (each costs a few milliseconds
+/// of disk, which once per MiB took half the time of a transfer on loopback). A crash
+/// re-fetches what came since (the larger of a MiB and a quarter second's worth); what is
+/// committed was synced first, so it is never corrupt. A fetch that stops commits all.
 pub const COMMIT_EVERY: u64 = 1 << 20;
+
+/// The least time between two commits of a fetch's verified offset (see [`COMMIT_EVERY`]).
+pub const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// What a garbage collection removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -488,6 +494,15 @@ impl BlobStore {
         offset: u64,
         len: u32,
     ) -> Result<(u64, Vec<u8>), BlobError> {
+        let mut reader = self.open_reader(hash, what)?;
+        let bytes = reader.read_at(offset, u64::from(len))?;
+        Ok((reader.blob_size(), bytes))
+    }
+
+    /// Opens a whole blob (`Data`) or its outboard for reading ranges; `Missing` unless the
+    /// blob is held whole. A server keeps one open for a stream instead of looking the blob
+    /// up and opening it for each range.
+    pub fn open_reader(&self, hash: &BlobHash, what: What) -> Result<BlobReader, BlobError> {
         let e = match self.entry(hash)? {
             Some(e) if e.complete => e,
             _ => return Err(BlobError::Missing(*hash)),
@@ -496,22 +511,17 @@ impl BlobStore {
             What::Data => (self.whole(hash), e.size),
             What::Outboard => (self.whole_outboard(hash), tree::outboard_len(e.size)),
         };
-        let end = offset.checked_add(u64::from(len));
-        if end.is_none_or(|end| end > total) {
-            return Err(BlobError::Range {
-                offset,
-                len: u64::from(len),
-                size: total,
-            });
-        }
-        let mut buf = vec![0u8; len as usize];
-        if len > 0 {
-            let mut f = File::open(&path).map_err(io_err("opening", &path))?;
-            f.seek(SeekFrom::Start(offset))
-                .map_err(io_err("reading", &path))?;
-            f.read_exact(&mut buf).map_err(io_err("reading", &path))?;
-        }
-        Ok((e.size, buf))
+        let file = if total > 0 {
+            Some(File::open(&path).map_err(io_err("opening", &path))?)
+        } else {
+            None
+        };
+        Ok(BlobReader {
+            file,
+            path,
+            total,
+            blob_size: e.size,
+        })
     }
 
     /// Removes every blob, whole or partial, whose hash is not in `keep`: its index row first,
@@ -638,6 +648,7 @@ impl BlobStore {
             store: self.clone(),
             hash,
             committed: entry.verified_upto,
+            committed_at: std::time::Instant::now(),
             entry,
             verifier,
             file: None,
@@ -656,6 +667,52 @@ fn remove_if_there(path: &Path) -> Result<(), BlobError> {
     }
 }
 
+/// A whole blob, or its outboard, open for reading ranges (see [`BlobStore::open_reader`]).
+/// The files of a whole blob never change, so the handle stays good while it is held, even
+/// past a garbage collection that unlinks it.
+#[derive(Debug)]
+pub struct BlobReader {
+    /// `None` when there is nothing to read (an empty blob, or the outboard of a blob of one
+    /// group).
+    file: Option<File>,
+    path: PathBuf,
+    /// Bytes of what was opened (the blob, or its outboard).
+    total: u64,
+    /// Bytes of the blob.
+    blob_size: u64,
+}
+
+impl BlobReader {
+    /// Bytes of what was opened: the blob's, or its outboard's.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Bytes of the blob.
+    pub fn blob_size(&self) -> u64 {
+        self.blob_size
+    }
+
+    /// Reads `len` bytes at `offset`; `Range` if that passes the end.
+    pub fn read_at(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, BlobError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.total) {
+            return Err(BlobError::Range {
+                offset,
+                len,
+                size: self.total,
+            });
+        }
+        let mut buf = vec![0u8; len as usize];
+        if let Some(f) = self.file.as_mut().filter(|_| len > 0) {
+            f.seek(SeekFrom::Start(offset))
+                .map_err(io_err("reading", &self.path))?;
+            f.read_exact(&mut buf)
+                .map_err(io_err("reading", &self.path))?;
+        }
+        Ok(buf)
+    }
+}
+
 /// A blob being received. Bytes are appended only in verified groups, in order; the
 /// verified offset is committed every [`COMMIT_EVERY`] bytes, at the end, and on
 /// [`Partial::flush`].
@@ -669,6 +726,8 @@ pub struct Partial {
     file: Option<File>,
     /// The verified offset the index holds.
     committed: u64,
+    /// When it was last committed.
+    committed_at: std::time::Instant,
 }
 
 impl Partial {
@@ -759,7 +818,9 @@ impl Partial {
                 .map_err(io_err("writing", &path))?;
             self.file = Some(f);
             self.entry.verified_upto = start + good as u64;
-            if self.entry.verified_upto - self.committed >= COMMIT_EVERY {
+            if self.entry.verified_upto - self.committed >= COMMIT_EVERY
+                && self.committed_at.elapsed() >= COMMIT_INTERVAL
+            {
                 self.commit()?;
             }
         }
@@ -780,6 +841,7 @@ impl Partial {
         }
         self.store.put_entry(&self.hash, &self.entry)?;
         self.committed = self.entry.verified_upto;
+        self.committed_at = std::time::Instant::now();
         Ok(())
     }
 

@@ -76,23 +76,59 @@ fn invalid(what: &str) -> io::Error {
 
 /// Writes a request.
 pub async fn write_request<W: AsyncWrite + Unpin>(w: &mut W, r: &Request) -> io::Result<()> {
-    let mut buf = [0u8; REQUEST_LEN];
-    buf[0] = r.what as u8;
-    buf[1..33].copy_from_slice(&r.hash);
-    buf[33..41].copy_from_slice(&r.offset.to_be_bytes());
-    buf[41..45].copy_from_slice(&r.len.to_be_bytes());
+    write_requests(w, std::slice::from_ref(r)).await
+}
+
+/// Writes requests in one write (one frame on the connection, not one each).
+pub async fn write_requests<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    requests: &[Request],
+) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(REQUEST_LEN * requests.len());
+    for r in requests {
+        buf.push(r.what as u8);
+        buf.extend_from_slice(&r.hash);
+        buf.extend_from_slice(&r.offset.to_be_bytes());
+        buf.extend_from_slice(&r.len.to_be_bytes());
+    }
     w.write_all(&buf).await?;
     w.flush().await
 }
 
 /// Reads a request; `None` when the stream ended cleanly before one.
 pub async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Request>> {
-    let mut buf = [0u8; REQUEST_LEN];
-    match r.read_exact(&mut buf[..1]).await {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
+    let mut first = [0u8; 1];
+    if r.read(&mut first).await? == 0 {
+        return Ok(None);
     }
+    read_request_after(r, first[0]).await.map(Some)
+}
+
+/// Reads a request like [`read_request`], but flushes the stream first when none has begun
+/// to arrive: a server answers the requests already at hand, then flushes once.
+pub async fn read_request_flushing<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> io::Result<Option<Request>> {
+    let mut first = [0u8; 1];
+    // Reading one byte either takes it or takes nothing, so a read that is not ready can be
+    // dropped without losing a byte.
+    let n = match futures::FutureExt::now_or_never(s.read(&mut first)) {
+        Some(n) => n?,
+        None => {
+            s.flush().await?;
+            s.read(&mut first).await?
+        }
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    read_request_after(s, first[0]).await.map(Some)
+}
+
+/// The rest of a request whose first byte was `first`.
+async fn read_request_after<R: AsyncRead + Unpin>(r: &mut R, first: u8) -> io::Result<Request> {
+    let mut buf = [0u8; REQUEST_LEN];
+    buf[0] = first;
     r.read_exact(&mut buf[1..]).await?;
     let what = match buf[0] {
         0 => What::Data,
@@ -103,12 +139,12 @@ pub async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<
     hash.copy_from_slice(&buf[1..33]);
     let offset = u64::from_be_bytes(buf[33..41].try_into().map_err(|_| invalid("offset"))?);
     let len = u32::from_be_bytes(buf[41..45].try_into().map_err(|_| invalid("len"))?);
-    Ok(Some(Request {
+    Ok(Request {
         what,
         hash,
         offset,
         len,
-    }))
+    })
 }
 
 /// Writes a response.
@@ -118,13 +154,25 @@ pub async fn write_response<W: AsyncWrite + Unpin>(
     size: u64,
     bytes: &[u8],
 ) -> io::Result<()> {
-    let mut head = [0u8; 13];
-    head[0] = status as u8;
-    head[1..9].copy_from_slice(&size.to_be_bytes());
-    head[9..13].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
-    w.write_all(&head).await?;
-    w.write_all(bytes).await?;
+    write_response_unflushed(w, status, size, bytes).await?;
     w.flush().await
+}
+
+/// Writes a response without flushing: a server that has the next request at hand answers
+/// it before it flushes.
+pub async fn write_response_unflushed<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    status: Status,
+    size: u64,
+    bytes: &[u8],
+) -> io::Result<()> {
+    // One write, so the head does not travel as a frame of its own.
+    let mut buf = Vec::with_capacity(13 + bytes.len());
+    buf.push(status as u8);
+    buf.extend_from_slice(&size.to_be_bytes());
+    buf.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    buf.extend_from_slice(bytes);
+    w.write_all(&buf).await
 }
 
 /// Reads a response; refuses one longer than `max` bytes before allocating.

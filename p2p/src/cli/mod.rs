@@ -68,12 +68,16 @@ impl NetArgs {
 /// The home directory: `--home`, else `ERRAND_HOME` (clap reads it), else the platform's data
 /// directory plus `errand/<kind>`.
 pub fn home_dir(flag: Option<PathBuf>, kind: &str) -> PathBuf {
-    flag.unwrap_or_else(|| {
+    let home = flag.unwrap_or_else(|| {
         dirs::data_dir()
             .unwrap_or_else(|| PathBuf::from("."))
             .join("errand")
             .join(kind)
-    })
+    });
+    // Made absolute: a task runs in its own folder, and the paths the desktop hands it
+    // (`$ERRAND_OUT`, `$ERRAND_ATTACHMENTS`) must hold from there (`--home ./desk` gave
+    // tasks a relative `$ERRAND_OUT` they could not write to).
+    std::path::absolute(&home).unwrap_or(home)
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default: `default` for our crates).
@@ -409,4 +413,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 30s or 10m"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_home_is_made_absolute() {
+        let home = home_dir(Some(PathBuf::from("desk")), "desktop");
+        assert!(home.is_absolute(), "{}", home.display());
+        assert_eq!(home, std::env::current_dir().unwrap().join("desk"));
+        let given = std::env::temp_dir().join("errand-home");
+        assert_eq!(home_dir(Some(given.clone()), "phone"), given);
+    }
 }

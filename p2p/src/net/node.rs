@@ -29,6 +29,10 @@ use crate::sync::gate::SharedGate;
 
 /// Commands queued to the node. Callers wait when it is busy rather than pile up work.
 const COMMAND_CAPACITY: usize = 64;
+/// How long a caller that just dialed waits for the connection before it opens a stream
+/// anyway (see [`NodeHandle::wait_connected`]): a loopback or LAN dial takes milliseconds; a
+/// peer that is away makes the open fail on the failed dial instead.
+pub const CONNECT_WAIT: Duration = Duration::from_secs(2);
 
 /// Events queued from the node to the peer. The peer drains them promptly; if it falls
 /// behind, the swarm waits rather than drop a connect/disconnect.
@@ -235,6 +239,27 @@ impl NodeHandle {
     /// Open connections by peer.
     pub async fn connections(&self) -> Result<HashMap<PeerId, ConnInfo>, NodeError> {
         self.call(|reply| Command::Connections { reply }).await
+    }
+
+    /// Waits up to `within` (usually [`CONNECT_WAIT`]) until this node has a connection to
+    /// `peer`; true if it does.
+    ///
+    /// Open a stream only after this: the stream behaviour learns of a new connection a
+    /// moment after the connection exists, and a stream asked for in between waits for a dial
+    /// that never comes (the peer is connected), so it hangs.
+    pub async fn wait_connected(&self, peer: PeerId, within: Duration) -> bool {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            match self.connections().await {
+                Ok(c) if c.contains_key(&peer) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Relay states, and the circuit addresses to put in a ticket.

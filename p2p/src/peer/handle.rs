@@ -654,6 +654,11 @@ impl Peer {
         // Bounded like each request on it: a dial that neither connects nor fails must not
         // hold the fetch past its caller's timeout.
         let stall = crate::blob::protocol::STALL;
+        // Open on a connection the node has reported (see `wait_connected`; a fetch started
+        // right after the daemon stopped hung here in `.ci/run`). A peer that is away is
+        // not waited for longer: the open then fails at once on the failed dial.
+        node.wait_connected(from, crate::net::node::CONNECT_WAIT)
+            .await;
         let mut stream = tokio::time::timeout(
             stall,
             node.control().open_stream(from, crate::blob::BLOB_PROTOCOL),

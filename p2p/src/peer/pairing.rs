@@ -181,6 +181,10 @@ async fn pair_inner(
         node.dial(desktop, addrs.clone())
             .await
             .map_err(|e| PhonePairError::Unreachable(e.to_string()))?;
+        // A stream asked for before the node has reported the connection can hang until
+        // the step's timeout; waiting for it costs nothing when the dial is quick.
+        node.wait_connected(desktop, crate::net::node::CONNECT_WAIT)
+            .await;
         let opened = tokio::time::timeout(
             pair::STEP_TIMEOUT,
             control.open_stream(desktop, PAIR_PROTOCOL),

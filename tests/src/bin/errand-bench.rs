@@ -3032,7 +3032,7 @@ fn run_p10(ctx: &mut Ctx) -> Vec<Row> {
                 if label == "direct" {
                     row = row.goals(vec![Check::RefRatioAtLeast(0.6)]);
                 }
-                rows.push(row.note("the fetch's own timing (first request to verified end): 32 KiB ranges, 8 in flight, each group checked against the BLAKE3 outboard and written on the phone (its verified offset committed every MiB); the desktop reads and serves each range"));
+                rows.push(row.note("the fetch's own timing (first request to verified end): 32 KiB ranges, 8 in flight; the phone checks each 16 KiB group against the BLAKE3 outboard and writes 256 KiB batches on a blocking thread while it reads the next (its verified offset committed at most four times a second); the desktop reads 512 KiB ahead"));
                 for (side, peak) in [
                     (
                         "desktop",
