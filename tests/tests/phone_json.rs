@@ -169,7 +169,7 @@ const ACT: &[(&str, Ty)] = &[
     ("requested", OneOf(&["approve", "deny", "cancel", "retry"])),
 ];
 /// `forget --json`.
-const FORGET: &[(&str, Ty)] = &[("forgotten", Arr)];
+const FORGET: &[(&str, Ty)] = &[("forgotten", Arr), ("removed_files", Int)];
 
 fn fits(v: &Value, ty: Ty) -> bool {
     match ty {
