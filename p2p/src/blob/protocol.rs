@@ -449,12 +449,7 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let mut verified = slot.as_ref().ok_or_else(lost)?.verified_upto();
     progress(verified, size);
-    // The first offset not asked for yet, and the ranges asked for, in order.
-    let mut next = verified;
-    let mut in_flight: VecDeque<(u64, u32)> = VecDeque::with_capacity(PIPELINE);
-    // A request that could not be sent (the peer closed its side): the answers already on
-    // their way are still read and kept, then this ends the fetch.
-    let mut unsent: Option<FetchError> = None;
+    let mut asked = Asked::new(peer, hash, size, verified);
     // Answers read but not handed to the writer yet: they follow what the writer has without
     // a gap, and go to it [`APPEND_BATCH`] bytes at a time.
     let mut batch: Vec<u8> = Vec::with_capacity(APPEND_BATCH);
@@ -466,82 +461,51 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
     // that spoils every one reaches [`MAX_BAD_RESPONSES`] at once.
     let mut careful = 0usize;
     loop {
-        if size == 0 && in_flight.is_empty() && !writer.busy() {
+        if size == 0 && asked.in_flight.is_empty() && !writer.busy() {
             if slot.as_ref().ok_or_else(lost)?.is_complete() {
                 return Ok(());
             }
             // An empty blob: one empty range completes it.
             request(stream, peer, hash, What::Data, 0, 0).await?;
-            in_flight.push_back((0, 0));
+            asked.in_flight.push_back((0, 0));
         }
-        let limit = if careful > 0 { 1 } else { PIPELINE };
-        ask(
-            stream,
-            peer,
-            hash,
-            size,
-            &mut next,
-            &mut in_flight,
-            &mut unsent,
-            limit,
-        )
-        .await;
-        let Some((offset, len)) = in_flight.pop_front() else {
-            // Nothing more to read: what the writer has decides.
-            if writer.busy() {
-                let r = writer.finish(slot).await?;
-                verified = slot.as_ref().ok_or_else(lost)?.verified_upto();
-                progress(verified, size);
-                match r {
-                    Ok(_) => bad = 0,
-                    Err(e) => {
-                        refused(e, &mut bad, peer, hash)?;
-                        careful = PIPELINE;
-                        next = verified;
+        asked.more(stream, careful > 0).await;
+        // Whether this turn read an answer (an empty blob's is empty, and still goes to the
+        // writer).
+        let mut answered = false;
+        if let Some((offset, len)) = asked.in_flight.pop_front() {
+            let bytes = match answer(stream, peer, hash, size, offset, len).await {
+                Ok(b) => b,
+                Err(e) => {
+                    // A cut stream (a relay's circuit limit): what came before it still counts.
+                    if writer.busy() {
+                        let _ = writer.finish(slot).await;
                     }
+                    if !batch.is_empty() {
+                        writer.start(slot, &mut batch)?;
+                        let _ = writer.finish(slot).await;
+                    }
+                    return Err(e);
                 }
+            };
+            stats.received += bytes.len() as u64;
+            batch.extend_from_slice(&bytes);
+            if batch.len() < APPEND_BATCH && !asked.in_flight.is_empty() {
                 continue;
             }
+            answered = true;
+            // Keep the server busy while this side checks and writes.
+            asked.more(stream, careful > 0).await;
+        } else if !writer.busy() {
+            // Nothing more to read or write.
             if slot.as_ref().ok_or_else(lost)?.is_complete() {
                 return Ok(());
             }
-            return Err(unsent.unwrap_or_else(|| FetchError::Protocol {
+            return Err(asked.unsent.take().unwrap_or_else(|| FetchError::Protocol {
                 peer,
                 what: "nothing left to ask for, yet the blob is not whole".into(),
             }));
-        };
-        let bytes = match answer(stream, peer, hash, size, offset, len).await {
-            Ok(b) => b,
-            Err(e) => {
-                // A cut stream (a relay's circuit limit): what came before it still counts.
-                if writer.busy() {
-                    let _ = writer.finish(slot).await;
-                }
-                if !batch.is_empty() {
-                    writer.start(slot, &mut batch)?;
-                    let _ = writer.finish(slot).await;
-                }
-                return Err(e);
-            }
-        };
-        stats.received += bytes.len() as u64;
-        batch.extend_from_slice(&bytes);
-        if batch.len() < APPEND_BATCH && !in_flight.is_empty() {
-            continue;
         }
-        // Keep the server busy while this side checks and writes.
-        let limit = if careful > 0 { 1 } else { PIPELINE };
-        ask(
-            stream,
-            peer,
-            hash,
-            size,
-            &mut next,
-            &mut in_flight,
-            &mut unsent,
-            limit,
-        )
-        .await;
         if writer.busy() {
             let r = writer.finish(slot).await?;
             verified = slot.as_ref().ok_or_else(lost)?.verified_upto();
@@ -557,16 +521,18 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
                     // The batch read since, and the answers still in flight, start past the
                     // refused group: drop them, then ask again from the verified offset.
                     batch.clear();
-                    while let Some((offset, len)) = in_flight.pop_front() {
+                    while let Some((offset, len)) = asked.in_flight.pop_front() {
                         let dropped = answer(stream, peer, hash, size, offset, len).await?;
                         stats.received += dropped.len() as u64;
                     }
-                    next = verified;
+                    asked.next = verified;
                     continue;
                 }
             }
         }
-        writer.start(slot, &mut batch)?;
+        if answered {
+            writer.start(slot, &mut batch)?;
+        }
     }
 }
 
@@ -638,47 +604,67 @@ impl Writer {
     }
 }
 
-/// Asks for the ranges after `next` until `limit` are in flight, in one write. Requests that
-/// cannot be written leave the error in `unsent`, and nothing more is asked.
-#[allow(clippy::too_many_arguments)]
-async fn ask<S: AsyncWrite + Unpin>(
-    stream: &mut S,
+/// The ranges a fetch has asked for, in order, and where it asks next.
+struct Asked {
     peer: PeerId,
     hash: BlobHash,
     size: u64,
-    next: &mut u64,
-    in_flight: &mut VecDeque<(u64, u32)>,
-    unsent: &mut Option<FetchError>,
-    limit: usize,
-) {
-    if unsent.is_some() {
-        return;
-    }
-    let mut asked = Vec::new();
-    let mut at = *next;
-    while in_flight.len() + asked.len() < limit && at < size {
-        let len = (size - at).min(u64::from(MAX_RANGE)) as u32;
-        asked.push(Request {
-            what: What::Data,
-            hash: *hash.as_bytes(),
-            offset: at,
-            len,
-        });
-        at += u64::from(len);
-    }
-    if asked.is_empty() {
-        return;
-    }
-    let written = tokio::time::timeout(STALL, wire::write_requests(stream, &asked))
-        .await
-        .map_err(|_| stalled(peer, "a range request"))
-        .and_then(|r| r.map_err(|source| FetchError::Stream { peer, source }));
-    match written {
-        Ok(()) => {
-            in_flight.extend(asked.iter().map(|r| (r.offset, r.len)));
-            *next = at;
+    /// The first offset not asked for yet.
+    next: u64,
+    in_flight: VecDeque<(u64, u32)>,
+    /// A request that could not be sent (the peer closed its side): the answers already on
+    /// their way are still read and kept, then this ends the fetch.
+    unsent: Option<FetchError>,
+}
+
+impl Asked {
+    fn new(peer: PeerId, hash: BlobHash, size: u64, from: u64) -> Self {
+        Self {
+            peer,
+            hash,
+            size,
+            next: from,
+            in_flight: VecDeque::with_capacity(PIPELINE),
+            unsent: None,
         }
-        Err(e) => *unsent = Some(e),
+    }
+
+    /// Asks for the ranges after `next` until [`PIPELINE`] (one when `careful`) are in flight,
+    /// in one write. Requests that cannot be written leave the error in `unsent`, and nothing
+    /// more is asked.
+    async fn more<S: AsyncWrite + Unpin>(&mut self, stream: &mut S, careful: bool) {
+        let limit = if careful { 1 } else { PIPELINE };
+        if self.unsent.is_some() {
+            return;
+        }
+        let mut asked = Vec::new();
+        let mut at = self.next;
+        while self.in_flight.len() + asked.len() < limit && at < self.size {
+            let len = (self.size - at).min(u64::from(MAX_RANGE)) as u32;
+            asked.push(Request {
+                what: What::Data,
+                hash: *self.hash.as_bytes(),
+                offset: at,
+                len,
+            });
+            at += u64::from(len);
+        }
+        if asked.is_empty() {
+            return;
+        }
+        let peer = self.peer;
+        let written = tokio::time::timeout(STALL, wire::write_requests(stream, &asked))
+            .await
+            .map_err(|_| stalled(peer, "a range request"))
+            .and_then(|r| r.map_err(|source| FetchError::Stream { peer, source }));
+        match written {
+            Ok(()) => {
+                self.in_flight
+                    .extend(asked.iter().map(|r| (r.offset, r.len)));
+                self.next = at;
+            }
+            Err(e) => self.unsent = Some(e),
+        }
     }
 }
 
@@ -743,6 +729,36 @@ mod tests {
             }
         });
         a
+    }
+
+    /// A reference to blob `hash` of `size` bytes, as a task would carry it.
+    fn blob_ref(hash: BlobHash, size: u64) -> BlobRef {
+        BlobRef {
+            hash,
+            name: "x.bin".into(),
+            size,
+            mime: "application/octet-stream".into(),
+        }
+    }
+
+    /// Fetches `blob` into `into` over `stream`, with no progress report.
+    async fn fetch_over(
+        stream: tokio::io::DuplexStream,
+        into: &BlobStore,
+        blob: &BlobRef,
+    ) -> (Result<PathBuf, FetchError>, FetchStats) {
+        let mut stats = FetchStats::default();
+        let mut stream = stream.compat();
+        let r = fetch(
+            &mut stream,
+            PeerId::random(),
+            into,
+            blob,
+            &mut |_, _| {},
+            &mut stats,
+        )
+        .await;
+        (r, stats)
     }
 
     fn random_file(dir: &std::path::Path, len: usize) -> (PathBuf, Vec<u8>) {
@@ -848,40 +864,16 @@ mod tests {
         let (a, b) = (store(da.path()), store(db.path()));
         let (src, bytes) = random_file(da.path(), 2 * 1024 * 1024 + 5);
         let (hash, size) = a.add_file(&src).unwrap();
-        let blob = BlobRef {
-            hash,
-            name: "x.bin".into(),
-            size,
-            mime: "application/octet-stream".into(),
-        };
+        let blob = blob_ref(hash, size);
         let sent = Arc::new(AtomicU64::new(0));
-        let mut every_other = spawn_flipper(a.clone(), 0, 2, u32::MAX, sent.clone()).compat();
-        let mut stats = FetchStats::default();
-        let path = fetch(
-            &mut every_other,
-            PeerId::random(),
-            &b,
-            &blob,
-            &mut |_, _| {},
-            &mut stats,
-        )
-        .await
-        .unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        let every_other = spawn_flipper(a.clone(), 0, 2, u32::MAX, sent.clone());
+        let (path, _) = fetch_over(every_other, &b, &blob).await;
+        assert_eq!(std::fs::read(path.unwrap()).unwrap(), bytes);
 
         let dc = tempfile::tempdir().unwrap();
-        let c = store(dc.path());
-        let mut every = spawn_flipper(a, 0, 1, u32::MAX, sent).compat();
-        let err = fetch(
-            &mut every,
-            PeerId::random(),
-            &c,
-            &blob,
-            &mut |_, _| {},
-            &mut stats,
-        )
-        .await
-        .unwrap_err();
+        let every = spawn_flipper(a, 0, 1, u32::MAX, sent);
+        let (err, _) = fetch_over(every, &store(dc.path()), &blob).await;
+        let err = err.unwrap_err();
         assert!(
             matches!(err, FetchError::Corrupt { count, .. } if count == MAX_BAD_RESPONSES),
             "{err}"
@@ -926,26 +918,10 @@ mod tests {
             "the file is cut back to the commit"
         );
         drop(resumed);
-        let blob = BlobRef {
-            hash,
-            name: "x.bin".into(),
-            size,
-            mime: "application/octet-stream".into(),
-        };
+        let blob = blob_ref(hash, size);
         let sent = Arc::new(AtomicU64::new(0));
-        let mut stream = spawn_server(a, 0, u32::MAX, sent.clone()).compat();
-        let mut stats = FetchStats::default();
-        let path = fetch(
-            &mut stream,
-            PeerId::random(),
-            &b,
-            &blob,
-            &mut |_, _| {},
-            &mut stats,
-        )
-        .await
-        .unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        let (path, stats) = fetch_over(spawn_server(a, 0, u32::MAX, sent.clone()), &b, &blob).await;
+        assert_eq!(std::fs::read(path.unwrap()).unwrap(), bytes);
         assert_eq!(stats.resumed_from, 2 * COMMIT_EVERY);
         assert_eq!(sent.load(Ordering::Relaxed), size - 2 * COMMIT_EVERY);
     }
