@@ -651,14 +651,14 @@ impl Peer {
         if let Err(e) = node.dial(from, addrs).await {
             tracing::debug!(peer = %from, error = %e, "could not dial for a blob");
         }
-        // Bounded like each request on it: a dial that neither connects nor fails must not
-        // hold the fetch past its caller's timeout.
-        let stall = crate::blob::protocol::STALL;
         // Open on a connection the node has reported (see `wait_connected`; a fetch started
         // right after the daemon stopped hung here in `.ci/run`). A peer that is away is
         // not waited for longer: the open then fails at once on the failed dial.
         node.wait_connected(from, crate::net::node::CONNECT_WAIT)
             .await;
+        // Bounded like each request on it: a dial that neither connects nor fails must not
+        // hold the fetch past its caller's timeout.
+        let stall = crate::blob::protocol::STALL;
         let mut stream = tokio::time::timeout(
             stall,
             node.control().open_stream(from, crate::blob::BLOB_PROTOCOL),
