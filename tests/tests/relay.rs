@@ -459,8 +459,9 @@ fn ticket(desktop: &Dev) -> Result<String> {
         .to_owned())
 }
 
-/// `errand-phone pair` in the phone's namespace; must succeed and finish the first sync.
-fn pair(phone: &Dev, ticket: &str, listen: &str, extra: &[&str]) -> Result<Value> {
+/// `errand-phone pair` in the phone's namespace; must succeed and finish the first sync. On
+/// failure the error carries the desktop daemon's log (`desk`) beside the phone's.
+fn pair(phone: &Dev, desk: &Proc, ticket: &str, listen: &str, extra: &[&str]) -> Result<Value> {
     let mut args = vec!["pair", ticket, "--json", "--no-mdns", "--listen", listen];
     args.extend_from_slice(extra);
     let out = phone
@@ -471,9 +472,10 @@ fn pair(phone: &Dev, ticket: &str, listen: &str, extra: &[&str]) -> Result<Value
         .context("running errand-phone pair")?;
     ensure!(
         out.status.success(),
-        "pairing failed ({}): {}",
+        "pairing failed ({}): {}\nthe desktop's log:\n{}",
         out.status,
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        desk.log_text()
     );
     let v: Value = serde_json::from_slice(&out.stdout).context("pair --json prints JSON")?;
     ensure!(
@@ -532,7 +534,7 @@ fn a_phone_given_only_the_relay_pairs_and_syncs_both_ways_over_a_relayed_path() 
     let phone = Dev::phone(root.path(), "phone", None);
     let only = ["--relay-only"];
 
-    let _d = desktop.daemon(LOOPBACK, &["--relay", &relay_addr, "--relay-only"], logs)?;
+    let d = desktop.daemon(LOOPBACK, &["--relay", &relay_addr, "--relay-only"], logs)?;
     reserved(&desktop, SHORT)?;
     let before_pairing = desktop.send(": queued on the desktop before pairing")?;
 
@@ -546,7 +548,7 @@ fn a_phone_given_only_the_relay_pairs_and_syncs_both_ways_over_a_relayed_path() 
             "with --relay-only the ticket holds only relay circuits, got {a}"
         );
     }
-    pair(&phone, &text, LOOPBACK, &only)?;
+    pair(&phone, &d, &text, LOOPBACK, &only)?;
     ensure!(
         phone.has_task(&before_pairing),
         "the first sync brought the desktop's task"
@@ -672,12 +674,12 @@ fn in_namespaces_the_peers_pair_queue_offline_and_resume_after_a_relay_restart()
     let phone = Dev::phone(root.path(), "phone", Some(&phone_ns));
     let desktop_listen = format!("/ip4/{DESKTOP_IP}/tcp/0");
     let phone_listen = format!("/ip4/{PHONE_IP}/tcp/0");
-    let _d = desktop.daemon(&desktop_listen, &["--relay", &desktop_relay], logs)?;
+    let d = desktop.daemon(&desktop_listen, &["--relay", &desktop_relay], logs)?;
     reserved(&desktop, SHORT)?;
 
     // Pairing: the ticket's direct address is unreachable from the phone; its relay circuit
     // (through the relay's address on the desktop's link, via the phone's host route) is not.
-    pair(&phone, &ticket(&desktop)?, &phone_listen, &[])?;
+    pair(&phone, &d, &ticket(&desktop)?, &phone_listen, &[])?;
 
     // Offline queue: stored on the phone only, then delivered by the next sync.
     let queued = [
@@ -764,11 +766,11 @@ fn a_client_past_the_reservation_cap_is_refused_while_the_paired_session_goes_on
     let relay_flags = ["--relay", relay_addr.as_str(), "--relay-only"];
     let desktop = Dev::desktop(root.path(), "desk", None);
     let phone = Dev::phone(root.path(), "phone", None);
-    let _d = desktop.daemon(LOOPBACK, &relay_flags, logs)?;
+    let d = desktop.daemon(LOOPBACK, &relay_flags, logs)?;
     reserved(&desktop, SHORT)?;
     // The phone's own reservation is refused too (the cap is 1), but it needs none to dial
     // the desktop through the desktop's.
-    pair(&phone, &ticket(&desktop)?, LOOPBACK, &["--relay-only"])?;
+    pair(&phone, &d, &ticket(&desktop)?, LOOPBACK, &["--relay-only"])?;
     let _p = phone.daemon(LOOPBACK, &["--relay-only"], logs)?;
     relayed_and_equal(&desktop, &phone, LONG)?;
 
@@ -865,7 +867,7 @@ fn relayed_pair(
         root,
     )?;
     reserved(&desktop, SHORT)?;
-    pair(&phone, &ticket(&desktop)?, LOOPBACK, &["--relay-only"])?;
+    pair(&phone, &d, &ticket(&desktop)?, LOOPBACK, &["--relay-only"])?;
     let p = phone.daemon(LOOPBACK, &["--relay-only"], root)?;
     relayed_and_equal(&desktop, &phone, LONG)?;
     Ok((relay, desktop, phone, d, p))
@@ -1137,7 +1139,7 @@ fn a_first_sync_bigger_than_the_circuit_limit_completes_in_parts() -> Result<()>
     // 300 tasks × 1 KiB of random text: about 300 KB of changes in the first sync, several
     // times the circuit's budget.
     fill_random(&desktop.home.dir, 300, 1024)?;
-    let _d = desktop.daemon(
+    let d = desktop.daemon(
         LOOPBACK,
         &["--relay", &relay_addr, "--relay-only", "--approval", "ask"],
         logs,
@@ -1147,7 +1149,7 @@ fn a_first_sync_bigger_than_the_circuit_limit_completes_in_parts() -> Result<()>
     ensure!(ids.len() == 300, "the desktop holds {} tasks", ids.len());
     // `pair` returns once the first sync is done: every part, through as many circuits as
     // it takes.
-    pair(&phone, &ticket(&desktop)?, LOOPBACK, &["--relay-only"])?;
+    pair(&phone, &d, &ticket(&desktop)?, LOOPBACK, &["--relay-only"])?;
     let got = phone.task_ids()?;
     ensure!(
         got == ids,
@@ -1733,7 +1735,13 @@ fn behind_two_nats_the_peers_hole_punch_and_sync_goes_on_without_the_relay() -> 
         logs,
     )?;
     reserved(&desktop, SHORT)?;
-    pair(&phone, &ticket(&desktop)?, &phone_listen, &[])?;
+    pair(
+        &phone,
+        &desktop_daemon,
+        &ticket(&desktop)?,
+        &phone_listen,
+        &[],
+    )?;
     let phone_daemon = phone.daemon(&phone_listen, &[], logs)?;
 
     // DCUtR upgrades the relayed connection, and the relayed one is closed.
@@ -1839,7 +1847,13 @@ fn behind_a_symmetric_nat_the_hole_punch_fails_and_the_peers_stay_relayed_and_in
         logs,
     )?;
     reserved(&desktop, SHORT)?;
-    pair(&phone, &ticket(&desktop)?, &phone_listen, &[])?;
+    pair(
+        &phone,
+        &desktop_daemon,
+        &ticket(&desktop)?,
+        &phone_listen,
+        &[],
+    )?;
     let phone_daemon = phone.daemon(&phone_listen, &[], logs)?;
     relayed_and_equal(&desktop, &phone, LONG)?;
 
@@ -1910,9 +1924,9 @@ fn a_task_queued_while_the_relay_restarts_is_done_once_the_relay_is_back() -> Re
     let (relay_addr, relay_id) = (relay.addrs[0].clone(), relay.peer_id()?);
     let desktop = Dev::desktop(root.path(), "desk", None);
     let phone = Dev::phone(root.path(), "phone", None);
-    let _d = desktop.daemon(LOOPBACK, &["--relay", &relay_addr, "--relay-only"], logs)?;
+    let d = desktop.daemon(LOOPBACK, &["--relay", &relay_addr, "--relay-only"], logs)?;
     reserved(&desktop, SHORT)?;
-    pair(&phone, &ticket(&desktop)?, LOOPBACK, &["--relay-only"])?;
+    pair(&phone, &d, &ticket(&desktop)?, LOOPBACK, &["--relay-only"])?;
     let _p = phone.daemon(LOOPBACK, &["--relay-only"], logs)?;
     relayed_and_equal(&desktop, &phone, LONG)?;
     reserved(&phone, SHORT)?;

@@ -807,11 +807,10 @@ impl NodeActor {
                         .get(&remote_peer_id)
                         .map(|cs| cs.iter().filter(|(_, r)| **r).map(|(id, _)| *id).collect())
                         .unwrap_or_default();
-                    let pairing = self.gate.read().is_ok_and(|g| {
-                        !g.trusted.contains(&remote_peer_id)
-                            || g.pairing_open_until
-                                .is_some_and(|t| t > std::time::Instant::now())
-                    });
+                    let pairing = self
+                        .gate
+                        .read()
+                        .is_ok_and(|g| g.may_be_pairing(&remote_peer_id));
                     tracing::info!(peer = %remote_peer_id, closing = relayed.len(), pairing, "hole punch succeeded; moving to the direct connection");
                     if pairing {
                         let due = tokio::time::Instant::now() + self.pairing_grace;

@@ -14,7 +14,7 @@ use super::{
     PAIR_PROTOCOL, respond,
     tickets::{Book, Desk, refresh_window},
 };
-use crate::{clock::now_ms, net::node::NodeHandle, replica::Binding};
+use crate::{clock::now_ms, net::node::NodeHandle, replica::Binding, sync::gate::GateState};
 
 /// Pairing handshakes served at once. A person pairs one phone at a time; a few more cover a
 /// retry while an earlier attempt times out. Each handshake runs on a blocking thread, so
@@ -54,8 +54,13 @@ pub fn serve(
                 continue;
             };
             let desk = desk.clone();
+            // Counted from the first byte: the node keeps a relayed connection that a hole
+            // punch supersedes open while a handshake with its peer runs (the welcome may be
+            // on it).
+            let running = GateState::handshake(&desk.gate, phone);
             handshakes.spawn(async move {
                 let _permit = permit;
+                let _running = running;
                 let replica = desk.replica.clone();
                 // The book does brief redb work; keep it off the async workers.
                 let result = tokio::task::spawn_blocking(move || {

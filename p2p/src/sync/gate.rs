@@ -2,7 +2,7 @@
 //! anyone while a pairing window is open. Streams are checked again when accepted.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     convert::Infallible,
     sync::{Arc, RwLock},
     task::{Context, Poll},
@@ -27,6 +27,9 @@ pub struct GateState {
     pub infra: HashSet<PeerId>,
     /// While set and in the future, anyone may connect (to pair, nothing else).
     pub pairing_open_until: Option<Instant>,
+    /// Pairing handshakes running now, by peer. The desktop trusts a phone before its welcome
+    /// has reached it, so trust alone does not say that a pairing is over.
+    pub handshakes: HashMap<PeerId, usize>,
 }
 
 impl GateState {
@@ -35,6 +38,45 @@ impl GateState {
         self.trusted.contains(peer)
             || self.infra.contains(peer)
             || self.pairing_open_until.is_some_and(|t| t > Instant::now())
+    }
+
+    /// True if a pairing with `peer` may be running on one of its connections: the peer is not
+    /// trusted yet, our pairing window is open, or a handshake with it has not ended.
+    pub fn may_be_pairing(&self, peer: &PeerId) -> bool {
+        !self.trusted.contains(peer)
+            || self.pairing_open_until.is_some_and(|t| t > Instant::now())
+            || self.handshakes.contains_key(peer)
+    }
+
+    /// Counts a handshake with `peer` until the guard is dropped.
+    pub fn handshake(state: &SharedGate, peer: PeerId) -> Handshake {
+        if let Ok(mut s) = state.write() {
+            *s.handshakes.entry(peer).or_default() += 1;
+        }
+        Handshake {
+            state: Arc::clone(state),
+            peer,
+        }
+    }
+}
+
+/// A running pairing handshake, counted in [`GateState::handshakes`] while it lives.
+#[derive(Debug)]
+pub struct Handshake {
+    state: SharedGate,
+    peer: PeerId,
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.state.write()
+            && let Some(n) = s.handshakes.get_mut(&self.peer)
+        {
+            *n -= 1;
+            if *n == 0 {
+                s.handshakes.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -109,5 +151,35 @@ impl NetworkBehaviour for Gate {
 
     fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trusted_peer_counts_as_pairing_while_its_handshake_runs() {
+        let peer = PeerId::random();
+        let state: SharedGate = Arc::new(RwLock::new(GateState::default()));
+        let pairing = |s: &SharedGate| s.read().unwrap().may_be_pairing(&peer);
+        assert!(pairing(&state), "an untrusted peer may be pairing");
+
+        // The desktop trusts the phone before the welcome has left.
+        state.write().unwrap().trusted.insert(peer);
+        assert!(!pairing(&state), "trusted, no window, no handshake");
+        let first = GateState::handshake(&state, peer);
+        let second = GateState::handshake(&state, peer);
+        assert!(pairing(&state), "trusted, but a handshake runs");
+        drop(first);
+        assert!(pairing(&state), "one of two handshakes still runs");
+        drop(second);
+        assert!(!pairing(&state));
+        assert!(state.read().unwrap().handshakes.is_empty());
+
+        // An open window counts for everyone.
+        state.write().unwrap().pairing_open_until =
+            Some(Instant::now() + std::time::Duration::from_secs(60));
+        assert!(pairing(&state));
     }
 }
