@@ -24,6 +24,11 @@ use tracing::{debug, info, warn};
 /// How long to wait after a failed pass before trying again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
+/// How long a change waits before the pass it wakes: routines are on a grid of seconds, while
+/// the moment after a change is when the sync sessions push it and the runner reads its
+/// tasks, and a pass then would only stand in their way. Changes in that time share one pass.
+const SETTLE: Duration = Duration::from_millis(25);
+
 /// Runs until `shutdown`.
 pub(crate) async fn run(peer: Peer, shutdown: CancellationToken) {
     let mut changes = peer.replica().subscribe_changes();
@@ -45,7 +50,10 @@ pub(crate) async fn run(peer: Peer, shutdown: CancellationToken) {
 }
 
 async fn wait_change(changes: &mut watch::Receiver<u64>) -> Result<(), watch::error::RecvError> {
-    changes.changed().await
+    changes.changed().await?;
+    tokio::time::sleep(SETTLE).await;
+    changes.borrow_and_update();
+    Ok(())
 }
 
 async fn sleep_until(at: Option<Millis>) {

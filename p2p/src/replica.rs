@@ -7,8 +7,11 @@
 //! what the store holds.
 
 use std::{
-    collections::BTreeSet,
-    sync::{Arc, Mutex, MutexGuard},
+    collections::{BTreeSet, HashMap},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use errand_core::{DeviceId, DeviceKind, TaskId};
@@ -36,11 +39,92 @@ pub const SEGMENT_CHANGES_ENV: &str = "ERRAND_SEGMENT_CHANGES";
 pub struct Replica {
     engine: Arc<Mutex<Engine>>,
     changed: watch::Sender<u64>,
+    /// What a local commit made for each live sync session, waiting for it to be sent.
+    ready: Arc<Ready>,
+}
+
+/// Frames made at the moment of a local commit for each live sync session, so that the push
+/// does not wait for a second trip to the engine behind whoever else the commit woke (the
+/// runner reading the task, a listener). Filled under the engine's lock; taken by the session
+/// (alone, or under the engine's lock in [`Replica::outgoing`], which puts them first), so
+/// frames leave in the order the engine made them.
+#[derive(Default)]
+struct Ready {
+    slots: Mutex<HashMap<PeerId, Slot>>,
+    next_token: AtomicU64,
+}
+
+struct Slot {
+    token: u64,
+    frames: Vec<(DocId, Outgoing)>,
+}
+
+impl Ready {
+    fn take(&self, peer: &PeerId) -> Vec<(DocId, Outgoing)> {
+        self.slots
+            .lock()
+            .ok()
+            .and_then(|mut s| s.get_mut(peer).map(|slot| std::mem::take(&mut slot.frames)))
+            .unwrap_or_default()
+    }
+}
+
+/// A live sync session's place in [`Replica`]'s ready frames; leaving it (drop) ends that.
+pub struct LiveSession {
+    ready: Arc<Ready>,
+    peer: PeerId,
+    token: u64,
+}
+
+impl std::fmt::Debug for LiveSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveSession")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveSession {
+    /// The frames a local commit made for this session since the last take, oldest first.
+    /// Send them before anything [`Replica::outgoing`] returns after this call.
+    pub fn take_ready(&self) -> Vec<(DocId, Outgoing)> {
+        self.ready.take(&self.peer)
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        if let Ok(mut slots) = self.ready.slots.lock()
+            && slots.get(&self.peer).is_some_and(|s| s.token == self.token)
+        {
+            slots.remove(&self.peer);
+        }
+    }
 }
 
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Replica").finish_non_exhaustive()
+    }
+}
+
+/// Makes, for every live session, what a commit just gave it to send (see [`Ready`]). A peer
+/// the engine cannot serve now is left to its session's own trip to the engine.
+fn prepare_pushes(e: &mut Engine, ready: &Ready) {
+    let Ok(mut slots) = ready.slots.lock() else {
+        return;
+    };
+    for (peer, slot) in slots.iter_mut() {
+        // A session that has not taken the last ones is busy: its own trip to the engine will
+        // say the rest in fewer frames.
+        if !slot.frames.is_empty() {
+            continue;
+        }
+        let Ok(device) = device(peer) else { continue };
+        match e.outgoing(&device, &[]) {
+            Ok(frames) => slot.frames.extend(frames),
+            Err(error) => tracing::debug!(%peer, %error, "no push made at the commit"),
+        }
     }
 }
 
@@ -67,6 +151,7 @@ impl Replica {
         Ok(Self {
             engine: Arc::new(Mutex::new(engine)),
             changed: watch::channel(0).0,
+            ready: Arc::default(),
         })
     }
 
@@ -232,24 +317,82 @@ impl Replica {
         self.blocking(move |e| e.ensure_task_loaded(task)).await?
     }
 
-    /// Makes a local change durable, then wakes every session.
+    /// Makes a local change durable and makes the frames that carry it to every live session,
+    /// then wakes every session.
     pub async fn commit<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut ThreadDoc) -> Result<T, WriteError> + Send + 'static,
     ) -> Result<(T, BTreeSet<TaskId>), ReplicaError> {
-        let out = self.blocking(move |e| e.commit(f)).await??;
+        let ready = Arc::clone(&self.ready);
+        let out = self
+            .blocking(move |e| {
+                let out = e.commit(f)?;
+                prepare_pushes(e, &ready);
+                Ok::<_, ReplicaError>(out)
+            })
+            .await??;
         self.bump();
         Ok(out)
     }
 
-    /// Everything to send `peer` now (see [`Engine::outgoing`]).
+    /// Enters `peer`'s live sync session into the frames a local commit makes (see
+    /// [`LiveSession::take_ready`]), until the returned guard is dropped. Call once the
+    /// session has started (after [`Replica::start_session`]).
+    pub fn live_session(&self, peer: PeerId) -> LiveSession {
+        let token = self.ready.next_token.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut slots) = self.ready.slots.lock() {
+            slots.insert(
+                peer,
+                Slot {
+                    token,
+                    frames: Vec::new(),
+                },
+            );
+        }
+        LiveSession {
+            ready: Arc::clone(&self.ready),
+            peer,
+            token,
+        }
+    }
+
+    /// Like [`Replica::commit`] on one task: loads the task's segment if it is not held, then
+    /// runs `f`, in one trip to the engine (a read, a check and a write that cannot be split
+    /// by another writer, and one hand-off instead of three on the way to the push).
+    pub async fn commit_task<T: Send + 'static>(
+        &self,
+        task: TaskId,
+        f: impl FnOnce(&mut ThreadDoc) -> Result<T, WriteError> + Send + 'static,
+    ) -> Result<(T, BTreeSet<TaskId>), ReplicaError> {
+        let ready = Arc::clone(&self.ready);
+        let out = self
+            .blocking(move |e| {
+                e.ensure_task_loaded(task)?;
+                let out = e.commit(f)?;
+                prepare_pushes(e, &ready);
+                Ok::<_, ReplicaError>(out)
+            })
+            .await??;
+        self.bump();
+        Ok(out)
+    }
+
+    /// Everything to send `peer` now (see [`Engine::outgoing`]), and whether `peer` is in
+    /// sync once that is sent (see [`Replica::in_sync`]): one trip to the engine.
     pub async fn outgoing(
         &self,
         peer: PeerId,
         extra: Vec<DocId>,
-    ) -> Result<Vec<(DocId, Outgoing)>, ReplicaError> {
-        let peer = device(&peer)?;
-        self.blocking(move |e| e.outgoing(&peer, &extra)).await?
+    ) -> Result<(Vec<(DocId, Outgoing)>, bool), ReplicaError> {
+        let device = device(&peer)?;
+        let ready = Arc::clone(&self.ready);
+        self.blocking(move |e| {
+            // Frames a commit made and the session has not taken yet go first.
+            let mut out = ready.take(&peer);
+            out.extend(e.outgoing(&device, &extra)?);
+            Ok((out, e.in_sync(&device)))
+        })
+        .await?
     }
 
     /// Digests of our documents' heads for the hello: (part number, digest).

@@ -126,12 +126,33 @@ impl GetTask {
             .read(move |d| d.task(&id))
             .await
             .map_err(err)?
-            .ok_or_else(|| {
-                ApiError::new(format!(
-                    "no task {id} in this thread (it may not have synced here yet)"
-                ))
-            })
+            .ok_or_else(|| no_task(id))
     }
+}
+
+fn no_task(id: TaskId) -> ApiError {
+    ApiError::new(format!(
+        "no task {id} in this thread (it may not have synced here yet)"
+    ))
+}
+
+/// A phone's request on a task: reads the task, lets `check` say whether this device may make
+/// it (the event, and what to answer), and appends the event, in one trip to the engine.
+async fn request<T: Send + 'static>(
+    peer: &Peer,
+    id: TaskId,
+    check: impl FnOnce(&errand_core::Task, &DeviceId) -> Result<(errand_core::Permitted, T), ApiError>
+    + Send
+    + 'static,
+) -> Result<T, ApiError> {
+    let me = own_device(peer)?;
+    peer.append_decided(id, move |task| {
+        let task = task.ok_or_else(|| no_task(id))?;
+        let (permitted, value) = check(&task, &me)?;
+        Ok((permitted.attempt, permitted.kind, value))
+    })
+    .await
+    .map_err(err)?
 }
 
 impl Call for GetTask {
@@ -269,12 +290,12 @@ pub struct Act {
 impl Call for Act {
     type Response = Requested;
     async fn run(self, peer: &Peer) -> Result<Requested, ApiError> {
-        let task = GetTask { id: self.id }.read(peer).await?;
-        let permitted =
-            errand_core::check_action(&task, &own_device(peer)?, self.action).map_err(err)?;
-        peer.append_event(self.id, permitted.attempt, permitted.kind)
-            .await
-            .map_err(err)?;
+        let action = self.action;
+        request(peer, self.id, move |task, me| {
+            let permitted = errand_core::check_action(task, me, action).map_err(err)?;
+            Ok((permitted, ()))
+        })
+        .await?;
         Ok(Requested {
             task_id: self.id,
             requested: self.action,
@@ -295,13 +316,13 @@ pub struct Reply {
 impl Call for Reply {
     type Response = Replied;
     async fn run(self, peer: &Peer) -> Result<Replied, ApiError> {
-        let task = GetTask { id: self.id }.read(peer).await?;
-        let permitted =
-            errand_core::check_reply(&task, &own_device(peer)?, &self.text).map_err(err)?;
-        let attempt = permitted.attempt + 1;
-        peer.append_event(self.id, permitted.attempt, permitted.kind)
-            .await
-            .map_err(err)?;
+        let text = self.text;
+        let attempt = request(peer, self.id, move |task, me| {
+            let permitted = errand_core::check_reply(task, me, &text).map_err(err)?;
+            let next = permitted.attempt + 1;
+            Ok((permitted, next))
+        })
+        .await?;
         Ok(Replied {
             task_id: self.id,
             attempt,
@@ -321,21 +342,20 @@ pub struct Answer {
 impl Call for Answer {
     type Response = Answered;
     async fn run(self, peer: &Peer) -> Result<Answered, ApiError> {
-        let task = GetTask { id: self.id }.read(peer).await?;
-        let permitted =
-            errand_core::check_answer(&task, &own_device(peer)?, &self.option).map_err(err)?;
-        let EventKind::PermissionAnswered { perm_id, option_id } = &permitted.kind else {
-            return Err(ApiError::new("internal: an answer that is not an answer"));
-        };
-        let answered = Answered {
-            task_id: self.id,
-            permission: perm_id.clone(),
-            option: option_id.clone(),
-        };
-        peer.append_event(self.id, permitted.attempt, permitted.kind)
-            .await
-            .map_err(err)?;
-        Ok(answered)
+        let (id, option) = (self.id, self.option);
+        request(peer, id, move |task, me| {
+            let permitted = errand_core::check_answer(task, me, &option).map_err(err)?;
+            let EventKind::PermissionAnswered { perm_id, option_id } = &permitted.kind else {
+                return Err(ApiError::new("internal: an answer that is not an answer"));
+            };
+            let answered = Answered {
+                task_id: id,
+                permission: perm_id.clone(),
+                option: option_id.clone(),
+            };
+            Ok((permitted, answered))
+        })
+        .await
     }
 }
 

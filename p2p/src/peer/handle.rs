@@ -346,6 +346,41 @@ impl Peer {
         Ok(())
     }
 
+    /// Reads `task` (`None` if it is not in the thread), lets `decide` turn it into one event
+    /// for one of its attempts or refuse, and appends that event: one trip to the engine, so
+    /// nothing lands between the decision and the write. Durable on return. `Ok(Err(_))` is
+    /// `decide`'s refusal, and nothing was written.
+    pub async fn append_decided<T, E>(
+        &self,
+        task: TaskId,
+        decide: impl FnOnce(Option<errand_core::Task>) -> Result<(u32, EventKind, T), E>
+        + Send
+        + 'static,
+    ) -> Result<Result<T, E>, PeerError>
+    where
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        let now = now_ms();
+        let (decided, tasks) = self
+            .inner
+            .replica
+            .commit_task(task, move |d| match decide(d.task(&task)) {
+                Ok((attempt, kind, value)) => {
+                    d.append_task_event(task, attempt, &kind, now)?;
+                    Ok(Ok(value))
+                }
+                Err(refused) => Ok(Err(refused)),
+            })
+            .await?;
+        if !tasks.is_empty() {
+            let _ = self.inner.events.send(PeerEvent::Committed {
+                tasks: tasks.into_iter().collect(),
+            });
+        }
+        Ok(decided)
+    }
+
     /// Appends several events to one task's attempt, in order, with one durable commit (and
     /// so one push) for all of them; durable on return. An event the document refuses is
     /// left out and the others are still written; the first refusal is returned after.

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, info_span};
 
 use super::wire::{self, Frame, FrameKind, HELLO_TIMEOUT, Hello, PROTOCOL_VERSION, WireError};
-use crate::replica::{MAX_HELLO_DOCS, Merged, Outgoing, Replica, ReplicaError};
+use crate::replica::{LiveSession, MAX_HELLO_DOCS, Merged, Outgoing, Replica, ReplicaError};
 
 /// The sync protocol.
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/errand/sync/1");
@@ -377,7 +377,9 @@ async fn sync(
             }
         }
     });
-    let result = sync_loop(&mut wr, &mut frames, peer, ctx, active, cancel).await;
+    let live = ctx.replica.live_session(peer);
+    let result = sync_loop(&mut wr, &mut frames, peer, ctx, &live, active, cancel).await;
+    drop(live);
     reader.abort();
     // Joined, so the session ends with its reader (it holds the stream's read half).
     let _ = reader.await;
@@ -389,6 +391,7 @@ async fn sync_loop(
     frames: &mut mpsc::Receiver<Result<Option<Frame>, WireError>>,
     peer: PeerId,
     ctx: &SessionCtx,
+    live: &LiveSession,
     active: Vec<DocId>,
     cancel: CancellationToken,
 ) -> Result<(), SessionError> {
@@ -420,10 +423,9 @@ async fn sync_loop(
         // The push below says everything there is to say as of now, so a change that woke
         // the loop (or that merging the frame made) needs no second wake.
         changed.borrow_and_update();
-        push(wr, peer, ctx, ack, std::mem::take(&mut extra))
+        let in_sync = push(wr, peer, ctx, live, ack, std::mem::take(&mut extra))
             .instrument(info_span!("push"))
             .await?;
-        let in_sync = ctx.replica.in_sync(peer).await;
         if in_sync && !was_in_sync {
             let _ = ctx.events.send(SessionEvent::InSync { peer }).await;
         }
@@ -476,19 +478,33 @@ async fn take_frame(
     Ok(Some((doc, merged.ack)))
 }
 
-/// The push phase: the ack of a frame of pushed changes, if one is due, then everything there
-/// is to say to the peer about the loaded documents and `extra`.
+/// The push phase: the ack of a frame of pushed changes, if one is due, what local commits
+/// made for this session, then everything else there is to say to the peer about the loaded
+/// documents and `extra`. Returns whether the peer is in sync once that is sent.
 async fn push(
     wr: &mut WriteHalf<libp2p::Stream>,
     peer: PeerId,
     ctx: &SessionCtx,
+    live: &LiveSession,
     ack: Option<(DocId, Vec<ChangeHash>)>,
     extra: Vec<DocId>,
-) -> Result<(), PushError> {
+) -> Result<bool, PushError> {
     if let Some((doc, heads)) = ack {
         send(wr, &Frame::changes(doc, &heads, &[]), &ctx.traffic).await?;
     }
-    let out = ctx.replica.outgoing(peer, extra).await?;
+    // Made at the commit: they leave without a trip to the engine.
+    send_all(wr, ctx, live.take_ready()).await?;
+    let (out, in_sync) = ctx.replica.outgoing(peer, extra).await?;
+    send_all(wr, ctx, out).await?;
+    Ok(in_sync)
+}
+
+/// Sends what the engine made, in order.
+async fn send_all(
+    wr: &mut WriteHalf<libp2p::Stream>,
+    ctx: &SessionCtx,
+    out: Vec<(DocId, Outgoing)>,
+) -> Result<(), PushError> {
     for (doc, msg) in out {
         let frame = match msg {
             Outgoing::Sync(m) => pack(Frame::sync(doc, m)).await?,

@@ -223,13 +223,22 @@ impl Frame {
 
     /// Encodes the payload (without the length prefix).
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.payload_len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// The length of [`Frame::encode`]'s payload.
+    fn payload_len(&self) -> usize {
+        2 + self.doc_id.as_ref().map_or(0, |d| d.as_str().len()) + self.body.len()
+    }
+
+    fn encode_into(&self, out: &mut Vec<u8>) {
         let doc = self.doc_id.as_ref().map_or("", |d| d.as_str());
-        let mut out = Vec::with_capacity(2 + doc.len() + self.body.len());
         out.push(self.kind as u8);
         out.push(doc.len() as u8); // DocId is at most 64 bytes
         out.extend_from_slice(doc.as_bytes());
         out.extend_from_slice(&self.body);
-        out
     }
 
     /// Decodes a payload.
@@ -273,14 +282,17 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     frame: &Frame,
 ) -> Result<u64, WireError> {
-    let payload = frame.encode();
-    if payload.len() > MAX_FRAME {
-        return Err(WireError::TooLarge(payload.len() as u64));
+    let len = frame.payload_len();
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len as u64));
     }
-    w.write_all(&(payload.len() as u32).to_be_bytes()).await?;
-    w.write_all(&payload).await?;
+    // One write: the length and the payload leave in one stream frame, not two.
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    frame.encode_into(&mut out);
+    w.write_all(&out).await?;
     w.flush().await?;
-    Ok(4 + payload.len() as u64)
+    Ok(out.len() as u64)
 }
 
 /// Reads one frame. `Ok(None)` on a clean end of stream between frames.
