@@ -376,12 +376,60 @@ impl BlobStore {
         Ok(())
     }
 
-    /// The path of a blob held whole, if it is.
+    /// The path of a blob held whole, if it is. A blob the index calls whole whose file is
+    /// gone or has another size (removed or cut by hand) is forgotten, so that a fetch gets it
+    /// again instead of failing on a file that is not there.
     pub fn path(&self, hash: &BlobHash) -> Result<Option<PathBuf>, BlobError> {
-        Ok(match self.entry(hash)? {
-            Some(e) if e.complete => Some(self.whole(hash)),
-            _ => None,
-        })
+        let Some(e) = self.entry(hash)? else {
+            return Ok(None);
+        };
+        if !e.complete {
+            return Ok(None);
+        }
+        let path = self.whole(hash);
+        match fs::metadata(&path) {
+            Ok(m) if m.len() == e.size => Ok(Some(path)),
+            found => {
+                tracing::warn!(
+                    %hash,
+                    path = %path.display(),
+                    found = ?found.map(|m| m.len()).map_err(|e| e.kind()),
+                    expected = e.size,
+                    "a blob held whole is missing or cut on disk; forgetting it so that it is fetched again"
+                );
+                self.forget(&[*hash])?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Removes blobs from the index, then their files (and outboards).
+    fn forget(&self, hashes: &[BlobHash]) -> Result<(), BlobError> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = hashes.iter().map(ToString::to_string).collect();
+        self.replica.with_store(|s| {
+            s.write(|t| {
+                let mut table = t.table(BLOBS)?;
+                for k in &keys {
+                    table.remove(k.as_str())?;
+                }
+                Ok::<_, StoreError>(())
+            })
+        })?;
+        for hash in hashes {
+            for path in [
+                self.whole(hash),
+                self.whole_outboard(hash),
+                self.partial(hash),
+                self.partial_outboard(hash),
+                self.pending_outboard(hash),
+            ] {
+                remove_if_there(&path)?;
+            }
+        }
+        Ok(())
     }
 
     /// Stores a copy of the file at `src`: hashed while copied, synced, renamed into place.
@@ -537,28 +585,9 @@ impl BlobStore {
             .into_iter()
             .filter(|(h, _)| !keep.contains(h))
             .collect();
-        if !gone.is_empty() {
-            let keys: Vec<String> = gone.iter().map(|(h, _)| h.to_string()).collect();
-            self.replica.with_store(|s| {
-                s.write(|t| {
-                    let mut table = t.table(BLOBS)?;
-                    for k in &keys {
-                        table.remove(k.as_str())?;
-                    }
-                    Ok::<_, StoreError>(())
-                })
-            })?;
-        }
-        for (hash, e) in &gone {
-            for path in [
-                self.whole(hash),
-                self.whole_outboard(hash),
-                self.partial(hash),
-                self.partial_outboard(hash),
-                self.pending_outboard(hash),
-            ] {
-                remove_if_there(&path)?;
-            }
+        let hashes: Vec<BlobHash> = gone.iter().map(|(h, _)| *h).collect();
+        self.forget(&hashes)?;
+        for (_, e) in &gone {
             out.blobs += 1;
             out.bytes += e.size;
         }
@@ -972,5 +1001,29 @@ mod tests {
             s.retain(&HashSet::from([kept])).unwrap(),
             Collected::default()
         );
+    }
+
+    #[test]
+    fn a_whole_blob_removed_or_cut_on_disk_is_forgotten_so_it_can_be_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let removed = add(&s, dir.path(), "r", 40_000);
+        let cut = add(&s, dir.path(), "c", 40_000);
+        let kept = add(&s, dir.path(), "k", 40_000);
+        fs::remove_file(s.whole(&removed)).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(s.whole(&cut))
+            .unwrap()
+            .set_len(1_000)
+            .unwrap();
+
+        assert_eq!(s.path(&removed).unwrap(), None);
+        assert_eq!(s.path(&cut).unwrap(), None);
+        assert!(s.entry(&removed).unwrap().is_none() && s.entry(&cut).unwrap().is_none());
+        assert!(!s.whole(&cut).exists() && !s.whole_outboard(&cut).exists());
+        assert_eq!(s.path(&kept).unwrap(), Some(s.whole(&kept)));
+        // Forgotten, the blob is received again from the start.
+        assert_eq!(s.receive(removed, 40_000).unwrap().verified_upto(), 0);
     }
 }
