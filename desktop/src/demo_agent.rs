@@ -31,7 +31,7 @@
 //!   7. `[wait]`: waits for `session/cancel` (at most [`WAIT_FOR_CANCEL`]), then ends the turn
 //!      with `cancelled`;
 //!   8. `[exit]`: exits the process at once with code 3, answering nothing;
-//!   9. `[refuse]`: ends the turn with `refusal`;
+//!   9. `[refuse]`: ends the turn with `refusal`; `[max-tokens]`: with `max_tokens`;
 //!   10. `[garbage]`: writes the line `this is not json` to stdout, outside JSON-RPC (after the
 //!       turn's updates so far);
 //!
@@ -361,6 +361,7 @@ struct Script {
     wait: bool,
     exit: bool,
     refuse: bool,
+    max_tokens: bool,
     garbage: bool,
 }
 
@@ -378,6 +379,7 @@ impl Script {
             wait: text.contains("[wait]"),
             exit: text.contains("[exit]"),
             refuse: text.contains("[refuse]"),
+            max_tokens: text.contains("[max-tokens]"),
             garbage: text.contains("[garbage]"),
         }
     }
@@ -512,6 +514,9 @@ impl Turn {
         }
         if script.refuse {
             return Ok(StopReason::Refusal);
+        }
+        if script.max_tokens {
+            return Ok(StopReason::MaxTokens);
         }
         if script.garbage {
             // The stdout sink swaps this for the bare line, in order after the updates above.
@@ -878,7 +883,7 @@ mod tests {
     fn every_marker_is_found_anywhere_in_the_text() {
         let script = Script::parse(
             "go [flood 12] [read /a b.txt]\n[write out.md][permission] [wait] [exit] [refuse] \
-             [garbage] [read c] [out r.md]",
+             [garbage] [read c] [out r.md] [max-tokens]",
         );
         assert_eq!(
             script,
@@ -891,6 +896,7 @@ mod tests {
                 wait: true,
                 exit: true,
                 refuse: true,
+                max_tokens: true,
                 garbage: true,
             }
         );

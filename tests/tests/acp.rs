@@ -323,6 +323,12 @@ fn hostile_agents_get_a_clear_reason_and_the_desktop_keeps_serving() -> Result<(
     let reason = t["reason"].as_str().unwrap_or_default();
     ensure!(reason.contains("refusal"), "{reason}");
 
+    // So does the agent's token limit.
+    let id = s.send("long [max-tokens]")?;
+    let t = s.wait_status(&id, "failed")?;
+    let reason = t["reason"].as_str().unwrap_or_default();
+    ensure!(reason.contains("token limit (max_tokens)"), "{reason}");
+
     // A flood of 100,000 chunks: batched, within the output cap, and the task ends.
     let id = s.send("flood [flood 100000]")?;
     let t = s.wait_status(&id, "done")?;

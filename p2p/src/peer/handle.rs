@@ -556,6 +556,39 @@ impl Peer {
     /// `forget`, none). Reads every segment of the thread. Run at a daemon's start and after
     /// a revocation or `forget`.
     pub async fn collect_blobs(&self) -> Result<crate::blob::store::Collected, PeerError> {
+        let store = self.blobs();
+        let indexed = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.entries().map(|e| !e.is_empty()))
+                .await
+                .map_err(|e| PeerError::Invalid(format!("a blocking task failed: {e}")))??
+        };
+        // With no blob in the index there is nothing a task could keep: only stray and
+        // temporary files go, and the thread is not read (reading every segment of a large
+        // thread took a desktop's start from 62 ms to 2.3 s, and its memory from 31 to 95 MB).
+        let keep = if indexed {
+            self.blobs_kept().await?
+        } else {
+            Default::default()
+        };
+        let done = tokio::task::spawn_blocking(move || store.retain(&keep))
+            .await
+            .map_err(|e| PeerError::Invalid(format!("a blocking task failed: {e}")))??;
+        if done != Default::default() {
+            tracing::info!(
+                blobs = done.blobs,
+                bytes = done.bytes,
+                strays = done.strays,
+                "removed files no kept task references"
+            );
+        }
+        Ok(done)
+    }
+
+    /// The blobs the kept tasks reference (see [`Self::collect_blobs`]): reads every segment.
+    async fn blobs_kept(
+        &self,
+    ) -> Result<std::collections::HashSet<errand_core::BlobHash>, PeerError> {
         let desktops: Option<std::collections::HashSet<DeviceId>> = match self.kind() {
             DeviceKind::Desktop => None,
             _ => Some(
@@ -600,19 +633,7 @@ impl Peer {
             Err(crate::replica::ReplicaError::NoThread) => Default::default(),
             Err(e) => return Err(e.into()),
         };
-        let store = self.blobs();
-        let done = tokio::task::spawn_blocking(move || store.retain(&keep))
-            .await
-            .map_err(|e| PeerError::Invalid(format!("a blocking task failed: {e}")))??;
-        if done != Default::default() {
-            tracing::info!(
-                blobs = done.blobs,
-                bytes = done.bytes,
-                strays = done.strays,
-                "removed files no kept task references"
-            );
-        }
-        Ok(done)
+        Ok(keep)
     }
 
     /// Sets the caps of this home's blob store (the device's settings): files over
