@@ -154,6 +154,11 @@ pub struct ConnInfo {
 }
 
 enum Command {
+    /// Answers once the node has a connection to `peer` (at once if it has one).
+    WhenConnected {
+        peer: PeerId,
+        reply: oneshot::Sender<()>,
+    },
     Dial {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
@@ -248,18 +253,8 @@ impl NodeHandle {
     /// moment after the connection exists, and a stream asked for in between waits for a dial
     /// that never comes (the peer is connected), so it hangs.
     pub async fn wait_connected(&self, peer: PeerId, within: Duration) -> bool {
-        let until = tokio::time::Instant::now() + within;
-        loop {
-            match self.connections().await {
-                Ok(c) if c.contains_key(&peer) => return true,
-                Ok(_) => {}
-                Err(_) => return false,
-            }
-            if tokio::time::Instant::now() >= until {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let connected = self.call(|reply| Command::WhenConnected { peer, reply });
+        matches!(tokio::time::timeout(within, connected).await, Ok(Ok(())))
     }
 
     /// Relay states, and the circuit addresses to put in a ticket.
@@ -389,6 +384,7 @@ pub async fn spawn(
         gate: gate_handle,
         superseded: Vec::new(),
         closing: HashMap::new(),
+        connecting: HashMap::new(),
         pairing_grace: config.pairing_grace,
         circuit_limits: HashMap::new(),
         punch_retries: HashMap::new(),
@@ -418,6 +414,8 @@ struct NodeActor {
     superseded: Vec<(PeerId, ConnectionId, tokio::time::Instant)>,
     /// Callers of [`NodeHandle::disconnect`] waiting for a peer's last connection to close.
     closing: HashMap<PeerId, Vec<oneshot::Sender<()>>>,
+    /// Callers of [`NodeHandle::wait_connected`] waiting for a connection to a peer.
+    connecting: HashMap<PeerId, Vec<oneshot::Sender<()>>>,
     /// See [`NodeConfig::pairing_grace`].
     pairing_grace: Duration,
     /// Byte limits of circuits, as relays state them: by the relay for circuits we open
@@ -581,6 +579,16 @@ impl NodeActor {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
+            Command::WhenConnected { peer, reply } => {
+                if self.conns.get(&peer).is_some_and(|c| !c.is_empty()) {
+                    let _ = reply.send(());
+                } else {
+                    let waiters = self.connecting.entry(peer).or_default();
+                    // Callers that gave up are dropped here.
+                    waiters.retain(|w| !w.is_closed());
+                    waiters.push(reply);
+                }
+            }
             Command::Dial {
                 peer,
                 mut addrs,
@@ -672,6 +680,10 @@ impl NodeActor {
                     .entry(peer_id)
                     .or_default()
                     .insert(connection_id, relayed);
+                // Every behaviour has seen the connection by now, so a stream may be asked for.
+                for waiter in self.connecting.remove(&peer_id).unwrap_or_default() {
+                    let _ = waiter.send(());
+                }
                 if self.relays.is_relay(&peer_id) {
                     self.relays.on_connected(peer_id);
                 }
