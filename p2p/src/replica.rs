@@ -323,16 +323,7 @@ impl Replica {
         &self,
         f: impl FnOnce(&mut ThreadDoc) -> Result<T, WriteError> + Send + 'static,
     ) -> Result<(T, BTreeSet<TaskId>), ReplicaError> {
-        let ready = Arc::clone(&self.ready);
-        let out = self
-            .blocking(move |e| {
-                let out = e.commit(f)?;
-                prepare_pushes(e, &ready);
-                Ok::<_, ReplicaError>(out)
-            })
-            .await??;
-        self.bump();
-        Ok(out)
+        self.commit_on(None, f).await
     }
 
     /// Enters `peer`'s live sync session into the frames a local commit makes (see
@@ -364,10 +355,21 @@ impl Replica {
         task: TaskId,
         f: impl FnOnce(&mut ThreadDoc) -> Result<T, WriteError> + Send + 'static,
     ) -> Result<(T, BTreeSet<TaskId>), ReplicaError> {
+        self.commit_on(Some(task), f).await
+    }
+
+    /// [`Replica::commit`], loading `task`'s segment first if one is named.
+    async fn commit_on<T: Send + 'static>(
+        &self,
+        task: Option<TaskId>,
+        f: impl FnOnce(&mut ThreadDoc) -> Result<T, WriteError> + Send + 'static,
+    ) -> Result<(T, BTreeSet<TaskId>), ReplicaError> {
         let ready = Arc::clone(&self.ready);
         let out = self
             .blocking(move |e| {
-                e.ensure_task_loaded(task)?;
+                if let Some(task) = task {
+                    e.ensure_task_loaded(task)?;
+                }
                 let out = e.commit(f)?;
                 prepare_pushes(e, &ready);
                 Ok::<_, ReplicaError>(out)

@@ -450,6 +450,20 @@ fn relayed_and_equal(desktop: &Dev, phone: &Dev, deadline: Duration) -> Result<V
     })
 }
 
+/// Behind NATs: once the desktop holds its reservation, pairs the phone (listening on
+/// `phone_listen`) with a ticket and starts the phone's daemon.
+fn pair_behind_nats(
+    desktop: &Dev,
+    desktop_daemon: &Proc,
+    phone: &Dev,
+    phone_listen: &str,
+    logs: &Path,
+) -> Result<Proc> {
+    reserved(desktop, SHORT)?;
+    pair(phone, desktop_daemon, &ticket(desktop)?, phone_listen, &[])?;
+    phone.daemon(phone_listen, &[], logs)
+}
+
 /// Issues a pairing ticket on a running desktop.
 fn ticket(desktop: &Dev) -> Result<String> {
     let v = desktop.home.json(&["pair", "--json", "--ttl", "10m"])?;
@@ -1734,15 +1748,7 @@ fn behind_two_nats_the_peers_hole_punch_and_sync_goes_on_without_the_relay() -> 
         &["--relay", &desktop_relay],
         logs,
     )?;
-    reserved(&desktop, SHORT)?;
-    pair(
-        &phone,
-        &desktop_daemon,
-        &ticket(&desktop)?,
-        &phone_listen,
-        &[],
-    )?;
-    let phone_daemon = phone.daemon(&phone_listen, &[], logs)?;
+    let phone_daemon = pair_behind_nats(&desktop, &desktop_daemon, &phone, &phone_listen, logs)?;
 
     // DCUtR upgrades the relayed connection, and the relayed one is closed.
     let (did, pid) = (desktop.peer_id()?, phone.peer_id()?);
@@ -1846,15 +1852,7 @@ fn behind_a_symmetric_nat_the_hole_punch_fails_and_the_peers_stay_relayed_and_in
         &["--relay", &desktop_relay],
         logs,
     )?;
-    reserved(&desktop, SHORT)?;
-    pair(
-        &phone,
-        &desktop_daemon,
-        &ticket(&desktop)?,
-        &phone_listen,
-        &[],
-    )?;
-    let phone_daemon = phone.daemon(&phone_listen, &[], logs)?;
+    let phone_daemon = pair_behind_nats(&desktop, &desktop_daemon, &phone, &phone_listen, logs)?;
     relayed_and_equal(&desktop, &phone, LONG)?;
 
     // The punch is tried, fails, and is tried again (over a new circuit), and fails again: the
