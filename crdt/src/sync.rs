@@ -23,6 +23,13 @@ use crate::{DocId, Part};
 /// changes anyway).
 pub const BUNDLE_MIN_CHANGES: usize = 8;
 
+/// Rounds in which the peer asked for a change that is not one of our heads (so its Bloom
+/// filter had hidden a change it lacked) before the session stops trusting its filters. A
+/// filter misses about one change in a hundred by chance, which costs one such round; a
+/// paired device that mines its changes' hashes against another peer's filter (about 500
+/// tries a change, hoytech/automerge-poison) can make every change of a chain cost one.
+const DISTRUST_AFTER_GAPS: u32 = 2;
+
 /// Missing changes built for a session's first part ([`SyncSession::next_part`]): a task is a
 /// few hundred bytes, so 64 of them are about one 24 KiB part.
 const FIRST_PART_CHANGES: usize = 64;
@@ -112,6 +119,9 @@ pub struct SyncSession {
     /// How many missing changes [`Self::next_part`] builds for one part: grown while parts
     /// come out small, cut to what fit when one comes out too big.
     part_changes: usize,
+    /// Rounds since the last in-sync point in which the peer asked for one of our changes
+    /// that is not a head: its filter hid a change from us ([`DISTRUST_AFTER_GAPS`]).
+    gaps: u32,
 }
 
 impl std::fmt::Debug for SyncSession {
@@ -136,6 +146,7 @@ impl SyncSession {
             documents: true,
             bundles: true,
             part_changes: FIRST_PART_CHANGES,
+            gaps: 0,
         }
     }
 
@@ -149,6 +160,7 @@ impl SyncSession {
             documents: true,
             bundles: true,
             part_changes: FIRST_PART_CHANGES,
+            gaps: 0,
         })
     }
 
@@ -182,6 +194,7 @@ impl SyncSession {
         max_change_bytes: Option<usize>,
     ) -> Option<Vec<u8>> {
         let am = doc.automerge();
+        self.judge_filters(am);
         let Some(max) = max_change_bytes else {
             let msg = am.sync().generate_sync_message(&mut self.state);
             return self.finish(am, msg);
@@ -216,6 +229,48 @@ impl SyncSession {
             }
         }
         self.finish(am, Some(m))
+    }
+
+    /// Decides what the peer lacks without its Bloom filters when they cannot be trusted.
+    ///
+    /// Automerge sends the changes past the peer's last sync that its filters do not hold. A
+    /// false positive hides a change, and the peer then asks for it by hash, one round trip
+    /// per change of a chain: a paired device that mines its changes' hashes against an
+    /// honest phone's filter turns a three-message catch-up into dozens (issue 18).
+    ///
+    /// - When we hold every head the peer announced, its document is exactly their
+    ///   ancestors, so what it lacks is everything past them: the filters say nothing more,
+    ///   and they are set aside. This is the usual case of a catch-up, also after the peer
+    ///   lost its sync state (its heads are still ours), and it costs no extra message.
+    /// - Otherwise (the peer holds changes we have not seen yet), after
+    ///   [`DISTRUST_AFTER_GAPS`] rounds in which the peer asked for a change hidden by its
+    ///   filters, the session sends everything past the heads both sides are known to share
+    ///   (those stored for the peer, or confirmed since).
+    fn judge_filters(&mut self, am: &mut automerge::AutoCommit) {
+        let Some(theirs) = self.state.their_heads.as_ref() else {
+            return;
+        };
+        if self.state.their_have.is_none() {
+            return;
+        }
+        let doc = am.document();
+        // (Never past no heads at all: that would send the document's genesis change, which
+        // every peer builds for itself and the owner refuses from anyone else.)
+        let last_sync = if !theirs.is_empty()
+            && theirs
+                .iter()
+                .all(|h| doc.get_change_meta_by_hash(h).is_some())
+        {
+            theirs.clone()
+        } else if self.gaps >= DISTRUST_AFTER_GAPS && !self.state.shared_heads.is_empty() {
+            self.state.shared_heads.clone()
+        } else {
+            return;
+        };
+        self.state.their_have = Some(vec![sync::Have {
+            last_sync,
+            bloom: Default::default(),
+        }]);
     }
 
     /// Marks as sent, for the time one message is built, the missing changes past the first
@@ -295,6 +350,14 @@ impl SyncSession {
             msg.have.iter().map(|h| h.last_sync.clone()).collect();
         let am = doc.automerge();
         let heads_before = am.get_heads();
+        // A change the peer needs that is one of ours but not a head: it got changes that
+        // depend on it, so its filter hid it from us.
+        let gap = msg.need.iter().any(|h| {
+            !heads_before.contains(h) && am.document().get_change_meta_by_hash(h).is_some()
+        });
+        if gap {
+            self.gaps = self.gaps.saturating_add(1);
+        }
         let state = &mut self.state;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             am.sync().receive_sync_message(state, msg)
@@ -303,6 +366,14 @@ impl SyncSession {
         match result {
             Ok(Ok(())) => {
                 let heads = am.get_heads();
+                if self
+                    .state
+                    .their_heads
+                    .as_ref()
+                    .is_some_and(|t| same(t, &heads))
+                {
+                    self.gaps = 0;
+                }
                 // A peer that does not yet know it shares our heads waits for us to say so.
                 // Without this, a session that started assumed in sync (a hello digest, or a
                 // segment the peer never listed) stays silent: Automerge counts it as having
@@ -433,6 +504,7 @@ impl SyncSession {
     /// Forgets everything about the peer, as after a bad message.
     pub fn reset(&mut self) {
         self.state = sync::State::new();
+        self.gaps = 0;
     }
 }
 
