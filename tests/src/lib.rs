@@ -35,6 +35,12 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// The path of a workspace binary, built (once per test process) if needed.
+///
+/// The build selects what `cargo test --workspace` builds, tests and uniffi-bindgen included,
+/// so that features resolve the same way and the binaries that the test build made are
+/// fresh. Built `--bins` alone, the dev-dependencies' features (proptest's regex-syntax,
+/// uniffi-bindgen's clap) drop out, and cargo rebuilt tracing-subscriber and every crate of
+/// ours once more: minutes of a CI run on two cores.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -50,7 +56,10 @@ pub fn bin(name: &str) -> PathBuf {
                 "errand-p2p",
                 "-p",
                 "errand-tests",
+                "-p",
+                "uniffi-bindgen",
                 "--bins",
+                "--tests",
             ])
             .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
             .status()
