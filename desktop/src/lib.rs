@@ -11,6 +11,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod acp;
+mod attempt;
 pub mod config;
 pub mod demo_agent;
 pub mod executor;

@@ -45,9 +45,9 @@ use tracing::{Instrument as _, info, warn};
 
 use crate::{
     acp::{Agent, AgentEvent, AgentSpec, PermissionAsk, PromptBlock, Step, TurnEnd},
+    attempt::{OutputPlan, REASON_REQUESTED, attachment_names, cap_text},
     executor::AcpOptions,
     ledger::{self, ProcessGroup},
-    runner::{OutputPlan, REASON_REQUESTED, cap_text},
 };
 
 /// Most `tool_call` facts per attempt: an agent's steps, not a log of them.
@@ -394,7 +394,7 @@ impl Turn<'_> {
             .iter()
             .map(|a| a.name.as_str())
             .collect();
-        crate::runner::attachment_names(&names)
+        attachment_names(&names)
             .into_iter()
             .zip(&self.task.attachments)
             .map(|(placed, a)| PromptBlock::File {

@@ -61,23 +61,6 @@ pub struct Transfer {
     pub ms: u64,
 }
 
-/// Sets `local_path` on each file this device holds whole.
-pub async fn with_local_paths(peer: &Peer, files: &mut [FileInfo]) {
-    let store = peer.blobs();
-    let hashes: Vec<_> = files.iter().map(|f| f.hash).collect();
-    let paths = tokio::task::spawn_blocking(move || {
-        hashes
-            .iter()
-            .map(|h| store.path(h).ok().flatten())
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap_or_default();
-    for (f, p) in files.iter_mut().zip(paths) {
-        f.local_path = p.map(|p| p.to_string_lossy().into_owned());
-    }
-}
-
 /// Fetches one blob from `from`, trying again from the verified offset while the stream
 /// breaks, until `timeout` passes without a verified byte.
 pub async fn fetch_with_retries(

@@ -159,8 +159,14 @@ impl Call for GetTask {
     type Response = TaskInfo;
     async fn run(self, peer: &Peer) -> Result<TaskInfo, ApiError> {
         let mut info = TaskInfo::from(&self.read(peer).await?);
-        super::files::with_local_paths(peer, &mut info.attachments).await;
-        super::files::with_local_paths(peer, &mut info.artifacts).await;
+        for files in [&mut info.attachments, &mut info.artifacts] {
+            let paths = peer
+                .local_paths(files.iter().map(|f| f.hash).collect())
+                .await;
+            for (f, p) in files.iter_mut().zip(paths) {
+                f.local_path = p.map(|p| p.to_string_lossy().into_owned());
+            }
+        }
         Ok(info)
     }
 }

@@ -14,7 +14,7 @@
 
 use std::{
     fs::{self, File, OpenOptions},
-    io::{self, Read, Seek, SeekFrom, Write},
+    io::{self, Read, Write},
     path::{Path, PathBuf},
 };
 
@@ -28,92 +28,11 @@ use super::{
     wire::What,
 };
 use crate::replica::Replica;
+mod caps;
+mod open;
 
-/// Default largest blob a home stores or fetches (`max_blob_bytes`). 1 GiB holds a video clip or a disk image of a
-/// small project; larger files belong in a shared folder, not in a phone's queue.
-pub const MAX_BLOB_BYTES: u64 = 1 << 30;
-
-/// Default for the most bytes of blobs one home holds, whole or partial
-/// (`max_blob_storage_bytes`). 10 GiB leaves room for a few
-/// hundred phone photos and their results without filling a laptop's disk unnoticed.
-pub const MAX_TOTAL_BYTES: u64 = 10 << 30;
-
-/// The caps a home's blob store keeps: a setting on each device (the desktop's config.toml,
-/// the phone's daemon flags), [`MAX_BLOB_BYTES`] and [`MAX_TOTAL_BYTES`] by default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlobCaps {
-    /// Largest blob stored or fetched.
-    max_blob_bytes: u64,
-    /// Most bytes of blobs the home holds, whole or partial.
-    max_total_bytes: u64,
-}
-
-/// Why caps were refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CapsError {
-    /// A cap of zero would refuse every file.
-    #[error("{what} must be at least 1 byte")]
-    Zero {
-        /// Which cap.
-        what: &'static str,
-    },
-    /// A file at the per-file cap could never be stored.
-    #[error(
-        "max_blob_bytes ({max_blob_bytes}) is over max_blob_storage_bytes ({max_total_bytes}): \
-         a file that large could never be stored"
-    )]
-    BlobOverTotal {
-        /// The per-file cap.
-        max_blob_bytes: u64,
-        /// The storage cap.
-        max_total_bytes: u64,
-    },
-}
-
-impl BlobCaps {
-    /// Checked caps: both at least one byte, the per-file cap within the storage cap.
-    pub fn new(max_blob_bytes: u64, max_total_bytes: u64) -> Result<Self, CapsError> {
-        if max_blob_bytes == 0 {
-            return Err(CapsError::Zero {
-                what: "max_blob_bytes",
-            });
-        }
-        if max_total_bytes == 0 {
-            return Err(CapsError::Zero {
-                what: "max_blob_storage_bytes",
-            });
-        }
-        if max_blob_bytes > max_total_bytes {
-            return Err(CapsError::BlobOverTotal {
-                max_blob_bytes,
-                max_total_bytes,
-            });
-        }
-        Ok(Self {
-            max_blob_bytes,
-            max_total_bytes,
-        })
-    }
-
-    /// Largest blob stored or fetched.
-    pub fn max_blob_bytes(&self) -> u64 {
-        self.max_blob_bytes
-    }
-
-    /// Most bytes of blobs the home holds.
-    pub fn max_total_bytes(&self) -> u64 {
-        self.max_total_bytes
-    }
-}
-
-impl Default for BlobCaps {
-    fn default() -> Self {
-        Self {
-            max_blob_bytes: MAX_BLOB_BYTES,
-            max_total_bytes: MAX_TOTAL_BYTES,
-        }
-    }
-}
+pub use caps::{BlobCaps, CapsError, MAX_BLOB_BYTES, MAX_TOTAL_BYTES};
+pub use open::{BlobReader, Partial};
 
 /// The folder of a home's blobs.
 pub const BLOB_DIR: &str = "blobs";
@@ -355,10 +274,10 @@ impl BlobStore {
     }
 
     fn check_caps(&self, hash: &BlobHash, size: u64) -> Result<(), BlobError> {
-        if size > self.caps.max_blob_bytes {
+        if size > self.caps.max_blob_bytes() {
             return Err(BlobError::TooLarge {
                 size,
-                max: self.caps.max_blob_bytes,
+                max: self.caps.max_blob_bytes(),
             });
         }
         let others: u64 = self
@@ -367,10 +286,10 @@ impl BlobStore {
             .filter(|(h, _)| h != hash)
             .map(|(_, e)| e.size)
             .sum();
-        if others.saturating_add(size) > self.caps.max_total_bytes {
+        if others.saturating_add(size) > self.caps.max_total_bytes() {
             return Err(BlobError::StoreFull {
                 size,
-                max: self.caps.max_total_bytes,
+                max: self.caps.max_total_bytes(),
             });
         }
         Ok(())
@@ -465,10 +384,10 @@ impl BlobStore {
     fn add_opened(&self, src: &Path, mut input: File) -> Result<(BlobHash, u64), BlobError> {
         self.ensure_dirs()?;
         let len = input.metadata().map_err(io_err("reading", src))?.len();
-        if len > self.caps.max_blob_bytes {
+        if len > self.caps.max_blob_bytes() {
             return Err(BlobError::TooLarge {
                 size: len,
-                max: self.caps.max_blob_bytes,
+                max: self.caps.max_blob_bytes(),
             });
         }
         let tmp = self.tmp();
@@ -487,10 +406,10 @@ impl BlobStore {
             out.sync_all().map_err(io_err("syncing", &tmp))?;
             let (hash, size, outboard) = builder.finish();
             let hash = BlobHash::from_bytes(*hash.as_bytes());
-            if size > self.caps.max_blob_bytes {
+            if size > self.caps.max_blob_bytes() {
                 return Err(BlobError::TooLarge {
                     size,
-                    max: self.caps.max_blob_bytes,
+                    max: self.caps.max_blob_bytes(),
                 });
             }
             if let Some(e) = self.entry(&hash)?
@@ -696,334 +615,5 @@ fn remove_if_there(path: &Path) -> Result<(), BlobError> {
     }
 }
 
-/// A whole blob, or its outboard, open for reading ranges (see [`BlobStore::open_reader`]).
-/// The files of a whole blob never change, so the handle stays good while it is held, even
-/// past a garbage collection that unlinks it.
-#[derive(Debug)]
-pub struct BlobReader {
-    /// `None` when there is nothing to read (an empty blob, or the outboard of a blob of one
-    /// group).
-    file: Option<File>,
-    path: PathBuf,
-    /// Bytes of what was opened (the blob, or its outboard).
-    total: u64,
-    /// Bytes of the blob.
-    blob_size: u64,
-}
-
-impl BlobReader {
-    /// Bytes of what was opened: the blob's, or its outboard's.
-    pub fn total(&self) -> u64 {
-        self.total
-    }
-
-    /// Bytes of the blob.
-    pub fn blob_size(&self) -> u64 {
-        self.blob_size
-    }
-
-    /// Reads `len` bytes at `offset`; `Range` if that passes the end.
-    pub fn read_at(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, BlobError> {
-        if offset.checked_add(len).is_none_or(|end| end > self.total) {
-            return Err(BlobError::Range {
-                offset,
-                len,
-                size: self.total,
-            });
-        }
-        let mut buf = vec![0u8; len as usize];
-        if let Some(f) = self.file.as_mut().filter(|_| len > 0) {
-            f.seek(SeekFrom::Start(offset))
-                .map_err(io_err("reading", &self.path))?;
-            f.read_exact(&mut buf)
-                .map_err(io_err("reading", &self.path))?;
-        }
-        Ok(buf)
-    }
-}
-
-/// A blob being received. Bytes are appended only in verified groups, in order; the
-/// verified offset is committed every [`COMMIT_EVERY`] bytes, at the end, and on
-/// [`Partial::flush`].
-#[derive(Debug)]
-pub struct Partial {
-    store: BlobStore,
-    hash: BlobHash,
-    entry: Entry,
-    verifier: Option<Verifier>,
-    /// The partial file, open for appending.
-    file: Option<File>,
-    /// The verified offset the index holds.
-    committed: u64,
-    /// When it was last committed.
-    committed_at: std::time::Instant,
-}
-
-impl Partial {
-    /// True once the blob is whole and in place.
-    pub fn is_complete(&self) -> bool {
-        self.entry.complete
-    }
-
-    /// Bytes verified so far.
-    pub fn verified_upto(&self) -> u64 {
-        self.entry.verified_upto
-    }
-
-    /// The blob's size.
-    pub fn size(&self) -> u64 {
-        self.entry.size
-    }
-
-    /// True when the outboard still has to be fetched.
-    pub fn needs_outboard(&self) -> bool {
-        !self.entry.complete && self.verifier.is_none()
-    }
-
-    /// The outboard bytes received so far by earlier fetches (a relay circuit may carry less
-    /// than a whole outboard), not checked yet: [`Self::set_outboard`] checks them whole.
-    pub fn outboard_received(&self) -> Vec<u8> {
-        fs::read(self.store.pending_outboard(&self.hash)).unwrap_or_default()
-    }
-
-    /// Keeps a piece of the outboard that follows what was received so far.
-    pub fn keep_outboard_piece(&self, bytes: &[u8]) -> Result<(), BlobError> {
-        let path = self.store.pending_outboard(&self.hash);
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io_err("opening", &path))?;
-        f.write_all(bytes).map_err(io_err("writing", &path))
-    }
-
-    /// Takes the whole outboard: checked against the hash, stored, or refused. The pieces
-    /// kept so far are dropped either way.
-    pub fn set_outboard(&mut self, outboard: Vec<u8>) -> Result<(), BlobError> {
-        let _ = fs::remove_file(self.store.pending_outboard(&self.hash));
-        let v = Verifier::new(*self.hash.as_bytes(), self.entry.size, outboard)?;
-        self.store
-            .write_atomic(&self.store.partial_outboard(&self.hash), v.outboard())?;
-        self.verifier = Some(v);
-        Ok(())
-    }
-
-    /// Appends the bytes at the verified offset, after checking each group: nothing of a
-    /// range with a bad group past the good ones is written, and the verified offset moves
-    /// over the good ones only. Returns how many bytes were appended.
-    pub fn append(&mut self, bytes: &[u8]) -> Result<u64, BlobError> {
-        let Some(v) = &self.verifier else {
-            return Err(BlobError::Verify(tree::VerifyError::Outboard));
-        };
-        let start = self.entry.verified_upto;
-        let mut good = 0usize;
-        let mut failure = None;
-        let mut index = start / tree::GROUP;
-        while good < bytes.len() || (self.entry.size == 0 && index == 0) {
-            let len = tree::group_len(self.entry.size, index) as usize;
-            let piece = &bytes[good..(good + len).min(bytes.len())];
-            if let Err(e) = v.check_group(index, piece) {
-                failure = Some(e);
-                break;
-            }
-            good += len;
-            index += 1;
-            if self.entry.size == 0 {
-                break;
-            }
-        }
-        if good > 0 {
-            let path = self.store.partial(&self.hash);
-            let mut f = match self.file.take() {
-                Some(f) => f,
-                None => OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io_err("opening", &path))?,
-            };
-            f.seek(SeekFrom::Start(start))
-                .map_err(io_err("writing", &path))?;
-            f.write_all(&bytes[..good])
-                .map_err(io_err("writing", &path))?;
-            self.file = Some(f);
-            self.entry.verified_upto = start + good as u64;
-            if self.entry.verified_upto - self.committed >= COMMIT_EVERY
-                && self.committed_at.elapsed() >= COMMIT_INTERVAL
-            {
-                self.commit()?;
-            }
-        }
-        if self.entry.verified_upto == self.entry.size && failure.is_none() {
-            self.finish()?;
-        }
-        match failure {
-            Some(e) => Err(e.into()),
-            None => Ok(good as u64),
-        }
-    }
-
-    /// Makes the verified offset durable: syncs the partial file, then records the offset.
-    fn commit(&mut self) -> Result<(), BlobError> {
-        if let Some(f) = &self.file {
-            f.sync_data()
-                .map_err(io_err("syncing", &self.store.partial(&self.hash)))?;
-        }
-        self.store.put_entry(&self.hash, &self.entry)?;
-        self.committed = self.entry.verified_upto;
-        self.committed_at = std::time::Instant::now();
-        Ok(())
-    }
-
-    /// Commits what was verified since the last commit (a fetch that stops calls it, so the
-    /// next one resumes from the last verified group, not the last MiB).
-    pub fn flush(&mut self) -> Result<(), BlobError> {
-        if !self.entry.complete && self.entry.verified_upto > self.committed {
-            self.commit()?;
-        }
-        Ok(())
-    }
-
-    /// Checks the whole file once more, then moves it (and its outboard) into place.
-    fn finish(&mut self) -> Result<(), BlobError> {
-        if let Some(f) = self.file.take() {
-            f.sync_data()
-                .map_err(io_err("syncing", &self.store.partial(&self.hash)))?;
-        }
-        let path = self.store.partial(&self.hash);
-        let mut f = File::open(&path).map_err(io_err("opening", &path))?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = f.read(&mut buf).map_err(io_err("reading", &path))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        if hasher.finalize().as_bytes() != self.hash.as_bytes() {
-            // Written verified, read back different: the disk changed it. Start over.
-            self.entry.verified_upto = 0;
-            self.store.put_entry(&self.hash, &self.entry)?;
-            self.committed = 0;
-            let _ = fs::remove_file(&path);
-            return Err(BlobError::Verify(tree::VerifyError::Group(0)));
-        }
-        if self.entry.size > tree::GROUP {
-            let o = self.store.partial_outboard(&self.hash);
-            let dst = self.store.whole_outboard(&self.hash);
-            fs::rename(&o, &dst).map_err(io_err("renaming into", &dst))?;
-        }
-        let dst = self.store.whole(&self.hash);
-        fs::rename(&path, &dst).map_err(io_err("renaming into", &dst))?;
-        self.store.sync_dir()?;
-        self.entry.complete = true;
-        self.store.put_entry(&self.hash, &self.entry)?;
-        self.committed = self.entry.verified_upto;
-        Ok(())
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use std::collections::HashSet;
-
-    use errand_crdt::Store;
-
-    use super::*;
-
-    fn store(dir: &Path) -> BlobStore {
-        let replica = Replica::open(Store::open(dir).unwrap()).unwrap();
-        BlobStore::new(dir, replica)
-    }
-
-    fn add(s: &BlobStore, dir: &Path, name: &str, len: usize) -> BlobHash {
-        let src = dir.join(name);
-        fs::write(&src, vec![name.as_bytes()[0]; len]).unwrap();
-        s.add_file(&src).unwrap().0
-    }
-
-    #[test]
-    fn caps_are_checked_when_made_and_kept_when_storing() {
-        assert!(matches!(BlobCaps::new(0, 10), Err(CapsError::Zero { .. })));
-        assert!(matches!(
-            BlobCaps::new(11, 10),
-            Err(CapsError::BlobOverTotal { .. })
-        ));
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(dir.path()).with_caps(BlobCaps::new(100_000, 150_000).unwrap());
-        add(&s, dir.path(), "a", 90_000);
-        let big = dir.path().join("big");
-        fs::write(&big, vec![1u8; 100_001]).unwrap();
-        assert!(matches!(
-            s.add_file(&big),
-            Err(BlobError::TooLarge { max: 100_000, .. })
-        ));
-        let more = dir.path().join("more");
-        fs::write(&more, vec![2u8; 90_000]).unwrap();
-        assert!(matches!(
-            s.add_file(&more),
-            Err(BlobError::StoreFull { max: 150_000, .. })
-        ));
-    }
-
-    #[test]
-    fn retain_removes_unkept_blobs_partials_and_strays_and_keeps_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(dir.path());
-        let kept = add(&s, dir.path(), "k", 40_000);
-        let dropped = add(&s, dir.path(), "d", 40_000);
-        // A partial blob: reserved and cut to its verified prefix, never finished.
-        let partial = BlobHash::from_bytes(*blake3::hash(b"never finished").as_bytes());
-        s.receive(partial, 50_000).unwrap();
-        // A file no index row names (a crash between removing the row and the file).
-        let stray = dir
-            .path()
-            .join(BLOB_DIR)
-            .join(blake3::hash(b"x").to_hex().as_str());
-        fs::write(&stray, b"x").unwrap();
-
-        let done = s.retain(&HashSet::from([kept])).unwrap();
-        assert_eq!(
-            done,
-            Collected {
-                blobs: 2,
-                bytes: 90_000,
-                strays: 1
-            }
-        );
-        assert!(s.path(&kept).unwrap().is_some_and(|p| p.exists()));
-        assert!(s.entry(&dropped).unwrap().is_none());
-        assert!(s.entry(&partial).unwrap().is_none());
-        assert!(!s.whole(&dropped).exists() && !s.whole_outboard(&dropped).exists());
-        assert!(!s.partial(&partial).exists() && !stray.exists());
-        // Nothing left to remove the second time.
-        assert_eq!(
-            s.retain(&HashSet::from([kept])).unwrap(),
-            Collected::default()
-        );
-    }
-
-    #[test]
-    fn a_whole_blob_removed_or_cut_on_disk_is_forgotten_so_it_can_be_fetched_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(dir.path());
-        let removed = add(&s, dir.path(), "r", 40_000);
-        let cut = add(&s, dir.path(), "c", 40_000);
-        let kept = add(&s, dir.path(), "k", 40_000);
-        fs::remove_file(s.whole(&removed)).unwrap();
-        OpenOptions::new()
-            .write(true)
-            .open(s.whole(&cut))
-            .unwrap()
-            .set_len(1_000)
-            .unwrap();
-
-        assert_eq!(s.path(&removed).unwrap(), None);
-        assert_eq!(s.path(&cut).unwrap(), None);
-        assert!(s.entry(&removed).unwrap().is_none() && s.entry(&cut).unwrap().is_none());
-        assert!(!s.whole(&cut).exists() && !s.whole_outboard(&cut).exists());
-        assert_eq!(s.path(&kept).unwrap(), Some(s.whole(&kept)));
-        // Forgotten, the blob is received again from the start.
-        assert_eq!(s.receive(removed, 40_000).unwrap().verified_upto(), 0);
-    }
-}
+mod tests;
