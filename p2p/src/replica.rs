@@ -60,11 +60,36 @@ struct Slot {
 }
 
 impl Ready {
-    fn take(&self, peer: &PeerId) -> Vec<(DocId, Outgoing)> {
+    /// A new live session of `peer`: it takes the slot from an older one of the same peer.
+    fn enter(ready: &Arc<Self>, peer: PeerId) -> LiveSession {
+        let token = ready.next_token.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut slots) = ready.slots.lock() {
+            slots.insert(
+                peer,
+                Slot {
+                    token,
+                    frames: Vec::new(),
+                },
+            );
+        }
+        LiveSession {
+            ready: Arc::clone(ready),
+            peer,
+            token,
+        }
+    }
+
+    /// The frames made for `peer`'s session `token`; none if another session of the peer
+    /// (a newer stream) holds the slot now: they are that session's to send.
+    fn take(&self, peer: &PeerId, token: u64) -> Vec<(DocId, Outgoing)> {
         self.slots
             .lock()
             .ok()
-            .and_then(|mut s| s.get_mut(peer).map(|slot| std::mem::take(&mut slot.frames)))
+            .and_then(|mut s| {
+                s.get_mut(peer)
+                    .filter(|slot| slot.token == token)
+                    .map(|slot| std::mem::take(&mut slot.frames))
+            })
             .unwrap_or_default()
     }
 }
@@ -88,7 +113,7 @@ impl LiveSession {
     /// The frames a local commit made for this session since the last take, oldest first.
     /// Send them before anything [`Replica::outgoing`] returns after this call.
     pub fn take_ready(&self) -> Vec<(DocId, Outgoing)> {
-        self.ready.take(&self.peer)
+        self.ready.take(&self.peer, self.token)
     }
 }
 
@@ -330,21 +355,7 @@ impl Replica {
     /// [`LiveSession::take_ready`]), until the returned guard is dropped. Call once the
     /// session has started (after [`Replica::start_session`]).
     pub fn live_session(&self, peer: PeerId) -> LiveSession {
-        let token = self.ready.next_token.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut slots) = self.ready.slots.lock() {
-            slots.insert(
-                peer,
-                Slot {
-                    token,
-                    frames: Vec::new(),
-                },
-            );
-        }
-        LiveSession {
-            ready: Arc::clone(&self.ready),
-            peer,
-            token,
-        }
+        Ready::enter(&self.ready, peer)
     }
 
     /// Like [`Replica::commit`] on one task: loads the task's segment if it is not held, then
@@ -379,18 +390,19 @@ impl Replica {
         Ok(out)
     }
 
-    /// Everything to send `peer` now (see [`Engine::outgoing`]), and whether `peer` is in
+    /// Everything to send the peer of `live` now (see [`Engine::outgoing`]), and whether it is in
     /// sync once that is sent (see [`Replica::in_sync`]): one trip to the engine.
     pub async fn outgoing(
         &self,
-        peer: PeerId,
+        live: &LiveSession,
         extra: Vec<DocId>,
     ) -> Result<(Vec<(DocId, Outgoing)>, bool), ReplicaError> {
+        let (peer, token) = (live.peer, live.token);
         let device = device(&peer)?;
         let ready = Arc::clone(&self.ready);
         self.blocking(move |e| {
             // Frames a commit made and the session has not taken yet go first.
-            let mut out = ready.take(&peer);
+            let mut out = ready.take(&peer, token);
             out.extend(e.outgoing(&device, &extra)?);
             Ok((out, e.in_sync(&device)))
         })
@@ -511,5 +523,40 @@ impl Replica {
             self.bump();
         }
         Ok(wrote)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn made(ready: &Ready, peer: &PeerId, byte: u8) {
+        let doc = DocId::parse("01HF7YAT00WS6ARJ8ZSQHWX85H").unwrap();
+        let mut slots = ready.slots.lock().unwrap();
+        let slot = slots.get_mut(peer).unwrap();
+        slot.frames.push((doc, Outgoing::Sync(vec![byte])));
+    }
+
+    #[test]
+    fn an_old_session_of_a_peer_leaves_the_frames_made_for_its_new_one() {
+        let ready = Arc::new(Ready::default());
+        let peer = PeerId::random();
+        let old = Ready::enter(&ready, peer);
+        made(&ready, &peer, 1);
+        assert_eq!(old.take_ready().len(), 1);
+        // A new stream's session takes the slot while the old one winds down.
+        let new = Ready::enter(&ready, peer);
+        made(&ready, &peer, 2);
+        assert!(
+            old.take_ready().is_empty(),
+            "the old session took the new one's frame"
+        );
+        drop(old);
+        let frames = new.take_ready();
+        assert_eq!(frames.len(), 1);
+        assert!(matches!(&frames[0].1, Outgoing::Sync(b) if b == &[2]));
+        // The old one's end did not end the new one's slot.
+        made(&ready, &peer, 3);
+        assert_eq!(new.take_ready().len(), 1);
     }
 }

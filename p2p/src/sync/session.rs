@@ -423,7 +423,7 @@ async fn sync_loop(
         // The push below says everything there is to say as of now, so a change that woke
         // the loop (or that merging the frame made) needs no second wake.
         changed.borrow_and_update();
-        let in_sync = push(wr, peer, ctx, live, ack, std::mem::take(&mut extra))
+        let in_sync = push(wr, ctx, live, ack, std::mem::take(&mut extra))
             .instrument(info_span!("push"))
             .await?;
         if in_sync && !was_in_sync {
@@ -483,7 +483,6 @@ async fn take_frame(
 /// documents and `extra`. Returns whether the peer is in sync once that is sent.
 async fn push(
     wr: &mut WriteHalf<libp2p::Stream>,
-    peer: PeerId,
     ctx: &SessionCtx,
     live: &LiveSession,
     ack: Option<(DocId, Vec<ChangeHash>)>,
@@ -494,7 +493,7 @@ async fn push(
     }
     // Made at the commit: they leave without a trip to the engine.
     send_all(wr, ctx, live.take_ready()).await?;
-    let (out, in_sync) = ctx.replica.outgoing(peer, extra).await?;
+    let (out, in_sync) = ctx.replica.outgoing(live, extra).await?;
     send_all(wr, ctx, out).await?;
     Ok(in_sync)
 }
