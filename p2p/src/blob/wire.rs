@@ -166,13 +166,15 @@ pub async fn write_response_unflushed<W: AsyncWrite + Unpin>(
     size: u64,
     bytes: &[u8],
 ) -> io::Result<()> {
-    // One write, so the head does not travel as a frame of its own.
-    let mut buf = Vec::with_capacity(13 + bytes.len());
-    buf.push(status as u8);
-    buf.extend_from_slice(&size.to_be_bytes());
-    buf.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-    buf.extend_from_slice(bytes);
-    w.write_all(&buf).await
+    let mut head = [0u8; 13];
+    head[0] = status as u8;
+    head[1..9].copy_from_slice(&size.to_be_bytes());
+    head[9..13].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
+    // Two writes, not one copy of the body: the stream is flushed once per batch of answers,
+    // so the head does not travel on its own (the Noise layer gathers what is written before
+    // a flush into its frames).
+    w.write_all(&head).await?;
+    w.write_all(bytes).await
 }
 
 /// Reads a response; refuses one longer than `max` bytes before allocating.
@@ -180,6 +182,19 @@ pub async fn read_response<R: AsyncRead + Unpin>(
     r: &mut R,
     max: u32,
 ) -> io::Result<(Status, u64, Vec<u8>)> {
+    let mut body = Vec::new();
+    let (status, size) = read_response_into(r, max, &mut body).await?;
+    Ok((status, size, body))
+}
+
+/// Reads a response like [`read_response`], appending its body to `out` (a fetch gathers
+/// answers in its batch without a copy). Returns the status and the blob's size; the body
+/// is what `out` grew by. On an error `out` is as it was.
+pub async fn read_response_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+    out: &mut Vec<u8>,
+) -> io::Result<(Status, u64)> {
     let mut head = [0u8; 13];
     r.read_exact(&mut head).await?;
     let status = Status::from_u8(head[0]).ok_or_else(|| invalid("unknown status"))?;
@@ -188,9 +203,13 @@ pub async fn read_response<R: AsyncRead + Unpin>(
     if len > max {
         return Err(invalid("response longer than requested"));
     }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body).await?;
-    Ok((status, size, body))
+    let at = out.len();
+    out.resize(at + len as usize, 0);
+    if let Err(e) = r.read_exact(&mut out[at..]).await {
+        out.truncate(at);
+        return Err(e);
+    }
+    Ok((status, size))
 }
 
 #[cfg(test)]

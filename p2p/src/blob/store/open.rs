@@ -39,6 +39,14 @@ impl BlobReader {
 
     /// Reads `len` bytes at `offset`; `Range` if that passes the end.
     pub fn read_at(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, BlobError> {
+        let mut buf = Vec::new();
+        self.read_into(offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// [`Self::read_at`] into `buf` (its contents replaced), reusing its allocation: a server
+    /// reads ahead into the same buffer for every window of a fetch.
+    pub fn read_into(&mut self, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<(), BlobError> {
         if offset.checked_add(len).is_none_or(|end| end > self.total) {
             return Err(BlobError::Range {
                 offset,
@@ -46,14 +54,13 @@ impl BlobReader {
                 size: self.total,
             });
         }
-        let mut buf = vec![0u8; len as usize];
+        buf.resize(len as usize, 0);
         if let Some(f) = self.file.as_mut().filter(|_| len > 0) {
             f.seek(SeekFrom::Start(offset))
                 .map_err(io_err("reading", &self.path))?;
-            f.read_exact(&mut buf)
-                .map_err(io_err("reading", &self.path))?;
+            f.read_exact(buf).map_err(io_err("reading", &self.path))?;
         }
-        Ok(buf)
+        Ok(())
     }
 }
 
@@ -120,6 +127,48 @@ impl Partial {
         self.store
             .write_atomic(&self.store.partial_outboard(&self.hash), v.outboard())?;
         self.verifier = Some(v);
+        self.recheck()
+    }
+
+    /// Checks again, group by group, the verified prefix that an earlier process left on
+    /// disk, and cuts it back to its last good group: the file may have changed while no one
+    /// held it, and nothing reads the whole blob back at the end. Done when a partial blob is
+    /// reopened and when its outboard arrives; a fresh fetch has no prefix to check.
+    pub(super) fn recheck(&mut self) -> Result<(), BlobError> {
+        let Some(v) = &self.verifier else {
+            return Ok(());
+        };
+        let upto = self.entry.verified_upto;
+        if upto == 0 || self.entry.complete {
+            return Ok(());
+        }
+        let path = self.store.partial(&self.hash);
+        let mut good = 0u64;
+        if let Ok(mut f) = File::open(&path) {
+            let mut buf = vec![0u8; tree::GROUP as usize];
+            let mut index = 0u64;
+            while good < upto {
+                let len = tree::group_len(self.entry.size, index).min(upto - good) as usize;
+                if f.read_exact(&mut buf[..len]).is_err()
+                    || v.check_group(index, &buf[..len]).is_err()
+                {
+                    break;
+                }
+                good += len as u64;
+                index += 1;
+            }
+        }
+        if good < upto {
+            tracing::warn!(blob = %self.hash, verified = upto, good, "a partial blob changed on disk; fetching it again from its last good group");
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io_err("opening", &path))?;
+            f.set_len(good).map_err(io_err("truncating", &path))?;
+            self.entry.verified_upto = good;
+            self.store.put_entry(&self.hash, &self.entry)?;
+            self.committed = good;
+        }
         Ok(())
     }
 
@@ -198,31 +247,16 @@ impl Partial {
         Ok(())
     }
 
-    /// Checks the whole file once more, then moves it (and its outboard) into place.
+    /// Moves the file (and its outboard) into place, synced. Every group was checked before
+    /// it was written, and a prefix left by an earlier process is checked again when it is
+    /// reopened ([`Self::recheck`]): reading the whole file back here cost a fetch of 100 MiB
+    /// about a sixth of its time.
     fn finish(&mut self) -> Result<(), BlobError> {
         if let Some(f) = self.file.take() {
             f.sync_data()
                 .map_err(io_err("syncing", &self.store.partial(&self.hash)))?;
         }
         let path = self.store.partial(&self.hash);
-        let mut f = File::open(&path).map_err(io_err("opening", &path))?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = f.read(&mut buf).map_err(io_err("reading", &path))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        if hasher.finalize().as_bytes() != self.hash.as_bytes() {
-            // Written verified, read back different: the disk changed it. Start over.
-            self.entry.verified_upto = 0;
-            self.store.put_entry(&self.hash, &self.entry)?;
-            self.committed = 0;
-            let _ = fs::remove_file(&path);
-            return Err(BlobError::Verify(tree::VerifyError::Group(0)));
-        }
         if self.entry.size > tree::GROUP {
             let o = self.store.partial_outboard(&self.hash);
             let dst = self.store.whole_outboard(&self.hash);

@@ -99,3 +99,39 @@ fn a_whole_blob_removed_or_cut_on_disk_is_forgotten_so_it_can_be_fetched_again()
     // Forgotten, the blob is received again from the start.
     assert_eq!(s.receive(removed, 40_000).unwrap().verified_upto(), 0);
 }
+
+#[test]
+fn a_partial_blob_changed_on_disk_is_cut_back_to_its_last_good_group_when_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut b = tree::OutboardBuilder::new();
+    b.update(&data);
+    let (root, size, outboard) = b.finish();
+    let hash = BlobHash::from_bytes(*root.as_bytes());
+    let group = tree::GROUP as usize;
+
+    let mut p = s.receive(hash, size).unwrap();
+    p.set_outboard(outboard).unwrap();
+    p.append(&data[..4 * group]).unwrap();
+    p.flush().unwrap();
+    drop(p);
+    // Reopened untouched: the whole prefix holds.
+    let p = s.receive(hash, size).unwrap();
+    assert_eq!(p.verified_upto(), 4 * group as u64);
+    drop(p);
+
+    // A bit flips in the second group while no one holds the blob.
+    let path = s.partial(&hash);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[group + 100] ^= 1;
+    fs::write(&path, &bytes).unwrap();
+    let mut p = s.receive(hash, size).unwrap();
+    assert_eq!(p.verified_upto(), group as u64, "the bad group was kept");
+    assert_eq!(fs::metadata(&path).unwrap().len(), group as u64);
+    assert_eq!(s.entry(&hash).unwrap().unwrap().verified_upto, group as u64);
+    p.append(&data[group..]).unwrap();
+    assert!(p.is_complete());
+    let whole = s.path(&hash).unwrap().expect("the blob is whole");
+    assert_eq!(fs::read(whole).unwrap(), data);
+}
