@@ -383,13 +383,14 @@ fn the_cli_refuses_a_control_socket_served_by_another_user() -> Result<()> {
     let squatter_bin = root.path().join("squatter");
     std::fs::copy(std::env::current_exe()?, &squatter_bin)?;
     std::fs::set_permissions(&squatter_bin, std::fs::Permissions::from_mode(0o755))?;
+    // The test's name in this binary: its module path without the crate's name.
+    let module = module_path!()
+        .split_once("::")
+        .map_or("", |(_, m)| m)
+        .to_owned();
+    let squatter_test = format!("{module}::squatter_answers_every_control_request");
     let mut squatter = Command::new(&squatter_bin)
-        .args([
-            "--exact",
-            "squatter_answers_every_control_request",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", &squatter_test, "--nocapture", "--test-threads=1"])
         .env(SQUATTER_SOCKET_ENV, &socket)
         .uid(OTHER_USER)
         .gid(OTHER_USER)
