@@ -381,7 +381,15 @@ fn the_cli_refuses_a_control_socket_served_by_another_user() -> Result<()> {
     let mode = std::fs::metadata(&home)?.permissions().mode();
     std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o777))?;
     let squatter_bin = root.path().join("squatter");
-    std::fs::copy(std::env::current_exe()?, &squatter_bin)?;
+    // Through /proc/self/exe, which names this process's own file even after a build by
+    // another test (`bin()`) replaced the one at its path: the end-to-end tests are one
+    // binary, and `current_exe()` then named a file that was gone (CI failed on it).
+    let me = Path::new("/proc/self/exe");
+    if me.exists() {
+        std::fs::copy(me, &squatter_bin)?;
+    } else {
+        std::fs::copy(std::env::current_exe()?, &squatter_bin)?;
+    }
     std::fs::set_permissions(&squatter_bin, std::fs::Permissions::from_mode(0o755))?;
     // The test's name in this binary: its module path without the crate's name.
     let module = module_path!()
