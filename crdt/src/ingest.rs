@@ -262,34 +262,72 @@ pub fn check_sync_message(
     authority: &Authority,
     bounds: Bounds,
 ) -> Result<Checked, IngestError> {
-    let Ok(msg) = automerge::sync::Message::decode(bytes) else {
-        return Ok(Checked::default());
-    };
+    match automerge::sync::Message::decode(bytes) {
+        Ok(msg) => check_message(&msg, doc, authority, bounds),
+        Err(_) => Ok(Checked::default()),
+    }
+}
+
+/// Checks a decoded sync message from a peer against `doc`, before it is applied. The
+/// changes in [`Checked::changes`] are what the session applies
+/// ([`crate::SyncSession::receive_checked`]), so each chunk is parsed once.
+pub fn check_message(
+    msg: &automerge::sync::Message,
+    doc: &Automerge,
+    authority: &Authority,
+    bounds: Bounds,
+) -> Result<Checked, IngestError> {
     let mut out = Checked::default();
+    let document = each_change(msg, bounds, |change| {
+        admit(&mut out, change, doc, authority, bounds)
+    })?;
+    out.document = document;
+    out.touched = Touched::of(&out.changes);
+    Ok(out)
+}
+
+/// Every change a sync message carries, parsed, unchecked (for a caller that trusts the
+/// sender: tests and tools).
+pub fn message_changes(msg: &automerge::sync::Message) -> Result<Vec<Change>, IngestError> {
+    let mut out = Vec::new();
+    each_change(msg, Bounds::NONE, |change| {
+        out.push(change);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Parses each change of `msg`'s chunks (plain changes, bundles and whole documents, as
+/// `bounds` allow) and hands it to `f`. True if a whole document was among them.
+fn each_change(
+    msg: &automerge::sync::Message,
+    bounds: Bounds,
+    mut f: impl FnMut(Change) -> Result<(), IngestError>,
+) -> Result<bool, IngestError> {
+    let mut document = false;
     for chunk in msg.changes.iter() {
         for part in split_chunks(chunk)? {
             if crate::is_document_chunk(part) {
                 if !bounds.documents {
                     return Err(IngestError::Document);
                 }
-                out.document = true;
+                document = true;
                 for change in document_changes(part)? {
-                    admit(&mut out, change, doc, authority, bounds)?;
+                    f(change)?;
                 }
             } else if is_bundle_chunk(part) {
                 if !bounds.bundles {
                     return Err(IngestError::Bundle);
                 }
                 for change in bundle_changes(part, bounds)? {
-                    admit(&mut out, change, doc, authority, bounds)?;
+                    f(change)?;
                 }
             } else {
-                admit(&mut out, parse_change(part)?, doc, authority, bounds)?;
+                f(parse_change(part)?)?;
             }
         }
     }
-    out.touched = Touched::of(&out.changes);
-    Ok(out)
+    Ok(document)
 }
 
 /// Checks pushed changes (concatenated change chunks, no documents) from a peer against

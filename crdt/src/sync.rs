@@ -7,7 +7,7 @@
 use std::panic::AssertUnwindSafe;
 
 use automerge::{
-    ChangeHash,
+    AutoCommit, Change, ChangeHash,
     sync::{self, SyncDoc},
 };
 
@@ -87,6 +87,9 @@ pub enum SyncError {
     /// Automerge panicked while applying. The in-memory document may be half-applied.
     #[error("automerge panicked while applying the peer's message; the document must be reloaded")]
     Panicked,
+    /// The message's changes do not parse.
+    #[error(transparent)]
+    Malformed(#[from] crate::IngestError),
     /// The message names a document that is not part of this thread.
     #[error("the message names a document that is not part of this thread")]
     UnknownDocument,
@@ -343,9 +346,25 @@ impl SyncSession {
         self.bundles = false;
     }
 
-    /// Applies a message from the peer. Panics inside Automerge are caught and reported.
+    /// Applies a message from the peer, unchecked (tests and tools; the engine checks what a
+    /// peer sent first and calls [`Self::receive_checked`]). Panics inside Automerge are
+    /// caught and reported.
     pub fn receive(&mut self, doc: &mut Part, bytes: &[u8]) -> Result<Received, SyncError> {
         let msg = sync::Message::decode(bytes)?;
+        let changes = crate::ingest::message_changes(&msg)?;
+        self.receive_checked(doc, msg, changes)
+    }
+
+    /// Applies a decoded message from the peer whose changes the caller parsed (and checked):
+    /// `changes` are applied in place of the message's own chunks, which Automerge would
+    /// otherwise parse a second time. The sync state ends as Automerge's own
+    /// `receive_sync_message` leaves it. Panics inside Automerge are caught and reported.
+    pub fn receive_checked(
+        &mut self,
+        doc: &mut Part,
+        msg: sync::Message,
+        changes: Vec<Change>,
+    ) -> Result<Received, SyncError> {
         let their_last_sync: Vec<Vec<ChangeHash>> =
             msg.have.iter().map(|h| h.last_sync.clone()).collect();
         let am = doc.automerge();
@@ -359,9 +378,8 @@ impl SyncSession {
             self.gaps = self.gaps.saturating_add(1);
         }
         let state = &mut self.state;
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            am.sync().receive_sync_message(state, msg)
-        }));
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| apply_message(am, state, msg, changes)));
         self.unconfirmed = false;
         match result {
             Ok(Ok(())) => {
@@ -516,4 +534,161 @@ fn sorted(heads: &[ChangeHash]) -> Vec<ChangeHash> {
 
 fn same(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
     a.len() == b.len() && sorted(a) == sorted(b)
+}
+
+/// What Automerge's `receive_sync_message` does with `msg`, with `changes` (the message's own,
+/// parsed by the caller) applied in place of its chunks, so they are not parsed again.
+fn apply_message(
+    am: &mut AutoCommit,
+    state: &mut sync::State,
+    mut msg: sync::Message,
+    changes: Vec<Change>,
+) -> Result<(), automerge::AutomergeError> {
+    let carried = !msg.changes.is_empty();
+    msg.changes = Vec::<Vec<u8>>::new().into();
+    if carried && !state.read_only {
+        let before = am.get_heads();
+        am.apply_changes(changes)?;
+        state.shared_heads = advance_heads(&before, &am.get_heads(), &state.shared_heads);
+    }
+    // Given no changes, Automerge takes a message at our heads as having seen what we last
+    // sent; given the message as the peer sent it, it does not.
+    let last_sent = state.last_sent_heads.clone();
+    am.sync().receive_sync_message(state, msg)?;
+    if carried {
+        state.last_sent_heads = last_sent;
+    }
+    Ok(())
+}
+
+/// Our shared heads with the peer after applying its changes took our heads from `before` to
+/// `after`: the new heads, and the old shared heads still among ours (as Automerge 0.12's
+/// sync protocol computes it).
+fn advance_heads(
+    before: &[ChangeHash],
+    after: &[ChangeHash],
+    shared: &[ChangeHash],
+) -> Vec<ChangeHash> {
+    let mut out: Vec<ChangeHash> = after
+        .iter()
+        .filter(|h| !before.contains(h))
+        .chain(shared.iter().filter(|h| after.contains(h)))
+        .copied()
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use automerge::{ROOT, transaction::Transactable as _};
+
+    use super::*;
+
+    fn doc(actor: u8) -> AutoCommit {
+        let mut d = AutoCommit::new().with_actor(automerge::ActorId::from(&[actor; 16][..]));
+        d.put(ROOT, "seed", 0).unwrap();
+        d
+    }
+
+    fn write(d: &mut AutoCommit, key: &str, n: usize) {
+        for i in 0..n {
+            d.put(ROOT, format!("{key}{i}"), i as i64).unwrap();
+            d.commit();
+        }
+    }
+
+    /// `apply_message` leaves the document and the sync state exactly as Automerge's own
+    /// `receive_sync_message` does, message by message, through a whole exchange: changes
+    /// both ways, a message whose changes the receiver already holds, and a whole document
+    /// (Automerge sends one to a peer that announces no heads).
+    #[test]
+    fn applying_parsed_changes_leaves_the_state_automerge_would() {
+        let mut a = doc(1);
+        // A shared history, so that what each lacks goes as changes, not a whole document.
+        write(&mut a, "s", 60);
+        let mut b = a.fork().with_actor(automerge::ActorId::from(&[2; 16][..]));
+        write(&mut a, "a", 12);
+        write(&mut b, "b", 7);
+        let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+        let mut compared = 0;
+        let mut with_changes = 0;
+        let mut documents = 0;
+        let mut cuts = 0;
+        let mut step = |from: &mut AutoCommit,
+                        from_state: &mut sync::State,
+                        to: &mut AutoCommit,
+                        to_state: &mut sync::State,
+                        replay: bool,
+                        cut: bool|
+         -> bool {
+            let Some(mut msg) = from.sync().generate_sync_message(from_state) else {
+                return false;
+            };
+            let parts: Vec<Vec<u8>> = msg
+                .changes
+                .iter()
+                .flat_map(|c| crate::ingest::split_chunks(c).unwrap())
+                .map(<[u8]>::to_vec)
+                .collect();
+            if cut && parts.len() >= 2 && !parts.iter().any(|p| crate::is_document_chunk(p)) {
+                // Only the first half of the changes, under heads that name them all (as a
+                // catch-up sent in parts is).
+                let half = parts.len() / 2;
+                msg.changes = vec![parts[..half].concat()].into();
+                // The sender sends the rest later (as `part_of`'s caller does).
+                for p in &parts[half..] {
+                    let change = crate::ingest::parse_change(p).unwrap();
+                    from_state.sent_hashes.remove(&change.hash());
+                }
+                cuts += 1;
+            }
+            let bytes = msg.encode();
+            for _ in 0..if replay { 2 } else { 1 } {
+                let msg = sync::Message::decode(&bytes).unwrap();
+                if !msg.changes.is_empty() {
+                    with_changes += 1;
+                }
+                if msg.changes.iter().any(crate::is_document_chunk) {
+                    documents += 1;
+                }
+                let (mut theirs, mut their_state) = (to.fork(), to_state.clone());
+                theirs
+                    .sync()
+                    .receive_sync_message(&mut their_state, msg.clone())
+                    .unwrap();
+                let changes = crate::ingest::message_changes(&msg).unwrap();
+                apply_message(to, to_state, msg, changes).unwrap();
+                assert_eq!(to.get_heads(), theirs.get_heads());
+                assert_eq!(*to_state, their_state);
+                compared += 1;
+            }
+            true
+        };
+        for round in 0..64 {
+            let x = step(&mut a, &mut sa, &mut b, &mut sb, round == 3, round < 3);
+            let y = step(&mut b, &mut sb, &mut a, &mut sa, round == 2, false);
+            if !x && !y {
+                break;
+            }
+        }
+        assert_eq!(a.get_heads(), b.get_heads());
+        // A newcomer with a history of its own, most of A's missing: Automerge sends it the
+        // whole document.
+        let mut c = doc(3);
+        let (mut sa2, mut sc) = (sync::State::new(), sync::State::new());
+        for _ in 0..64 {
+            let x = step(&mut a, &mut sa2, &mut c, &mut sc, false, false);
+            let y = step(&mut c, &mut sc, &mut a, &mut sa2, false, false);
+            if !x && !y {
+                break;
+            }
+        }
+        assert_eq!(c.get_heads(), a.get_heads());
+        assert!(
+            compared >= 6 && with_changes >= 3 && documents >= 1 && cuts >= 1,
+            "{compared} compared, {with_changes} with changes, {documents} documents, {cuts} cut"
+        );
+    }
 }

@@ -1277,10 +1277,17 @@ impl Engine {
         self.recover()?;
         self.stats.sync_received += 1;
         let n = self.resolve(peer, &doc_id)?;
+        let msg = match automerge::sync::Message::decode(bytes) {
+            Ok(msg) => msg,
+            Err(e) => {
+                self.drop_session(peer, &doc_id);
+                return Err(SyncError::Decode(e).into());
+            }
+        };
         let checked = self.ingest(peer, &doc_id, n, |doc, authority, bounds| {
-            ingest::check_sync_message(bytes, doc, authority, bounds)
+            ingest::check_message(&msg, doc, authority, bounds)
         })?;
-        let touched = checked.touched;
+        let (changes, touched) = (checked.changes, checked.touched);
         let mut doc = self.doc.take().ok_or(EngineError::NoThread)?;
         let Some(part) = doc.part_mut(n) else {
             self.doc = Some(doc);
@@ -1289,7 +1296,10 @@ impl Engine {
         // Nothing waits in Automerge's queue for its dependencies: what this message applies
         // is exactly what the ingest check took from it.
         let nothing_queued = part.automerge().get_missing_deps(&[]).is_empty();
-        let result = self.session(peer, &doc_id).receive(part, bytes);
+        // The changes the check parsed are the ones applied: each chunk is parsed once.
+        let result = self
+            .session(peer, &doc_id)
+            .receive_checked(part, msg, changes);
         let received = match result {
             Ok(r) => r,
             Err(e) => {
