@@ -12,7 +12,8 @@
 //!   recording fails, or the daemon dies before it opens the gate, the wrapper reads end-of-file
 //!   and exits without running anything.
 //! - stdout and stderr are read concurrently. Every byte goes to the log file; decoded text is sent
-//!   to the caller in bounded batches; the last few KiB are kept as the tail.
+//!   to the caller as it is read (the runner groups it into `output` events: output is batched
+//!   in one place), never waiting for the caller; the last few KiB are kept as the tail.
 //! - A timeout or a cancellation terminates the whole group (SIGTERM, then SIGKILL), grandchildren
 //!   included. When the main process exits, whatever it left running in its group is killed too:
 //!   nothing an attempt starts outlives it.
@@ -28,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use errand_core::limits::{MAX_OUTPUT_EVENT_BYTES, MAX_SHORT_TEXT_BYTES};
+use errand_core::limits::MAX_SHORT_TEXT_BYTES;
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Pid, getpgrp};
@@ -51,22 +52,15 @@ pub const SHELL_EXECUTOR_NAME: &str = "shell";
 /// click, commander): an instruction placed after it is an operand even when it starts with `-`.
 pub const END_OF_OPTIONS: &str = "--";
 
-/// Default for [`ExecSpec::batch_interval`]: the phone sees progress twice a second, without one
-/// document change per line of a chatty build.
-pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Default for [`ExecSpec::batch_bytes`]: the largest `output` event the document accepts.
-pub const DEFAULT_BATCH_BYTES: usize = MAX_OUTPUT_EVENT_BYTES;
+/// How often the log file is flushed while output arrives, so it can be followed live, and how
+/// soon text the caller had no room for is offered again.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Default for [`ExecSpec::tail_bytes`]: enough for the last error message or the end of a stack
 /// trace, small enough to put in a `failed` reason or a notification.
 pub const DEFAULT_TAIL_BYTES: usize = 4 * 1024;
 
-/// Smaller [`ExecSpec::batch_bytes`] are raised to this, so the "output skipped" notice always
-/// fits in one batch and a batch always holds at least one character.
-const MIN_BATCH_BYTES: usize = 256;
-
-/// Most text held for a consumer that does not keep up: 16 default batches. Beyond it the oldest
+/// Most text held for a consumer that does not keep up: 16 full `output` events. Beyond it the oldest
 /// text is dropped from the live stream (the log file keeps everything) rather than buffered
 /// without limit, and the child is never made to wait.
 const MAX_PENDING_BYTES: usize = 256 * 1024;
@@ -90,7 +84,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for a killed main process to be reaped before giving up on its exit status.
 const REAP_GRACE: Duration = Duration::from_secs(2);
 
-/// Once the process is done, how long the last batches may wait for room in the output channel.
+/// Once the process is done, how long the last text may wait for room in the output channel.
 /// The caller may only start reading after [`run`] returns, so this must not wait forever.
 const FINAL_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -592,10 +586,6 @@ pub struct ExecSpec {
     /// Where the full output goes: stdout and stderr bytes in arrival order. The file is created
     /// (or truncated), with its parent directories.
     pub log_path: PathBuf,
-    /// A started batch is sent once it is this old.
-    pub batch_interval: Duration,
-    /// A batch is sent once it holds this many bytes, and never holds more (at least 256).
-    pub batch_bytes: usize,
     /// How much of the end of the output [`ExecOutcome::tail`] keeps.
     pub tail_bytes: usize,
     /// The program's stdin: this file, else empty (`/dev/null`).
@@ -603,7 +593,7 @@ pub struct ExecSpec {
 }
 
 impl ExecSpec {
-    /// A spec with no extra environment and the default batching and tail sizes.
+    /// A spec with no extra environment and the default tail size.
     pub fn new(
         argv: Vec<String>,
         cwd: impl Into<PathBuf>,
@@ -616,8 +606,6 @@ impl ExecSpec {
             env: Vec::new(),
             timeout,
             log_path: log_path.into(),
-            batch_interval: DEFAULT_BATCH_INTERVAL,
-            batch_bytes: DEFAULT_BATCH_BYTES,
             tail_bytes: DEFAULT_TAIL_BYTES,
             stdin_file: None,
         }
@@ -634,8 +622,6 @@ impl fmt::Debug for ExecSpec {
             .field("env_names", &env_names)
             .field("timeout", &self.timeout)
             .field("log_path", &self.log_path)
-            .field("batch_interval", &self.batch_interval)
-            .field("batch_bytes", &self.batch_bytes)
             .field("tail_bytes", &self.tail_bytes)
             .finish()
     }
@@ -984,7 +970,7 @@ async fn supervise(
         if exited && stdout.is_none() && stderr.is_none() {
             break;
         }
-        let batch_due = sink.batch_deadline();
+        let flush_due = sink.flush_deadline();
         tokio::select! {
             biased;
             () = cancel.cancelled(), if stop.is_none() && !exited => {
@@ -1016,7 +1002,7 @@ async fn supervise(
             read = read_opt(&mut stderr, &mut err_buf) => {
                 on_read(read, &mut stderr, &err_buf, &mut err_utf8, &mut sink, "stderr").await;
             }
-            () = sleep_until_opt(batch_due) => {
+            () = sleep_until_opt(flush_due) => {
                 sink.flush_due(Instant::now()).await;
             }
             waited = child.wait(), if !exited => {
@@ -1036,7 +1022,7 @@ async fn supervise(
         }
     }
 
-    // Finish: decode what is left, reap, sweep the group, send the last batches.
+    // Finish: decode what is left, reap, sweep the group, send the last text.
     for decoder in [&mut out_utf8, &mut err_utf8] {
         let mut text = String::new();
         decoder.finish(&mut text);
@@ -1152,15 +1138,18 @@ impl Drop for GroupGuard {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Output: log file, batches, tail
+// Output: log file, stream, tail
 // ---------------------------------------------------------------------------------------------
 
-/// Where the output goes: every byte to the log, decoded text to the batches and the tail.
+/// Where the output goes: every byte to the log, decoded text to the stream and the tail.
 struct OutputSink {
     log: Option<BufWriter<File>>,
     log_path: PathBuf,
     log_complete: bool,
-    batches: Batcher,
+    /// When the log is flushed and waiting text offered again; set by the first write after
+    /// the last flush.
+    flush_at: Option<Instant>,
+    stream: TextStream,
     tail: Tail,
     total_bytes: u64,
 }
@@ -1171,7 +1160,8 @@ impl OutputSink {
             log: Some(log),
             log_path: spec.log_path.clone(),
             log_complete: true,
-            batches: Batcher::new(output, spec.batch_bytes, spec.batch_interval),
+            flush_at: None,
+            stream: TextStream::new(output),
             tail: Tail::new(spec.tail_bytes),
             total_bytes: 0,
         }
@@ -1179,6 +1169,8 @@ impl OutputSink {
 
     async fn write_raw(&mut self, bytes: &[u8]) {
         self.total_bytes += bytes.len() as u64;
+        self.flush_at
+            .get_or_insert_with(|| Instant::now() + FLUSH_INTERVAL);
         if let Some(log) = &mut self.log
             && let Err(e) = log.write_all(bytes).await
         {
@@ -1190,19 +1182,23 @@ impl OutputSink {
         if text.is_empty() {
             return;
         }
-        self.batches.push(text, now);
+        self.stream.push(text);
+        if self.stream.waiting() {
+            self.flush_at.get_or_insert(now + FLUSH_INTERVAL);
+        }
         self.tail.push(text);
     }
 
-    fn batch_deadline(&self) -> Option<Instant> {
-        self.batches.deadline()
+    fn flush_deadline(&self) -> Option<Instant> {
+        self.flush_at
     }
 
-    /// The batch interval passed: send what is pending, and let the log file catch up so it can
-    /// be followed live.
+    /// The flush interval passed: offer waiting text again, and let the log file catch up so
+    /// it can be followed live.
     async fn flush_due(&mut self, now: Instant) {
-        self.batches.flush(now, true);
+        self.stream.flush();
         self.flush_log().await;
+        self.flush_at = self.stream.waiting().then_some(now + FLUSH_INTERVAL);
     }
 
     async fn flush_log(&mut self) {
@@ -1223,7 +1219,7 @@ impl OutputSink {
         self.log_complete = false;
     }
 
-    /// Sends the last batches (waiting a bounded time for room) and closes the log. Returns the
+    /// Sends the last text (waiting a bounded time for room) and closes the log. Returns the
     /// tail, the byte count and whether the log is complete.
     async fn finish(mut self) -> (String, u64, bool) {
         self.flush_log().await;
@@ -1232,51 +1228,41 @@ impl OutputSink {
         {
             self.log_failed(&e);
         }
-        self.batches.finish(FINAL_SEND_TIMEOUT).await;
+        self.stream.finish(FINAL_SEND_TIMEOUT).await;
         (self.tail.finish(), self.total_bytes, self.log_complete)
     }
 }
 
-/// Groups text into batches of at most `max_bytes`, sent when full or `interval` after their
-/// first byte, never waiting for the consumer.
-struct Batcher {
+/// Hands decoded text to the caller as it is read, never waiting for it. The caller (the
+/// runner's `OutputPlan`) groups it into `output` events; this only holds what the channel had
+/// no room for, up to [`MAX_PENDING_BYTES`], and beyond that drops the oldest with a notice
+/// (the log file keeps everything).
+struct TextStream {
     tx: mpsc::Sender<String>,
-    max_bytes: usize,
-    interval: Duration,
-    /// Text not yet sent, oldest first.
+    /// Text the channel had no room for yet, oldest first.
     pending: String,
-    /// When the oldest pending text arrived (or the last failed attempt to send it).
-    started: Option<Instant>,
     /// Bytes dropped from the front of `pending` since the last notice about it.
     skipped: u64,
-    /// The receiver is gone: batches are discarded.
+    /// The receiver is gone: text is discarded.
     closed: bool,
 }
 
-impl Batcher {
-    fn new(tx: mpsc::Sender<String>, max_bytes: usize, interval: Duration) -> Self {
+impl TextStream {
+    fn new(tx: mpsc::Sender<String>) -> Self {
         Self {
             tx,
-            max_bytes: max_bytes.max(MIN_BATCH_BYTES),
-            interval,
             pending: String::new(),
-            started: None,
             skipped: 0,
             closed: false,
         }
     }
 
-    fn push(&mut self, text: &str, now: Instant) {
+    fn push(&mut self, text: &str) {
         if self.closed || text.is_empty() {
             return;
         }
-        if self.started.is_none() {
-            self.started = Some(now);
-        }
         self.pending.push_str(text);
-        if self.pending.len() >= self.max_bytes {
-            self.flush(now, false);
-        }
+        self.flush();
         if self.pending.len() > MAX_PENDING_BYTES {
             // The consumer is behind. Keep the newest half so the cap is not hit on every push.
             let cut = ceil_char_boundary(&self.pending, self.pending.len() - MAX_PENDING_BYTES / 2);
@@ -1285,76 +1271,67 @@ impl Batcher {
         }
     }
 
-    fn deadline(&self) -> Option<Instant> {
-        self.started.map(|s| s + self.interval)
+    /// True while text (or a notice) waits for room in the channel.
+    fn waiting(&self) -> bool {
+        !self.closed && (self.skipped > 0 || !self.pending.is_empty())
     }
 
-    /// Sends full batches, or with `all` everything pending, as far as the channel has room.
-    fn flush(&mut self, now: Instant, all: bool) {
+    /// Sends the notice, then the waiting text, as far as the channel has room.
+    fn flush(&mut self) {
         while !self.closed {
-            let Some(batch) = self.next_batch(all) else {
+            let Some((text, is_notice)) = self.next() else {
                 break;
             };
-            let len = batch.len();
-            let is_notice = self.skipped > 0;
-            match self.tx.try_send(batch) {
+            match self.tx.try_send(text) {
                 Ok(()) if is_notice => self.skipped = 0,
-                Ok(()) => {
-                    self.pending.drain(..len);
+                Ok(()) => {}
+                Err(TrySendError::Full(text)) => {
+                    if !is_notice {
+                        self.pending = text;
+                    }
+                    break;
                 }
-                Err(TrySendError::Full(_)) => break,
                 Err(TrySendError::Closed(_)) => self.close(),
             }
         }
-        // Pending text waits one more interval (after a failed send, it is retried then).
-        self.started = (!self.pending.is_empty()).then_some(now);
     }
 
-    /// The next batch to send: the skipped-output notice first, then the oldest text.
-    fn next_batch(&self, all: bool) -> Option<String> {
+    /// The next text to send, and whether it is the skipped-output notice (which goes first).
+    /// Waiting text is taken out of `pending`; a failed send puts it back.
+    fn next(&mut self) -> Option<(String, bool)> {
         if self.skipped > 0 {
-            return Some(format!(
+            let notice = format!(
                 "\n[errand: {} bytes of output were not streamed because the reader fell \
                  behind; the log file has them]\n",
                 self.skipped
-            ));
+            );
+            return Some((notice, true));
         }
-        if self.pending.is_empty() || (!all && self.pending.len() < self.max_bytes) {
-            return None;
-        }
-        let mut end = floor_char_boundary(&self.pending, self.max_bytes);
-        if end == 0 {
-            end = ceil_char_boundary(&self.pending, 1);
-        }
-        Some(self.pending[..end].to_owned())
+        (!self.pending.is_empty()).then(|| (std::mem::take(&mut self.pending), false))
     }
 
     fn close(&mut self) {
         debug!("output receiver dropped; output now only goes to the log file");
         self.closed = true;
         self.pending.clear();
-        self.started = None;
         self.skipped = 0;
     }
 
-    /// Sends everything pending, waiting for room for at most `limit` in total.
+    /// Sends everything waiting, waiting for room for at most `limit` in total.
     async fn finish(&mut self, limit: Duration) {
         let give_up = Instant::now() + limit;
         while !self.closed {
-            let Some(batch) = self.next_batch(true) else {
+            let Some((text, is_notice)) = self.next() else {
                 return;
             };
-            let len = batch.len();
-            let is_notice = self.skipped > 0;
-            match tokio::time::timeout_at(give_up, self.tx.send(batch)).await {
+            let len = text.len();
+            match tokio::time::timeout_at(give_up, self.tx.send(text)).await {
                 Ok(Ok(())) if is_notice => self.skipped = 0,
-                Ok(Ok(())) => {
-                    self.pending.drain(..len);
-                }
+                Ok(Ok(())) => {}
                 Ok(Err(_)) => self.close(),
                 Err(_) => {
                     warn!(
-                        bytes = self.pending.len(),
+                        bytes = len,
                         "output receiver is not reading; the last output is only in the log file"
                     );
                     return;
@@ -1455,15 +1432,6 @@ fn ceil_char_boundary(s: &str, mut index: usize) -> usize {
         index += 1;
     }
     index.min(s.len())
-}
-
-/// The largest character boundary at or before `index`.
-fn floor_char_boundary(s: &str, index: usize) -> usize {
-    let mut index = index.min(s.len());
-    while index > 0 && !s.is_char_boundary(index) {
-        index -= 1;
-    }
-    index
 }
 
 #[cfg(test)]
@@ -1832,32 +1800,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn slow_lines_are_grouped_into_fewer_batches() {
+    async fn slow_lines_reach_the_consumer_as_they_are_written() {
         let dir = tempfile::tempdir().unwrap();
         let script = "i=0; while [ $i -lt 100 ]; do echo line $i; i=$((i+1)); sleep 0.01; done";
-        let (result, batches) =
+        let (result, pieces) =
             run_collecting(shell_spec(dir.path(), script), CancellationToken::new()).await;
         assert_eq!(result.unwrap().exit_code, Some(0));
         let expected: String = (0..100).map(|i| format!("line {i}\n")).collect();
-        assert_eq!(batches.concat(), expected);
-        assert!(batches.len() < 100, "{} batches", batches.len());
+        assert_eq!(pieces.concat(), expected);
+        // Not held back for grouping: that is the runner's `OutputPlan`'s job.
+        assert!(pieces.len() > 1, "{} pieces", pieces.len());
     }
 
     #[tokio::test]
-    async fn fast_output_is_split_into_batches_of_at_most_batch_bytes() {
+    async fn fast_output_reaches_a_consumer_that_keeps_up_whole() {
         let dir = tempfile::tempdir().unwrap();
         let spec = shell_spec(
             dir.path(),
             "yes abcdefghijklmnopqrstuvwxyz | head -c 102400",
         );
-        let batch_bytes = spec.batch_bytes;
-        let (result, batches) = run_collecting(spec, CancellationToken::new()).await;
+        let (result, pieces) = run_collecting(spec, CancellationToken::new()).await;
         let outcome = result.unwrap();
         assert_eq!(outcome.exit_code, Some(0));
         assert_eq!(outcome.total_bytes, 102_400);
         assert_eq!(outcome.tail.len(), DEFAULT_TAIL_BYTES);
-        assert!(batches.iter().all(|b| b.len() <= batch_bytes));
-        assert_eq!(batches.iter().map(String::len).sum::<usize>(), 102_400);
+        assert_eq!(
+            pieces.concat(),
+            "abcdefghijklmnopqrstuvwxyz\n".repeat(4000)[..102_400]
+        );
     }
 
     #[tokio::test]
@@ -1865,7 +1835,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = shell_spec(dir.path(), "head -c 1048576 /dev/zero | tr '\\0' x");
         let log_path = spec.log_path.clone();
-        let batch_bytes = spec.batch_bytes;
         let (tx, mut rx) = mpsc::channel(2);
         let begun = Instant::now();
         let outcome = run(spec, CancellationToken::new(), record_nothing, tx)
@@ -1881,45 +1850,50 @@ mod tests {
         assert!(outcome.log_complete);
         assert_eq!(std::fs::metadata(log_path).unwrap().len(), 1_048_576);
         let mut received = 0;
-        while let Some(batch) = rx.recv().await {
-            assert!(batch.len() <= batch_bytes);
-            received += batch.len();
+        while let Some(piece) = rx.recv().await {
+            assert!(piece.len() <= MAX_PENDING_BYTES);
+            received += piece.len();
         }
         assert!(received < 1_048_576);
     }
 
     #[test]
-    fn batcher_drops_the_oldest_text_with_a_notice_when_the_consumer_lags() {
+    fn the_stream_drops_the_oldest_text_with_a_notice_when_the_consumer_lags() {
         let (tx, mut rx) = mpsc::channel(1);
-        let mut batcher = Batcher::new(tx, 16 * 1024, DEFAULT_BATCH_INTERVAL);
-        let now = Instant::now();
+        let mut stream = TextStream::new(tx);
         let piece = "a".repeat(8 * 1024);
         for _ in 0..75 {
-            batcher.push(&piece, now);
+            stream.push(&piece);
         }
-        assert!(batcher.pending.len() <= MAX_PENDING_BYTES);
-        assert!(batcher.skipped > 0);
-        assert_eq!(rx.try_recv().unwrap().len(), 16 * 1024);
-        batcher.flush(now, true);
+        assert!(stream.pending.len() <= MAX_PENDING_BYTES);
+        assert!(stream.skipped > 0 && stream.waiting());
+        // The first piece went at once; the rest waited.
+        assert_eq!(rx.try_recv().unwrap().len(), 8 * 1024);
+        stream.flush();
         let notice = rx.try_recv().unwrap();
         assert!(notice.contains("not streamed"), "{notice:?}");
-        batcher.flush(now, true);
-        assert_eq!(rx.try_recv().unwrap().len(), 16 * 1024);
+        let waiting = stream.pending.len();
+        stream.flush();
+        assert_eq!(rx.try_recv().unwrap().len(), waiting);
+        assert!(!stream.waiting());
     }
 
     #[test]
-    fn batches_split_at_character_boundaries() {
-        let (tx, mut rx) = mpsc::channel(64);
-        let mut batcher = Batcher::new(tx, MIN_BATCH_BYTES, DEFAULT_BATCH_INTERVAL);
-        let now = Instant::now();
-        batcher.push(&"é".repeat(1000), now);
-        batcher.flush(now, true);
-        let mut total = String::new();
-        while let Ok(batch) = rx.try_recv() {
-            assert!(batch.len() <= MIN_BATCH_BYTES);
-            total.push_str(&batch);
-        }
-        assert_eq!(total, "é".repeat(1000));
+    fn the_stream_drops_text_at_a_character_boundary() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut stream = TextStream::new(tx);
+        stream.push("x");
+        // 300,000 bytes of three-byte characters while the channel is full: the cut at the
+        // cap's half falls inside one unless it is moved to a boundary (draining there panics).
+        let text = "€".repeat(100_000);
+        assert_ne!((text.len() - MAX_PENDING_BYTES / 2) % 3, 0);
+        stream.push(&text);
+        assert!(stream.pending.starts_with('€') && stream.pending.len() <= MAX_PENDING_BYTES);
+        assert_eq!(
+            stream.skipped + stream.pending.len() as u64,
+            text.len() as u64
+        );
+        assert_eq!(rx.try_recv().unwrap(), "x");
     }
 
     #[test]

@@ -66,9 +66,10 @@ pub use crate::attempt::{
 /// The directory in the home that holds attempt logs and thread transcripts.
 pub const LOGS_DIR: &str = "logs";
 
-/// Batches of output buffered between the executor and the writer of `output` events. The
-/// executor never waits on a full channel (it keeps accumulating, up to its own cap), so a small
-/// channel costs nothing: 16 batches of up to 16 KiB.
+/// Pieces of output text between the executor and [`OutputPlan`], which groups them into
+/// `output` events (the one place output is batched). The executor never waits on a full
+/// channel (it keeps what did not fit, up to its own cap), so a small channel costs nothing:
+/// 16 pieces, each one read of a pipe or the text that waited for room.
 const OUTPUT_CHANNEL_CAPACITY: usize = 16;
 
 /// Most task ids remembered as "announced but not readable yet" (a phone's task can merge just
@@ -1577,7 +1578,7 @@ impl AttemptJob {
         )
     }
 
-    /// Appends `started` once the process is recorded and released, then the output batches.
+    /// Appends `started` once the process is recorded and released, then its output as `output` events.
     async fn report(
         &self,
         spawned: oneshot::Receiver<i32>,
@@ -1607,7 +1608,7 @@ impl AttemptJob {
             let due = plan.due_at();
             tokio::select! {
                 biased;
-                batch = output.recv() => match batch {
+                piece = output.recv() => match piece {
                     Some(text) => plan.push(&text),
                     None => break,
                 },
