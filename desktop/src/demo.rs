@@ -83,6 +83,9 @@ async fn tour(root: &Path) -> Result<()> {
             name: Some(name.into()),
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().context("listen address")?],
             mdns: false,
+            relays: Vec::new(),
+            relay_only: false,
+            blob_caps: Default::default(),
         })
         .with_context(|| format!("while opening the {dir} home"))
     };

@@ -221,9 +221,10 @@ async fn run(home: PathBuf, command: Command) -> Result<(), ApiError> {
         }
         Command::Import { dir, json } => cli::import(&home, &dir, json).await,
         other => {
-            cli::one_shot(home, DeviceKind::Desktop, async |opened| {
-                request(opened, other).await
-            })
+            cli::one_shot(
+                PeerConfig::local(home, DeviceKind::Desktop),
+                async |opened| request(opened, other).await,
+            )
             .await
         }
     }
@@ -323,10 +324,11 @@ async fn daemon(
         name,
         listen: net.listen_addrs(),
         mdns: !net.no_mdns,
+        relays: net.relays.clone(),
+        relay_only: net.relay_only,
+        blob_caps: settings.blob_caps,
     })
     .await?;
-    net.apply(&peer);
-    peer.set_blob_caps(settings.blob_caps);
     // Before any task runs: files no kept task references (a crash mid-delete, a revocation
     // while stopped, a partial fetch of a task gone since) are removed.
     if let Err(e) = peer.collect_blobs().await {
@@ -426,6 +428,9 @@ async fn pair(
         name: None,
         listen: net.listen_addrs(),
         mdns: !net.no_mdns,
+        relays: net.relays.clone(),
+        relay_only: net.relay_only,
+        blob_caps: Default::default(),
     })
     .await?;
     let (issued, local) = match opened {
@@ -437,7 +442,6 @@ async fn pair(
                  (Ctrl-C to stop). Start `errand-desktop run` to have the daemon do it.",
                 home.display()
             );
-            net.apply(&peer);
             peer.start()
                 .await
                 .map_err(|e| ApiError::new(e.to_string()))?;

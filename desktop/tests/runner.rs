@@ -34,6 +34,9 @@ fn desk() -> Desk {
         name: Some("test desktop".into()),
         listen: Vec::new(),
         mdns: false,
+        relays: Vec::new(),
+        relay_only: false,
+        blob_caps: Default::default(),
     })
     .unwrap();
     Desk {

@@ -97,6 +97,9 @@ impl PhoneClient {
             name,
             listen,
             mdns: options.mdns,
+            relays: Vec::new(),
+            relay_only: false,
+            blob_caps: Default::default(),
         })?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKER_THREADS)

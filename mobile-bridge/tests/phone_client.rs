@@ -99,6 +99,9 @@ impl Desktop {
             name: Some("test-desktop".into()),
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
             mdns: false,
+            relays: Vec::new(),
+            relay_only: false,
+            blob_caps: Default::default(),
         })
         .unwrap();
         rt.block_on(async {

@@ -384,6 +384,9 @@ fn fill(
             name: None,
             listen: Vec::new(),
             mdns: false,
+            relays: Vec::new(),
+            relay_only: false,
+            blob_caps: Default::default(),
         })?;
         if let Some(l) = limit {
             peer.replica().set_segment_limit(l);

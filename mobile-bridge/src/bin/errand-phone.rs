@@ -53,13 +53,6 @@ struct FileArgs {
 /// The blob caps given on the command line (or in the environment), set once in `main`.
 static BLOB_CAPS: std::sync::OnceLock<errand_p2p::blob::BlobCaps> = std::sync::OnceLock::new();
 
-/// Gives a home opened by this process the caps of the command line.
-fn apply_caps(peer: &errand_p2p::peer::Peer) {
-    if let Some(caps) = BLOB_CAPS.get() {
-        peer.set_blob_caps(*caps);
-    }
-}
-
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Keep syncing with the desktop in the foreground.
@@ -287,6 +280,9 @@ fn peer_config(home: &std::path::Path, net: &NetArgs, name: Option<String>) -> P
         name,
         listen: net.listen_addrs(),
         mdns: !net.no_mdns,
+        relays: net.relays.clone(),
+        relay_only: net.relay_only,
+        blob_caps: BLOB_CAPS.get().copied().unwrap_or_default(),
     }
 }
 
@@ -297,10 +293,6 @@ async fn open_net(
     name: Option<String>,
 ) -> Result<Opened, ApiError> {
     let opened = cli::open_with(peer_config(home, net, name)).await?;
-    if let Opened::Local(peer) = &opened {
-        net.apply(peer);
-        apply_caps(peer);
-    }
     Ok(opened)
 }
 
@@ -338,8 +330,6 @@ async fn run(home: PathBuf, auto_fetch_bytes: u64, command: Command) -> Result<(
         Command::Daemon { net, name } => {
             cli::init_logging("info");
             let peer = cli::open_daemon(peer_config(&home, &net, name)).await?;
-            net.apply(&peer);
-            apply_caps(&peer);
             if let Err(e) = peer.collect_blobs().await {
                 tracing::warn!(error = %e, "could not collect unreferenced files");
             }
@@ -505,7 +495,13 @@ async fn run(home: PathBuf, auto_fetch_bytes: u64, command: Command) -> Result<(
             }
             Ok(())
         }
-        other => cli::one_shot(home, CLI, async |opened| request(opened, other).await).await,
+        other => {
+            let config = PeerConfig {
+                blob_caps: BLOB_CAPS.get().copied().unwrap_or_default(),
+                ..PeerConfig::local(home, CLI)
+            };
+            cli::one_shot(config, async |opened| request(opened, other).await).await
+        }
     }
 }
 
@@ -746,9 +742,6 @@ async fn sync(home: &std::path::Path, net: &NetArgs, timeout: Duration) -> Resul
 
 /// A one-shot command: one request, its response printed.
 async fn request(opened: &Opened, command: Command) -> Result<(), ApiError> {
-    if let Opened::Local(peer) = opened {
-        apply_caps(peer);
-    }
     let act = async |id: String, action: Action, json: bool| {
         let id = api::ops::parse_task_id(&id)?;
         cli::show(opened, api::Act { id, action }, json, CLI).await

@@ -599,6 +599,9 @@ async fn opens_as_owner(home: &Path, imported: &Imported) -> Result<(), ApiError
         name: None,
         listen: Vec::new(),
         mdns: false,
+        relays: Vec::new(),
+        relay_only: false,
+        blob_caps: Default::default(),
     })
     .map_err(|e| ApiError::new(format!("the imported home does not open: {e}")))?;
     let owns = peer.replica().read(|d| d.owns_thread()).await.map_err(err);

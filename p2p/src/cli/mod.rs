@@ -49,11 +49,6 @@ pub struct NetArgs {
 }
 
 impl NetArgs {
-    /// Applies the relay flags to a peer before it starts.
-    pub fn apply(&self, peer: &Peer) {
-        peer.set_relays(self.relays.clone(), self.relay_only);
-    }
-
     /// The listen addresses, with the default filled in.
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         if self.listen.is_empty() {
@@ -133,14 +128,7 @@ pub fn name_process(bin: &str, matches: &clap::ArgMatches) {
 
 /// Opens the home for a one-shot command (no network), or finds the daemon that holds it.
 pub async fn open(home: PathBuf, kind: DeviceKind) -> Result<Opened, ApiError> {
-    open_with(PeerConfig {
-        home,
-        kind,
-        name: None,
-        listen: Vec::new(),
-        mdns: false,
-    })
-    .await
+    open_with(PeerConfig::local(home, kind)).await
 }
 
 /// Opens the home with `config` (for a command that goes online itself when no daemon runs),
@@ -275,15 +263,14 @@ impl Opened {
     }
 }
 
-/// A one-shot command: opens the home without a network (or finds its daemon), runs `f`,
-/// and lets go of the home again.
+/// A one-shot command: opens the home with `config` but no network (or finds its daemon),
+/// runs `f`, and lets go of the home again.
 pub async fn one_shot(
-    home: PathBuf,
-    kind: DeviceKind,
+    config: PeerConfig,
     f: impl AsyncFnOnce(&Opened) -> Result<(), ApiError>,
 ) -> Result<(), ApiError> {
     init_logging("warn");
-    let opened = open(home, kind).await?;
+    let opened = open_with(config).await?;
     let out = f(&opened).await;
     opened.close().await;
     out

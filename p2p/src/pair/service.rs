@@ -14,7 +14,7 @@ use super::{
     PAIR_PROTOCOL, respond,
     tickets::{Book, Desk, refresh_window},
 };
-use crate::{clock::now_ms, net::node::NodeHandle, replica::Binding, sync::gate::GateState};
+use crate::{clock::now_ms, net::node::NodeHandle, replica::Binding};
 
 /// Pairing handshakes served at once. A person pairs one phone at a time; a few more cover a
 /// retry while an earlier attempt times out. Each handshake runs on a blocking thread, so
@@ -57,7 +57,7 @@ pub fn serve(
             // Counted from the first byte: the node keeps a relayed connection that a hole
             // punch supersedes open while a handshake with its peer runs (the welcome may be
             // on it).
-            let running = GateState::handshake(&desk.gate, phone);
+            let running = desk.gate.handshake(phone);
             handshakes.spawn(async move {
                 let _permit = permit;
                 let _running = running;

@@ -166,9 +166,7 @@ pub fn refresh_window(replica: &Replica, gate: &SharedGate) {
     let latest = replica.with_store(|s| latest_live_expiry(s, now));
     let until = latest
         .map(|ms| Instant::now() + Duration::from_millis(u64::try_from(ms - now).unwrap_or(0)));
-    if let Ok(mut g) = gate.write() {
-        g.pairing_open_until = until;
-    }
+    gate.set_pairing_window(until);
 }
 
 /// Records a ticket just issued as live, after dropping the tickets past their expiry.
@@ -326,9 +324,7 @@ impl TicketBook for Book {
             }
             Ok(secret)
         })?;
-        if let Ok(mut g) = self.desk.gate.write() {
-            g.trusted.insert(phone);
-        }
+        self.desk.gate.trust(phone);
         // Other live tickets keep the window open; otherwise it closes now.
         self.refresh_window();
         let me = self.desk.me.clone();

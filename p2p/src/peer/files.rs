@@ -23,10 +23,10 @@ impl Peer {
         .unwrap_or_default()
     }
 
-    /// This home's blob store, with the caps set by [`Self::set_blob_caps`].
+    /// This home's blob store, with the caps of its [`PeerConfig`](super::PeerConfig).
     pub fn blobs(&self) -> crate::blob::BlobStore {
-        let caps = self.inner.blob_caps.lock().map(|c| *c).unwrap_or_default();
-        crate::blob::BlobStore::new(self.home(), self.inner.replica.clone()).with_caps(caps)
+        crate::blob::BlobStore::new(self.home(), self.inner.replica.clone())
+            .with_caps(self.inner.config.blob_caps)
     }
 
     /// Garbage collection of this home's blobs: every blob (whole or partial) that no kept
@@ -113,15 +113,6 @@ impl Peer {
             Err(e) => return Err(e.into()),
         };
         Ok(keep)
-    }
-
-    /// Sets the caps of this home's blob store (the device's settings): files over
-    /// `max_blob_bytes`, or that would take the home over `max_blob_storage_bytes`, are
-    /// refused when stored or fetched from now on.
-    pub fn set_blob_caps(&self, caps: crate::blob::BlobCaps) {
-        if let Ok(mut c) = self.inner.blob_caps.lock() {
-            *c = caps;
-        }
     }
 
     /// Fetches `blob` from `from` (connected, trusted) into this home's blob store, resuming

@@ -1,17 +1,23 @@
 //! The `Peer` handle: cheap to clone, one `Arc` over the peer's state. Opening a home, the
 //! accessors, local writes (durable on return) and trust live here; the network side is in
 //! [`super::supervisor`], the status report in [`super::status`].
+//!
+//! Who owns what: the thread and the store are the [`Replica`]'s (its engine runs on one
+//! thread; the handle sends it work); the network's state (the node, each peer's connection
+//! and traffic) is the supervisor's, which alone writes the [`NetView`] the handle reads; the
+//! running tasks are held by `Inner::net`, taken by `start` and given back by `shutdown`,
+//! which joins them. What a home is opened with ([`PeerConfig`]) does not change after.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use errand_core::{DeviceId, DeviceKind, EventKind, MessageKind, TaskId, ThreadId};
 use errand_crdt::{NewTask, Store, ThreadGenesis, TrustedPeer};
 use libp2p::{Multiaddr, PeerId, identity};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -19,7 +25,7 @@ use crate::{
     net::node::NodeHandle,
     replica::{Replica, ReplicaError},
     sync::{
-        gate::{GateState, SharedGate},
+        gate::SharedGate,
         session::{DeviceInfo, Traffic},
     },
 };
@@ -39,13 +45,25 @@ const EVENT_CAPACITY: usize = 1024;
 /// muxer says goodbye and the socket closes), so this only bounds a stuck transport.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-#[derive(Debug, Default)]
+/// What the network side knows of one trusted peer.
+#[derive(Debug, Clone, Default)]
 pub(super) struct Live {
     pub(super) connected: bool,
     pub(super) relayed: bool,
     /// The circuit's byte limit, if relayed and the relay stated one.
     pub(super) circuit_bytes: Option<u64>,
     pub(super) in_sync: bool,
+    /// Bytes exchanged with it by this process (its sessions count them).
+    pub(super) traffic: Arc<Traffic>,
+}
+
+/// The network as the supervisor last published it: the running node, if any, and what it
+/// knows of each peer. Written by the supervisor alone (`start` and `shutdown` included);
+/// everyone else reads a snapshot.
+#[derive(Debug, Clone, Default)]
+pub(super) struct NetView {
+    pub(super) node: Option<NodeHandle>,
+    pub(super) peers: HashMap<PeerId, Live>,
 }
 
 pub(super) struct Net {
@@ -62,15 +80,14 @@ pub(super) struct Inner {
     pub(super) peer_id: PeerId,
     pub(super) gate: SharedGate,
     pub(super) events: broadcast::Sender<PeerEvent>,
+    /// The running network's tasks: `start` fills it, `shutdown` takes and joins them (the
+    /// lock makes the two take turns).
     pub(super) net: tokio::sync::Mutex<Option<Net>>,
-    pub(super) node: RwLock<Option<NodeHandle>>,
-    pub(super) relay_opts: Mutex<(Vec<Multiaddr>, bool)>,
-    pub(super) live: Mutex<HashMap<PeerId, Live>>,
-    pub(super) traffic: Mutex<HashMap<PeerId, Arc<Traffic>>>,
-    /// The caps of this home's blob store (a setting; the defaults until one is given).
-    pub(super) blob_caps: Mutex<crate::blob::BlobCaps>,
+    /// The supervisor's [`NetView`]; only `supervisor.rs` sends on it.
+    pub(super) view: watch::Sender<NetView>,
     /// One fetch per blob at a time in this process: a second one (`errand-phone fetch`
-    /// beside the phone's automatic fetch) waits, then finds the blob whole.
+    /// beside the phone's automatic fetch) waits, then finds the blob whole. A map of
+    /// locks, not state: each entry lives while a fetch of its blob runs.
     pub(super) fetching: Mutex<HashMap<errand_core::BlobHash, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -144,10 +161,7 @@ impl Peer {
             };
             replica.create_thread(genesis)?;
         }
-        let gate = Arc::new(RwLock::new(GateState {
-            trusted: trusted.into_iter().collect(),
-            ..GateState::default()
-        }));
+        let gate = SharedGate::new(trusted);
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -158,32 +172,23 @@ impl Peer {
                 gate,
                 events: broadcast::channel(EVENT_CAPACITY).0,
                 net: tokio::sync::Mutex::new(None),
-                node: RwLock::new(None),
-                relay_opts: Mutex::new((Vec::new(), false)),
-                live: Mutex::new(HashMap::new()),
-                traffic: Mutex::new(HashMap::new()),
-                blob_caps: Mutex::new(crate::blob::BlobCaps::default()),
+                view: watch::Sender::new(NetView::default()),
                 fetching: Mutex::new(HashMap::new()),
             }),
         })
     }
 
-    /// Sets relays to use (remembered in the home) and whether to use *only* relay circuits
-    /// (no direct dials, mDNS or DCUtR: for testing the relayed path). Call before [`Peer::start`].
-    pub fn set_relays(&self, relays: Vec<Multiaddr>, relay_only: bool) {
-        if let Ok(mut o) = self.inner.relay_opts.lock() {
-            *o = (relays, relay_only);
-        }
+    /// The relays this home uses: those of its [`PeerConfig`] and those it remembers, which
+    /// from now on include the former.
+    pub(super) async fn relays(&self) -> Result<Vec<Multiaddr>, PeerError> {
+        self.remember_relays(self.inner.config.relays.clone()).await
     }
 
-    /// The relays this home remembers, plus those set for this run.
-    pub(super) async fn relays(&self) -> Result<(Vec<Multiaddr>, bool), PeerError> {
-        let (mut relays, relay_only) = self
-            .inner
-            .relay_opts
-            .lock()
-            .map(|o| o.clone())
-            .unwrap_or_default();
+    /// Adds `relays` to those the home remembers; returns them all.
+    async fn remember_relays(
+        &self,
+        mut relays: Vec<Multiaddr>,
+    ) -> Result<Vec<Multiaddr>, PeerError> {
         let stored: Vec<String> = self
             .inner
             .replica
@@ -202,17 +207,12 @@ impl Peer {
                 .store_blocking(move |s| s.write(|t| t.put_meta_json(META_RELAYS, &all)))
                 .await??;
         }
-        Ok((relays, relay_only))
+        Ok(relays)
     }
 
     /// Remembers a relay (learned from a ticket) and starts using it.
     pub async fn add_relay(&self, addr: Multiaddr) -> Result<(), PeerError> {
-        if let Ok(mut o) = self.inner.relay_opts.lock()
-            && !o.0.contains(&addr)
-        {
-            o.0.push(addr.clone());
-        }
-        self.relays().await?;
+        self.remember_relays(vec![addr.clone()]).await?;
         if let Some(node) = self.node() {
             node.add_relay(addr).await?;
         }
@@ -247,7 +247,7 @@ impl Peer {
 
     /// True when this peer only uses relay circuits.
     pub fn relay_only(&self) -> bool {
-        self.inner.relay_opts.lock().map(|o| o.1).unwrap_or(false)
+        self.inner.config.relay_only
     }
 
     /// Our PeerId.
@@ -297,7 +297,7 @@ impl Peer {
 
     /// The running node, if started.
     pub fn node(&self) -> Option<NodeHandle> {
-        self.inner.node.read().ok().and_then(|n| n.clone())
+        self.inner.view.borrow().node.clone()
     }
 
     /// This device as the hello describes it.
@@ -525,12 +525,10 @@ impl Peer {
             .replica
             .store_blocking(move |s| s.write(|t| t.put_trusted(&p)))
             .await??;
-        if let Ok(mut g) = self.inner.gate.write() {
-            if peer.revoked {
-                g.trusted.remove(&pid);
-            } else {
-                g.trusted.insert(pid);
-            }
+        if peer.revoked {
+            self.inner.gate.distrust(&pid);
+        } else {
+            self.inner.gate.trust(pid);
         }
         Ok(())
     }
@@ -545,19 +543,7 @@ impl Peer {
     }
 
     pub(super) fn is_trusted(&self, peer: &PeerId) -> bool {
-        self.inner
-            .gate
-            .read()
-            .map(|g| g.trusted.contains(peer))
-            .unwrap_or(false)
-    }
-
-    pub(super) fn traffic(&self, peer: PeerId) -> Arc<Traffic> {
-        self.inner
-            .traffic
-            .lock()
-            .map(|mut t| t.entry(peer).or_default().clone())
-            .unwrap_or_default()
+        self.inner.gate.is_trusted(peer)
     }
 
     /// The addresses remembered for a trusted peer (none if it is not trusted).
@@ -592,19 +578,20 @@ impl Peer {
     /// True when connected to `peer` right now.
     pub fn is_connected(&self, peer: &PeerId) -> bool {
         self.inner
-            .live
-            .lock()
-            .map(|l| l.get(peer).is_some_and(|v| v.connected))
-            .unwrap_or(false)
+            .view
+            .borrow()
+            .peers
+            .get(peer)
+            .is_some_and(|v| v.connected)
     }
 
     /// `Some` when `peer` is connected through a relay circuit: the circuit's byte limit,
     /// if the relay stated one.
     pub(crate) fn circuit(&self, peer: &PeerId) -> Option<Option<u64>> {
         self.inner
-            .live
-            .lock()
-            .ok()?
+            .view
+            .borrow()
+            .peers
             .get(peer)
             .filter(|v| v.connected && v.relayed)
             .map(|v| v.circuit_bytes)
@@ -614,12 +601,6 @@ impl Peer {
     /// made since makes this false until the peer has it).
     pub fn is_in_sync(&self, peer: &PeerId) -> bool {
         self.is_connected(peer) && self.inner.replica.in_sync_now(*peer)
-    }
-
-    pub(super) fn set_live(&self, peer: PeerId, f: impl FnOnce(&mut Live)) {
-        if let Ok(mut l) = self.inner.live.lock() {
-            f(l.entry(peer).or_default());
-        }
     }
 }
 

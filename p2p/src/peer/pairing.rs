@@ -152,14 +152,8 @@ pub async fn pair_phone(peer: &Peer, ticket: &Ticket) -> Result<PairOutcome, Pho
         }
     }
     // Let the desktop through our gate for the handshake only.
-    if let Ok(mut g) = peer.gate().write() {
-        g.infra.insert(desktop);
-    }
-    let result = pair_inner(peer, ticket, desktop, &node).await;
-    if let Ok(mut g) = peer.gate().write() {
-        g.infra.remove(&desktop);
-    }
-    result
+    let _admitted = peer.gate().admit_while(desktop);
+    pair_inner(peer, ticket, desktop, &node).await
 }
 
 async fn pair_inner(
@@ -249,9 +243,7 @@ async fn pair_inner(
     // Trust is durable; open the gate for good and sync.
     let _ = peer.refresh_namespace().await;
     let mut events = peer.events();
-    if let Ok(mut g) = peer.gate().write() {
-        g.trusted.insert(desktop);
-    }
+    peer.gate().trust(desktop);
     // The connection was admitted before trust existed, so start the session on a fresh one.
     peer.disconnect(desktop).await;
     let addrs: Vec<Multiaddr> = ticket
@@ -376,9 +368,7 @@ pub async fn forget(peer: &Peer) -> Result<serde_json::Value, PeerError> {
         peer.replica()
             .store_blocking(move |s| s.write(|tx| tx.delete_trusted(&i2)))
             .await??;
-        if let Ok(mut g) = peer.gate().write() {
-            g.trusted.remove(&pid);
-        }
+        peer.gate().distrust(&pid);
         peer.disconnect(pid).await;
         forgotten.push(id);
     }

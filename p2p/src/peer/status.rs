@@ -87,20 +87,16 @@ impl Peer {
                 .and_then(|i| serde_json::to_value(i).ok()),
             None => None,
         };
-        let live = self.inner.live.lock().map(|l| {
-            l.iter()
-                .map(|(p, v)| (*p, (v.connected, v.relayed, v.in_sync)))
-                .collect::<HashMap<_, _>>()
-        });
-        let live = live.unwrap_or_default();
+        let live: HashMap<PeerId, super::handle::Live> = self.inner.view.borrow().peers.clone();
         let peers = trusted
             .into_iter()
             .map(|t| {
                 let pid: Option<PeerId> = t.id.as_str().parse().ok();
-                let (connected, relayed, in_sync) = pid
-                    .and_then(|p| live.get(&p).copied())
-                    .unwrap_or((false, false, false));
-                let traffic = pid.map(|p| self.traffic(p));
+                let (connected, relayed, in_sync, traffic) = pid
+                    .and_then(|p| live.get(&p))
+                    .map_or((false, false, false, None), |l| {
+                        (l.connected, l.relayed, l.in_sync, Some(l.traffic.clone()))
+                    });
                 let in_sync = in_sync && pid.is_some_and(|p| self.is_in_sync(&p));
                 PeerStatus {
                     id: t.id.to_string(),

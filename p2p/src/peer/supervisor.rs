@@ -23,7 +23,7 @@ use crate::{
 };
 
 use super::{
-    handle::{Net, Peer},
+    handle::{Live, Net, Peer},
     types::{PeerError, PeerEvent},
 };
 
@@ -54,7 +54,7 @@ impl Peer {
         if net.is_some() {
             return Ok(());
         }
-        let (relays, relay_only) = self.relays().await?;
+        let (relays, relay_only) = (self.relays().await?, self.relay_only());
         let namespace = self.namespace().await?;
         let (node, node_events, node_task) = node::spawn(
             self.inner.keypair.clone(),
@@ -69,9 +69,7 @@ impl Peer {
             },
         )
         .await?;
-        if let Ok(mut n) = self.inner.node.write() {
-            *n = Some(node.clone());
-        }
+        self.inner.view.send_modify(|v| v.node = Some(node.clone()));
         let cancel = CancellationToken::new();
         let (session_tx, session_rx) = mpsc::channel(SESSION_EVENT_CAPACITY);
         let (internal_tx, internal_rx) = mpsc::channel(SESSION_EVENT_CAPACITY);
@@ -189,15 +187,16 @@ impl Peer {
         let Some(net) = self.inner.net.lock().await.take() else {
             return;
         };
-        if let Ok(mut n) = self.inner.node.write() {
-            *n = None;
-        }
+        self.inner.view.send_modify(|v| v.node = None);
         net.cancel.cancel();
         let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, net.node.shutdown()).await;
-        // Nothing is connected any more; a later `start` must redial everyone.
-        if let Ok(mut l) = self.inner.live.lock() {
-            l.clear();
-        }
+        // Nothing is connected any more; a later `start` must redial everyone. What each
+        // peer's sessions counted stays: it is this process's.
+        self.inner.view.send_modify(|v| {
+            for l in v.peers.values_mut() {
+                (l.connected, l.relayed, l.circuit_bytes, l.in_sync) = (false, false, None, false);
+            }
+        });
         for task in net.tasks {
             let abort = task.abort_handle();
             if tokio::time::timeout(SHUTDOWN_TIMEOUT, task).await.is_err() {
@@ -277,6 +276,21 @@ impl Supervisor {
         }
     }
 
+    /// Changes what the view says of `peer` (the one place it is written while running).
+    fn set_live(&self, peer: PeerId, f: impl FnOnce(&mut Live)) {
+        self.peer
+            .inner
+            .view
+            .send_modify(|v| f(v.peers.entry(peer).or_default()));
+    }
+
+    /// The byte counters of `peer`'s sessions.
+    fn traffic(&self, peer: PeerId) -> std::sync::Arc<crate::sync::session::Traffic> {
+        let mut traffic = None;
+        self.set_live(peer, |l| traffic = Some(l.traffic.clone()));
+        traffic.unwrap_or_default()
+    }
+
     fn opener(&self, peer: &PeerId) -> bool {
         // Exactly one side opens the sync stream: the one with the smaller PeerId.
         self.peer.peer_id().to_bytes() < peer.to_bytes()
@@ -294,7 +308,7 @@ impl Supervisor {
             replica: self.peer.replica().clone(),
             me: self.peer.device_info(),
             events: self.session_tx.clone(),
-            traffic: self.peer.traffic(peer),
+            traffic: self.traffic(peer),
             may_adopt: self.peer.kind() == DeviceKind::Phone,
             circuit: self.peer.circuit(&peer),
         };
@@ -357,7 +371,7 @@ impl Supervisor {
                     .is_some_and(|(g, _)| *g == generation)
                 {
                     self.sessions.remove(&peer);
-                    self.peer.set_live(peer, |l| l.in_sync = false);
+                    self.set_live(peer, |l| l.in_sync = false);
                     if self.opener(&peer) && self.peer.is_connected(&peer) {
                         let tx = self.internal_tx.clone();
                         let cancel = self.cancel.clone();
@@ -394,7 +408,7 @@ impl Supervisor {
                     .send(PeerEvent::Merged { peer, tasks });
             }
             SessionEvent::InSync { peer } => {
-                self.peer.set_live(peer, |l| l.in_sync = true);
+                self.set_live(peer, |l| l.in_sync = true);
                 let _ = self.peer.inner.events.send(PeerEvent::InSync { peer });
                 let replica = self.peer.replica().clone();
                 self.tasks.spawn(async move {
@@ -463,7 +477,7 @@ impl Supervisor {
                     return;
                 }
                 self.backoff.remove(&peer);
-                self.peer.set_live(peer, |l| {
+                self.set_live(peer, |l| {
                     l.connected = true;
                     l.relayed = relayed;
                     l.circuit_bytes = circuit_bytes;
@@ -489,7 +503,7 @@ impl Supervisor {
             NodeEvent::Path { peer, relayed } => {
                 if self.peer.is_trusted(&peer) {
                     let mut circuit_bytes = None;
-                    self.peer.set_live(peer, |l| {
+                    self.set_live(peer, |l| {
                         l.relayed = relayed;
                         circuit_bytes = l.circuit_bytes;
                     });
@@ -510,7 +524,7 @@ impl Supervisor {
                 }
             }
             NodeEvent::Disconnected { peer } => {
-                self.peer.set_live(peer, |l| {
+                self.set_live(peer, |l| {
                     l.connected = false;
                     l.in_sync = false;
                 });

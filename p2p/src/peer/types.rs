@@ -25,6 +25,30 @@ pub struct PeerConfig {
     pub listen: Vec<Multiaddr>,
     /// LAN discovery.
     pub mdns: bool,
+    /// Relays to use besides those the home remembers (these are remembered too).
+    pub relays: Vec<Multiaddr>,
+    /// Reach peers only through relay circuits: no direct dials, mDNS or DCUtR (for testing
+    /// the relayed path).
+    pub relay_only: bool,
+    /// The caps of this home's blob store.
+    pub blob_caps: crate::blob::BlobCaps,
+}
+
+impl PeerConfig {
+    /// A home opened for local commands: no listening, no discovery, no relays, the default
+    /// blob caps.
+    pub fn local(home: PathBuf, kind: DeviceKind) -> Self {
+        Self {
+            home,
+            kind,
+            name: None,
+            listen: Vec::new(),
+            mdns: false,
+            relays: Vec::new(),
+            relay_only: false,
+            blob_caps: crate::blob::BlobCaps::default(),
+        }
+    }
 }
 
 /// What happens on the network.

@@ -1137,6 +1137,9 @@ fn peer_config(home: PathBuf, kind: DeviceKind, name: &str) -> Result<PeerConfig
         name: Some(name.into()),
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         mdns: false,
+        relays: Vec::new(),
+        relay_only: false,
+        blob_caps: Default::default(),
     })
 }
 

@@ -213,9 +213,11 @@ async fn run_peer(a: PeerArgs) -> Result<()> {
         name: a.name.clone(),
         listen: vec![a.listen.clone()],
         mdns: false,
+        relays: a.relay.clone(),
+        relay_only: a.relay_only,
+        blob_caps: Default::default(),
     })
     .with_context(|| format!("while opening {}", a.home.display()))?;
-    peer.set_relays(a.relay.clone(), a.relay_only);
     let events = peer.events();
     tokio::spawn(print_events(events));
     peer.start().await.context("while starting the network")?;

@@ -41,6 +41,9 @@ async fn main() -> Result<()> {
         name: None,
         listen: Vec::new(),
         mdns: false,
+        relays: Vec::new(),
+        relay_only: false,
+        blob_caps: Default::default(),
     })?;
     use std::io::Write;
     let mut out = std::io::stdout().lock();

@@ -51,6 +51,9 @@ fn every_acknowledged_task_survives_a_sigkill_of_the_writer() -> anyhow::Result<
             name: None,
             listen: Vec::new(),
             mdns: false,
+            relays: Vec::new(),
+            relay_only: false,
+            blob_caps: Default::default(),
         })?;
         let tasks = peer.replica().read(|d| d.tasks()).await?;
         anyhow::Ok(tasks.into_iter().map(|t| t.id.to_string()).collect())

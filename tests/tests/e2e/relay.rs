@@ -1095,6 +1095,9 @@ fn fill_random(home: &Path, count: usize, len: usize) -> Result<()> {
             name: None,
             listen: Vec::new(),
             mdns: false,
+            relays: Vec::new(),
+            relay_only: false,
+            blob_caps: Default::default(),
         })?;
         let target = peer.replica().read(|d| d.genesis().owner.clone()).await?;
         let tasks: Vec<String> = (0..count)

@@ -825,6 +825,9 @@ async fn shutdown_joins_every_task_within_a_bound() -> Result<()> {
             name: Some(name.into()),
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
             mdns: false,
+            relays: Vec::new(),
+            relay_only: false,
+            blob_caps: Default::default(),
         })
         .map_err(anyhow::Error::from)
     };

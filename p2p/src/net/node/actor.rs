@@ -68,9 +68,7 @@ pub async fn spawn(
     let enable_dcutr = !config.relay_only;
     let relay_only = config.relay_only;
     let relays = Relays::new(&config.relays, config.namespace.clone());
-    if let Ok(mut g) = gate.write() {
-        g.infra.extend(relays.peers());
-    }
+    gate.add_infra(relays.peers());
     let gate_handle = gate.clone();
     let mut swarm = behaviour::build_swarm(keypair, gate, enable_mdns, enable_dcutr, relay_only)
         .map_err(|e| NodeError::Build(e.to_string()))?;
@@ -385,10 +383,8 @@ impl NodeActor {
                 let _ = reply.send((self.relays.info(), self.relays.ticket_addrs()));
             }
             Command::AddRelay { addr } => {
-                if self.relays.add(&addr)
-                    && let Ok(mut g) = self.gate.write()
-                {
-                    g.infra.extend(self.relays.peers());
+                if self.relays.add(&addr) {
+                    self.gate.add_infra(self.relays.peers());
                 }
             }
             Command::SetNamespace { namespace } => self.relays.set_namespace(namespace),
@@ -562,10 +558,7 @@ impl NodeActor {
                         .get(&remote_peer_id)
                         .map(|cs| cs.iter().filter(|(_, r)| **r).map(|(id, _)| *id).collect())
                         .unwrap_or_default();
-                    let pairing = self
-                        .gate
-                        .read()
-                        .is_ok_and(|g| g.may_be_pairing(&remote_peer_id));
+                    let pairing = self.gate.may_be_pairing(&remote_peer_id);
                     tracing::info!(peer = %remote_peer_id, closing = relayed.len(), pairing, "hole punch succeeded; moving to the direct connection");
                     if pairing {
                         let due = tokio::time::Instant::now() + self.pairing_grace;
