@@ -315,8 +315,13 @@ impl Supervisor {
         let internal = self.internal_tx.clone();
         self.tasks.spawn(
             async move {
-                match session::run(stream, peer, ctx, cancel).await {
+                match session::run(stream, peer, ctx, cancel.clone()).await {
                     Ok(()) => tracing::debug!(%peer, "sync session ended"),
+                    // Stopping (shutdown, or a newer session of this peer) closes the stream
+                    // under the session: that is no fault.
+                    Err(e) if cancel.is_cancelled() => {
+                        tracing::debug!(%peer, error = %e, "sync session closed while stopping");
+                    }
                     Err(e) => tracing::warn!(%peer, error = %e, "sync session closed"),
                 }
                 let _ = internal.send(Internal::Ended(peer, generation)).await;
