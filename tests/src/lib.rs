@@ -378,16 +378,7 @@ fn fill(
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let peer = Peer::open(PeerConfig {
-            home: home.to_owned(),
-            kind,
-            name: None,
-            listen: Vec::new(),
-            mdns: false,
-            relays: Vec::new(),
-            relay_only: false,
-            blob_caps: Default::default(),
-        })?;
+        let peer = Peer::open(PeerConfig::local(home.to_owned(), kind))?;
         if let Some(l) = limit {
             peer.replica().set_segment_limit(l);
         }

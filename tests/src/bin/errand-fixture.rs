@@ -35,16 +35,7 @@ struct Args {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let kind: DeviceKind = args.kind.parse().map_err(anyhow::Error::msg)?;
-    let peer = Peer::open(PeerConfig {
-        home: args.home,
-        kind,
-        name: None,
-        listen: Vec::new(),
-        mdns: false,
-        relays: Vec::new(),
-        relay_only: false,
-        blob_caps: Default::default(),
-    })?;
+    let peer = Peer::open(PeerConfig::local(args.home, kind))?;
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     for i in 0..args.count {
