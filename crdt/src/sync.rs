@@ -601,8 +601,9 @@ mod tests {
 
     /// `apply_message` leaves the document and the sync state exactly as Automerge's own
     /// `receive_sync_message` does, message by message, through a whole exchange: changes
-    /// both ways, a message whose changes the receiver already holds, and a whole document
-    /// (Automerge sends one to a peer that announces no heads).
+    /// both ways, a replayed message whose changes the receiver already holds, catch-ups cut
+    /// in half under heads that name all of them, and a whole document (Automerge sends one
+    /// to a peer that lacks most of it).
     #[test]
     fn applying_parsed_changes_leaves_the_state_automerge_would() {
         let mut a = doc(1);
