@@ -15,7 +15,8 @@ use crate::{DocId, Part};
 
 /// A sync message with at least this many changes carries them as one Automerge bundle.
 /// Change by change, each change repeats its actor and its dependencies' 32-byte hashes,
-/// which do not compress: 10,000 one-task changes were 3.6 MB, 929 KB deflated. As a bundle
+/// which do not compress: 10,000 one-task changes were 3.6 MB, 929 KB deflated (the wire now
+/// links them before compressing: `errand_p2p::sync::linked`, 316 KB). As a bundle
 /// (encoded like a document, dependencies as indices) they were 374 KB, built in about
 /// 0.1 s. Unlike a document, a bundle's ops per change can be counted from its change
 /// metadata before any change is built (`crate::ingest`), so the owner can still bound what

@@ -67,8 +67,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let big: Vec<u8> = msg.iter().cycle().take(64 * 1024).copied().collect();
     write(
         "frame",
-        "sync-deflated",
-        &Frame::sync(doc_id, big).packed().encode(),
+        "sync-packed",
+        &Frame::sync(doc_id.clone(), big).packed().encode(),
+    )?;
+    // Forty one-task changes in a row, as a phone back from offline sends them: packed
+    // frames carry them linked (checksums zeroed, dependencies as indices).
+    for i in 3..43 {
+        let t = doc.put_object(&tasks, format!("task-{i}"), automerge::ObjType::Map)?;
+        doc.put(&t, "instruction", format!("summarise the CSVs {i}"))?;
+        doc.commit();
+    }
+    let queued: Vec<Vec<u8>> = doc
+        .get_changes(&heads)
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
+    let linked_msg = automerge::sync::Message {
+        heads: doc.get_heads(),
+        need: Vec::new(),
+        have: Vec::new(),
+        changes: queued.clone().into(),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    };
+    write(
+        "frame",
+        "sync-linked",
+        &Frame::sync(doc_id.clone(), linked_msg.encode())
+            .packed()
+            .encode(),
+    )?;
+    write(
+        "frame",
+        "changes-linked",
+        &Frame::changes(doc_id, &doc.get_heads(), &queued.concat())
+            .packed()
+            .encode(),
     )?;
 
     let desktop: DeviceId = "12D3KooWDCT34peGpcuEMCN8VpNeqmJ3jDZ26cjpQQmvKovri1fm".parse()?;

@@ -44,7 +44,7 @@ const READ_AHEAD: usize = 8;
 /// number of bytes, both ways summed, counted on the encrypted connection (libp2p's default
 /// is 128 KiB; errand-relay's `--max-circuit-bytes` may be as low as 64 KiB). At 24 KiB, a
 /// part of incompressible text plus the connection's own traffic (Noise, identify, the
-/// hello) fits a 64 KiB circuit at least twice; deflate shrinks the usual text 3 to 4 times.
+/// hello) fits a 64 KiB circuit at least twice; packing shrinks the usual text 3 to 4 times.
 pub const RELAYED_PART_BYTES: usize = 24 * 1024;
 
 /// The part limit over a circuit that closes after `circuit_bytes` (if the relay said):
@@ -228,9 +228,9 @@ async fn send<W: futures::AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// `frame` deflated if that pays (compressing a large body runs on a blocking thread).
+/// `frame` packed if that pays (compressing a large body runs on a blocking thread).
 async fn pack(frame: Frame) -> Result<Frame, PushError> {
-    if frame.body.len() < wire::DEFLATE_MIN {
+    if frame.body.len() < wire::PACK_MIN {
         return Ok(frame);
     }
     tokio::task::spawn_blocking(move || frame.packed())
@@ -238,14 +238,14 @@ async fn pack(frame: Frame) -> Result<Frame, PushError> {
         .map_err(|_| PushError::Compress)
 }
 
-/// The frame inside a received deflated frame (inflating runs on a blocking thread).
+/// The frame inside a received packed frame (unpacking runs on a blocking thread).
 async fn unpack(frame: Frame) -> Result<Frame, WireError> {
-    if frame.kind.inflated().is_none() {
+    if frame.kind.unpacked().is_none() {
         return Ok(frame);
     }
     tokio::task::spawn_blocking(move || frame.unpacked())
         .await
-        .map_err(|_| WireError::Malformed("inflating a sync message failed"))?
+        .map_err(|_| WireError::Malformed("unpacking a sync message failed"))?
 }
 
 /// Runs a session until the stream ends, an error occurs, or `cancel` fires: the hello, then
@@ -462,7 +462,7 @@ async fn take_frame(
                     .await?
             }
         }
-        FrameKind::Hello | FrameKind::SyncDeflate | FrameKind::ChangesDeflate => {
+        FrameKind::Hello | FrameKind::SyncPacked | FrameKind::ChangesPacked => {
             return Err(SyncError::Protocol("a second hello"));
         }
     };
