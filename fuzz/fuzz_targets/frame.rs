@@ -1,5 +1,6 @@
-//! A frame from a peer: decoding, inflating (a deflate bomb must stop at the frame limit), and
-//! reading it as a hello or as pushed changes. Every refusal is an error value.
+//! A frame from a peer: decoding, unpacking (a zstd bomb must stop at the frame limit, linked
+//! change chunks are restored or refused), and reading it as a hello or as pushed changes.
+//! Every refusal is an error value.
 #![no_main]
 
 use errand_p2p::sync::wire::{Frame, FrameKind, MAX_FRAME};
@@ -16,12 +17,12 @@ fuzz_target!(|data: &[u8]| {
     };
     assert!(
         frame.body.len() <= MAX_FRAME,
-        "an inflated body of {} bytes passed the {MAX_FRAME}-byte limit",
+        "an unpacked body of {} bytes passed the {MAX_FRAME}-byte limit",
         frame.body.len()
     );
     assert!(
-        frame.kind.inflated().is_none(),
-        "unpacked yet still deflated"
+        frame.kind.unpacked().is_none(),
+        "unpacked yet still packed"
     );
     match frame.kind {
         FrameKind::Hello => {

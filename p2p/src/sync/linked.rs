@@ -25,6 +25,9 @@ use sha2::{Digest, Sha256};
 const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 /// The chunk type of an uncompressed change.
 const CHANGE: u8 = 1;
+/// The first byte of an Automerge sync message, version 1 and 2.
+const SYNC_V1: u8 = 0x42;
+const SYNC_V2: u8 = 0x43;
 /// Where the checksum sits in a chunk.
 const CHECKSUM: std::ops::Range<usize> = 4..8;
 /// The zero bytes a dependency marker starts with; its last four bytes are an index.
@@ -167,6 +170,60 @@ pub fn split_chunks(mut bytes: &mut [u8]) -> Vec<&mut [u8]> {
     out
 }
 
+/// The change chunks of an Automerge sync message, in place: the message is read as its
+/// layout is (a type byte; heads, need and each `have`'s last-sync heads as a count and
+/// 32-byte hashes; each `have`'s bloom filter and each chunk as a length and bytes), without
+/// decoding or encoding anything else. `None` when the bytes do not have that layout (the
+/// session's checks then refuse the message as Automerge reads it). Re-encoding a decoded
+/// message is not an option for a peer's bytes: Automerge's encoder asserts that hashes are
+/// sorted, which a peer's message need not be.
+pub fn message_chunks(msg: &mut [u8]) -> Option<Vec<&mut [u8]>> {
+    /// Reads a count or a length at `at`, and moves past it.
+    fn number(msg: &[u8], at: &mut usize) -> Option<usize> {
+        let (n, len) = uleb(msg.get(*at..)?)?;
+        *at += len;
+        Some(n)
+    }
+    /// Moves past a count of 32-byte hashes and the hashes.
+    fn hashes(msg: &[u8], at: &mut usize) -> Option<()> {
+        let n = number(msg, at)?;
+        *at = at.checked_add(n.checked_mul(32)?)?;
+        Some(())
+    }
+    if !matches!(msg.first(), Some(&(SYNC_V1 | SYNC_V2))) {
+        return None;
+    }
+    let mut at = 1;
+    hashes(msg, &mut at)?; // heads
+    hashes(msg, &mut at)?; // need
+    for _ in 0..number(msg, &mut at)? {
+        hashes(msg, &mut at)?; // last sync
+        let bloom = number(msg, &mut at)?;
+        at = at.checked_add(bloom)?;
+    }
+    let mut ranges = Vec::new();
+    for _ in 0..number(msg, &mut at)? {
+        let len = number(msg, &mut at)?;
+        let end = at.checked_add(len)?;
+        ranges.push((at, end));
+        at = end;
+    }
+    // What follows (the flags) is Automerge's to read.
+    if at > msg.len() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(ranges.len());
+    let (mut rest, mut offset) = (msg, 0);
+    for (start, end) in ranges {
+        let (_, tail) = rest.split_at_mut(start - offset);
+        let (chunk, tail) = tail.split_at_mut(end - start);
+        out.push(chunk);
+        rest = tail;
+        offset = end;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +294,55 @@ mod tests {
                 target: 0
             })
         );
+    }
+
+    #[test]
+    fn the_chunks_of_a_sync_message_are_found_where_automerge_reads_them() {
+        use automerge::sync::{State, SyncDoc};
+        let mut doc = AutoCommit::new();
+        for i in 0..20 {
+            doc.put(ROOT, format!("k{i}"), i).unwrap();
+            doc.commit();
+        }
+        // A message with a `have` (last-sync heads and a bloom filter) and no changes, then
+        // one that carries changes.
+        let mut ours = State::new();
+        let first = doc.sync().generate_sync_message(&mut ours).unwrap();
+        let mut peer = AutoCommit::new();
+        peer.put(ROOT, "theirs", 1).unwrap();
+        peer.commit();
+        let mut theirs = State::new();
+        peer.sync()
+            .receive_sync_message(&mut theirs, first)
+            .unwrap();
+        let reply = peer.sync().generate_sync_message(&mut theirs).unwrap();
+        let mut reply_bytes = reply.clone().encode();
+        assert!(!reply.have.is_empty());
+        let found: Vec<Vec<u8>> = message_chunks(&mut reply_bytes)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.to_vec())
+            .collect();
+        let automerge: Vec<Vec<u8>> = reply.changes.iter().map(<[u8]>::to_vec).collect();
+        assert_eq!(found, automerge);
+        doc.sync().receive_sync_message(&mut ours, reply).unwrap();
+        let with_changes = doc.sync().generate_sync_message(&mut ours).unwrap();
+        assert!(!with_changes.changes.is_empty());
+        let mut bytes = with_changes.clone().encode();
+        let found: Vec<Vec<u8>> = message_chunks(&mut bytes)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.to_vec())
+            .collect();
+        let automerge: Vec<Vec<u8>> = with_changes.changes.iter().map(<[u8]>::to_vec).collect();
+        assert_eq!(found, automerge);
+        // Every cut of it is refused or read without a panic, and never past its end.
+        for cut in 0..bytes.len() {
+            let mut short = bytes[..cut].to_vec();
+            let _ = message_chunks(&mut short);
+        }
+        assert!(message_chunks(&mut [0x41, 0, 0, 0, 0]).is_none());
+        assert!(message_chunks(&mut [0x42, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_none());
     }
 
     #[test]

@@ -299,55 +299,41 @@ impl Frame {
 }
 
 /// The body of a `Sync` or `Changes` frame with its change chunks linked, or `None` when it
-/// carries none that could be (a sync message Automerge cannot decode is sent as it is, and
-/// the receiver judges it).
+/// carries none (a sync message whose layout is not Automerge's is sent as it is, and the
+/// receiver judges it).
 fn linked_body(kind: FrameKind, body: &[u8]) -> Option<Vec<u8>> {
-    match kind {
-        FrameKind::Sync => {
-            let mut msg = automerge::sync::Message::decode(body).ok()?;
-            if msg.changes.is_empty() {
-                return None;
-            }
-            let mut chunks: Vec<Vec<u8>> = msg.changes.iter().map(<[u8]>::to_vec).collect();
-            linked::link(chunks.iter_mut().map(Vec::as_mut_slice));
-            msg.changes = chunks.into();
-            Some(msg.encode())
-        }
+    let mut body = body.to_vec();
+    let chunks = match kind {
+        FrameKind::Sync => linked::message_chunks(&mut body)?,
         FrameKind::Changes => {
             let heads = 1 + 32 * usize::from(*body.first()?);
-            let mut body = body.to_vec();
-            linked::link(linked::split_chunks(body.get_mut(heads..)?));
-            Some(body)
+            linked::split_chunks(body.get_mut(heads..)?)
         }
-        _ => None,
+        _ => return None,
+    };
+    if chunks.is_empty() {
+        return None;
     }
+    linked::link(chunks);
+    Some(body)
 }
 
-/// The unpacked body of a `Sync` or `Changes` frame with its change chunks restored.
+/// The unpacked body of a `Sync` or `Changes` frame with its change chunks restored, in
+/// place. A body whose layout is not what its kind says passes as it is: the session's
+/// checks refuse it with their own error.
 fn unlinked_body(kind: FrameKind, mut body: Vec<u8>) -> Result<Vec<u8>, WireError> {
-    match kind {
-        FrameKind::Sync => {
-            let Ok(mut msg) = automerge::sync::Message::decode(&body) else {
-                // Not a sync message: the session's checks refuse it with their own error.
-                return Ok(body);
-            };
-            if msg.changes.is_empty() {
-                return Ok(body);
-            }
-            let mut chunks: Vec<Vec<u8>> = msg.changes.iter().map(<[u8]>::to_vec).collect();
-            linked::unlink(chunks.iter_mut().map(Vec::as_mut_slice))?;
-            msg.changes = chunks.into();
-            Ok(msg.encode())
-        }
+    let chunks = match kind {
+        FrameKind::Sync => linked::message_chunks(&mut body),
         FrameKind::Changes => {
             let heads = 1 + 32 * usize::from(body.first().copied().unwrap_or(0));
-            if let Some(chunks) = body.get_mut(heads..) {
-                linked::unlink(linked::split_chunks(chunks))?;
-            }
-            Ok(body)
+            body.get_mut(heads..).map(linked::split_chunks)
         }
-        _ => Ok(body),
+        _ => None,
+    };
+    if let Some(chunks) = chunks {
+        linked::unlink(chunks)?;
     }
+    Ok(body)
 }
 
 /// Writes one frame and flushes.
@@ -542,6 +528,54 @@ mod tests {
             )
             .unwrap();
         assert_eq!(fresh.get_heads(), doc.get_heads());
+    }
+
+    #[test]
+    fn a_packed_message_with_unsorted_heads_unpacks_without_a_panic() {
+        // Found by fuzzing: unpacking decoded the message and encoded it again, and
+        // Automerge's encoder asserts (in debug builds) that the heads are sorted.
+        let mut doc = automerge::AutoCommit::new();
+        for i in 0..10 {
+            automerge::transaction::Transactable::put(
+                &mut doc,
+                automerge::ROOT,
+                format!("task {i}"),
+                "summarise the notes in ~/inbox and the CSVs beside them",
+            )
+            .unwrap();
+            doc.commit();
+        }
+        let chunks: Vec<Vec<u8>> = doc
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        let mut body = vec![0x42, 2];
+        body.extend_from_slice(&[0xff; 32]);
+        body.extend_from_slice(&[0x01; 32]);
+        body.extend_from_slice(&[0, 0, chunks.len() as u8]);
+        for c in &chunks {
+            // The length as LEB128 (each change is under 16 KiB).
+            assert!(c.len() < 1 << 14);
+            if c.len() < 0x80 {
+                body.push(c.len() as u8);
+            } else {
+                body.extend_from_slice(&[(c.len() & 0x7f) as u8 | 0x80, (c.len() >> 7) as u8]);
+            }
+            body.extend_from_slice(c);
+        }
+        // Automerge reads it (the heads are not checked for order when reading).
+        assert_eq!(
+            automerge::sync::Message::decode(&body)
+                .unwrap()
+                .changes
+                .len(),
+            10
+        );
+        let plain = Frame::sync(DocId::parse("abc").unwrap(), body);
+        let packed = plain.clone().packed();
+        assert_eq!(packed.kind, FrameKind::SyncPacked);
+        assert_eq!(packed.unpacked().unwrap(), plain);
     }
 
     #[test]
