@@ -588,9 +588,10 @@ impl Supervisor {
             NodeEvent::NewListenAddr(_) => {}
             NodeEvent::RelayReady(relay) => {
                 // A relay came back (or we reached it for the first time): the peers we lost
-                // with it are dialed again at the next tick, not after their grown backoff.
+                // with it are dialed again now, not after their grown backoff.
                 tracing::debug!(%relay, "relay ready; redialing peers now");
                 self.backoff.clear();
+                self.redial().await;
             }
         }
     }

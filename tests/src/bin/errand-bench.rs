@@ -2903,7 +2903,10 @@ fn p10_transfer(ctx: &mut Ctx, pair: &mut BlobPair, bytes: usize) -> Result<Blob
     fetch_args.extend(net);
     let mut child = Command::new(ctx.bin("errand-phone")?)
         .args(&fetch_args)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_RUST_LOG").unwrap_or("warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -2924,6 +2927,8 @@ fn p10_transfer(ctx: &mut Ctx, pair: &mut BlobPair, bytes: usize) -> Result<Blob
         std::thread::sleep(P10_RSS_EVERY);
     }
     let out = child.wait_with_output()?;
+    // Kept with the other processes' logs (`--keep`; `BENCH_RUST_LOG` sets their level).
+    let _ = std::fs::write(ctx.logs.join(format!("fetch-{id}.stderr")), &out.stderr);
     if !out.status.success() {
         bail!(
             "errand-phone fetch failed ({}): {}",
