@@ -81,6 +81,24 @@ pub struct Partial {
     pub(super) committed_at: std::time::Instant,
 }
 
+/// Asks the kernel to start writing `len` bytes at `offset` to disk, without waiting: the
+/// sync when the blob is whole then waits for the last of them only (a 100 MiB fetch spent
+/// 40 to 50 ms, a sixth of its time, in that sync when nothing had been written back yet).
+/// `POSIX_FADV_DONTNEED` starts the writeback of dirty pages and leaves pages under writeback
+/// in the cache. An error only means no head start.
+fn start_writeback(f: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        let _ = posix_fadvise(f, offset, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (f, offset, len);
+}
+
 impl Partial {
     /// True once the blob is whole and in place.
     pub fn is_complete(&self) -> bool {
@@ -209,6 +227,7 @@ impl Partial {
                 .map_err(io_err("writing", &path))?;
             f.write_all(&bytes[..good])
                 .map_err(io_err("writing", &path))?;
+            start_writeback(&f, start, good as u64);
             self.file = Some(f);
             self.entry.verified_upto = start + good as u64;
             if self.entry.verified_upto - self.committed >= COMMIT_EVERY
