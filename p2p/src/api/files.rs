@@ -57,7 +57,8 @@ pub struct Transfer {
     /// Times a stream that had carried bytes of the file was cut (a relay's circuit limit,
     /// the desktop going away) and the fetch went on from the verified offset over a new one.
     pub reconnects: u32,
-    /// Milliseconds from the first request to the verified end, waits included.
+    /// Milliseconds from the start of the fetch (dialing the desktop included) to the
+    /// verified end, waits included.
     pub ms: u64,
 }
 

@@ -3041,7 +3041,7 @@ fn run_p10(ctx: &mut Ctx) -> Vec<Row> {
                     row = row.goals(vec![Check::RefRatioAtLeast(0.6)]);
                 }
                 rows.push(row.note(format!(
-                    "the fetch's own timing (first request to verified end): 32 KiB ranges, {} in flight; the phone checks each 16 KiB group against the BLAKE3 outboard and writes {} KiB batches on a blocking thread while it reads the next (its verified offset committed at most once a second); the desktop reads {} KiB ahead",
+                    "the fetch's own timing (from the fetch's start, dialing the desktop included, to the verified end): 32 KiB ranges, {} in flight; the phone checks each 16 KiB group against the BLAKE3 outboard and writes {} KiB batches on a blocking thread while it reads the next (its verified offset committed at most once a second); the desktop reads {} KiB ahead",
                     errand_p2p::blob::protocol::PIPELINE,
                     errand_p2p::blob::protocol::APPEND_BATCH / 1024,
                     errand_p2p::blob::protocol::READ_AHEAD / 1024
