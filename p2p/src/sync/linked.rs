@@ -316,26 +316,24 @@ mod tests {
             .receive_sync_message(&mut theirs, first)
             .unwrap();
         let reply = peer.sync().generate_sync_message(&mut theirs).unwrap();
-        let mut reply_bytes = reply.clone().encode();
+        // What `message_chunks` finds in a message's bytes is what Automerge decodes.
+        let same_chunks = |m: &automerge::sync::Message| {
+            let mut bytes = m.clone().encode();
+            let found: Vec<Vec<u8>> = message_chunks(&mut bytes)
+                .unwrap()
+                .into_iter()
+                .map(|c| c.to_vec())
+                .collect();
+            let automerge: Vec<Vec<u8>> = m.changes.iter().map(<[u8]>::to_vec).collect();
+            assert_eq!(found, automerge);
+            bytes
+        };
         assert!(!reply.have.is_empty());
-        let found: Vec<Vec<u8>> = message_chunks(&mut reply_bytes)
-            .unwrap()
-            .into_iter()
-            .map(|c| c.to_vec())
-            .collect();
-        let automerge: Vec<Vec<u8>> = reply.changes.iter().map(<[u8]>::to_vec).collect();
-        assert_eq!(found, automerge);
+        same_chunks(&reply);
         doc.sync().receive_sync_message(&mut ours, reply).unwrap();
         let with_changes = doc.sync().generate_sync_message(&mut ours).unwrap();
         assert!(!with_changes.changes.is_empty());
-        let mut bytes = with_changes.clone().encode();
-        let found: Vec<Vec<u8>> = message_chunks(&mut bytes)
-            .unwrap()
-            .into_iter()
-            .map(|c| c.to_vec())
-            .collect();
-        let automerge: Vec<Vec<u8>> = with_changes.changes.iter().map(<[u8]>::to_vec).collect();
-        assert_eq!(found, automerge);
+        let bytes = same_chunks(&with_changes);
         // Every cut of it is refused or read without a panic, and never past its end.
         for cut in 0..bytes.len() {
             let mut short = bytes[..cut].to_vec();
