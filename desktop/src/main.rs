@@ -318,7 +318,8 @@ async fn daemon(
     settings: Settings,
     run_tasks: bool,
 ) -> Result<(), ApiError> {
-    let peer = cli::open_daemon(PeerConfig {
+    // The claim is held until the daemon returns: commands started meanwhile wait for it.
+    let (peer, _claim) = cli::open_daemon(PeerConfig {
         home: home.clone(),
         kind: DeviceKind::Desktop,
         name,
@@ -475,13 +476,22 @@ async fn pair(
         let shutdown = cli::Shutdown::listen();
         let before = peer.trusted_peers().await.map(|t| t.len()).unwrap_or(0);
         let mut events = peer.events();
+        // Paired once a new device is trusted and has synced, or has gone again (a phone's
+        // `pair` leaves once it is in sync, which this side may not see first).
         let wait = async {
+            use errand_p2p::peer::PeerEvent;
+            use tokio::sync::broadcast::error::RecvError;
             loop {
-                if let Ok(errand_p2p::peer::PeerEvent::InSync { .. }) = events.recv().await {
-                    let now = peer.trusted_peers().await.map(|t| t.len()).unwrap_or(0);
-                    if now > before {
-                        return true;
+                match events.recv().await {
+                    Ok(PeerEvent::InSync { .. } | PeerEvent::Disconnected { .. })
+                    | Err(RecvError::Lagged(_)) => {
+                        let now = peer.trusted_peers().await.map(|t| t.len()).unwrap_or(0);
+                        if now > before {
+                            return true;
+                        }
                     }
+                    Ok(_) => {}
+                    Err(RecvError::Closed) => return false,
                 }
             }
         };

@@ -698,13 +698,16 @@ impl Loop {
             // A cancel request, or a terminal fact written elsewhere in this desktop (revoking
             // the author settles its tasks), stops the process. Its own terminal fact comes
             // after the process ended, so stopping then changes nothing.
-            let stop =
-                view.requests.contains(&Request::CancelRequested) || view.status.is_terminal();
+            let cancel = view.requests.contains(&Request::CancelRequested);
             if active.attempt == view.attempt
-                && stop
+                && (cancel || view.status.is_terminal())
                 && !active.requested.swap(true, Ordering::SeqCst)
             {
-                info!(task = %task.id, attempt = active.attempt, "cancel requested; stopping the task");
+                if cancel {
+                    info!(task = %task.id, attempt = active.attempt, "cancel requested; stopping the task");
+                } else {
+                    debug!(task = %task.id, attempt = active.attempt, status = ?view.status, "the task is settled; stopping its process if it still runs");
+                }
                 active.cancel.cancel();
             }
             // Answers to the agent's permission requests go to the running turn, once each.

@@ -329,7 +329,8 @@ async fn run(home: PathBuf, auto_fetch_bytes: u64, command: Command) -> Result<(
     match command {
         Command::Daemon { net, name } => {
             cli::init_logging("info");
-            let peer = cli::open_daemon(peer_config(&home, &net, name)).await?;
+            // Held until the daemon returns: commands started meanwhile wait for it.
+            let (peer, _claim) = cli::open_daemon(peer_config(&home, &net, name)).await?;
             if let Err(e) = peer.collect_blobs().await {
                 tracing::warn!(error = %e, "could not collect unreferenced files");
             }

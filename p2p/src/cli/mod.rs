@@ -3,16 +3,20 @@
 //!
 //! - A one-shot command uses the daemon when one answers on the home's control socket, else
 //!   opens the home itself for the moment it needs ([`open`]).
-//! - While another process holds the home without answering (a one-shot command, a daemon still
-//!   starting), commands and daemons wait for it up to [`LOCK_WAIT`], then name the holder.
+//! - A daemon claims its home before anything else ([`claim`]); a command that finds the claim
+//!   taken waits for that daemon to answer instead of opening the home itself.
+//! - While a one-shot command holds the home, other commands wait for it up to [`LOCK_WAIT`],
+//!   then name it; a daemon waits for as long as it runs, saying what it waits for.
 //! - [`Opened::call`] runs one typed request there; [`show`] runs one and prints its response,
 //!   as JSON with `--json`, else as text ([`print`]). Both CLIs print through it.
 //! - Human output passes text from the thread through [`printable`]; `--json` prints it exactly.
 
+pub mod claim;
 mod print;
 pub mod routine;
 mod transfer;
 
+pub use claim::DaemonClaim;
 pub use print::{Show, print_json, print_text, printable, show, task_line};
 pub use routine::RoutineCommand;
 pub use transfer::{export, import};
@@ -94,6 +98,17 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// How often a waiting command looks at the home again: short next to a one-shot's hold.
 const LOCK_POLL: Duration = Duration::from_millis(25);
 
+/// How long a command waits for a daemon that has claimed the home to answer: a daemon opens
+/// its thread, starts its network and serves its socket within seconds, unless it is itself
+/// waiting for another process to let go of the home.
+pub const DAEMON_START_WAIT: Duration = Duration::from_secs(30);
+
+/// A wait shorter than this goes unmentioned.
+const SAY_AFTER: Duration = Duration::from_secs(1);
+
+/// How often a daemon waiting for the home says again what it waits for.
+const REMIND_EVERY: Duration = Duration::from_secs(30);
+
 /// Either this process holds the home, or a daemon does.
 #[derive(Debug)]
 pub enum Opened {
@@ -132,65 +147,108 @@ pub async fn open(home: PathBuf, kind: DeviceKind) -> Result<Opened, ApiError> {
 }
 
 /// Opens the home with `config` (for a command that goes online itself when no daemon runs),
-/// or finds the daemon that holds it. While another process holds the home without answering
-/// on its control socket (another one-shot command, or a daemon still starting), waits up to
-/// [`LOCK_WAIT`] for either to change.
+/// or finds the daemon that holds it. While a daemon claims the home ([`claim`]) but does not
+/// answer yet, waits up to [`DAEMON_START_WAIT`] for it; while another process holds the home
+/// without answering on its control socket (another one-shot command), up to [`LOCK_WAIT`].
 pub async fn open_with(config: PeerConfig) -> Result<Opened, ApiError> {
     let home = config.home.clone();
-    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    let started = tokio::time::Instant::now();
+    let mut said = false;
     loop {
-        if let Some(peer) = try_open(&config)? {
-            return Ok(Opened::Local(peer));
-        }
         if daemon_answers(&home).await {
             return Ok(Opened::Daemon(home));
         }
-        if tokio::time::Instant::now() >= deadline {
+        let starting = claim::claimed(&home);
+        if !starting && let Some(peer) = try_open(&config)? {
+            return Ok(Opened::Local(peer));
+        }
+        let waited = started.elapsed();
+        if starting {
+            if waited >= DAEMON_START_WAIT {
+                return Err(not_started(&home));
+            }
+            if !said && waited >= SAY_AFTER {
+                said = true;
+                eprintln!(
+                    "waiting for the daemon starting for {} to answer…",
+                    home.display()
+                );
+            }
+        } else if waited >= LOCK_WAIT {
             return Err(locked(&home));
         }
         tokio::time::sleep(LOCK_POLL).await;
     }
 }
 
-/// Opens the home for a daemon (`errand-desktop run`, `errand-phone daemon`). A one-shot
-/// command that holds the home is waited for, up to [`LOCK_WAIT`]; another daemon is not.
-pub async fn open_daemon(config: PeerConfig) -> Result<Peer, ApiError> {
+/// Opens the home for a daemon (`errand-desktop run`, `errand-phone daemon`), after claiming
+/// it ([`claim`]) so that commands started meanwhile wait for this daemon. Another daemon is
+/// refused. A process that holds the home (a one-shot command, or `pair` serving a pairing in
+/// the foreground) is waited for as long as it runs, saying so; one that cannot be named, up
+/// to [`LOCK_WAIT`].
+pub async fn open_daemon(config: PeerConfig) -> Result<(Peer, DaemonClaim), ApiError> {
     let home = config.home.clone();
-    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
-    let mut waiting = false;
-    loop {
-        if let Some(peer) = try_open(&config)? {
-            return Ok(peer);
-        }
-        if daemon_answers(&home).await {
+    let claim = match DaemonClaim::take(&home) {
+        Ok(Some(claim)) => claim,
+        Ok(None) => {
+            let by = claim::claimant(&home).map_or_else(String::new, |p| format!(" (pid {p})"));
             return Err(ApiError::with_code(
                 exit::LOCKED,
                 format!(
-                    "a daemon already runs for {}: {}; stop it first, or use another --home",
-                    home.display(),
-                    holder_text(&home)
+                    "a daemon already runs for {}{by}; stop it first, or use another --home",
+                    home.display()
                 ),
             ));
         }
-        if tokio::time::Instant::now() >= deadline {
+        Err(e) => {
+            return Err(ApiError::new(format!(
+                "cannot claim the home {}: {e}",
+                home.display()
+            )));
+        }
+    };
+    // Since when no live holder is recorded (a holder removes its record just before it lets
+    // go of the home, so a missing record alone does not mean a stuck process).
+    let mut unnamed_since = tokio::time::Instant::now();
+    let mut said = None;
+    let mut last_said = unnamed_since;
+    loop {
+        if let Some(peer) = try_open(&config)? {
+            if said.is_some() {
+                tracing::info!(home = %home.display(), "the home is free; starting");
+            }
+            return Ok((peer, claim));
+        }
+        let holder = errand_crdt::holder::Holder::read(&home);
+        let now = tokio::time::Instant::now();
+        if holder.is_some() {
+            unnamed_since = now;
+        } else if now.duration_since(unnamed_since) >= LOCK_WAIT {
             return Err(ApiError::with_code(
                 exit::LOCKED,
                 format!(
-                    "cannot start: the home {} is still held by {} after waiting {} s; stop \
-                     that process (or let it finish) and start again, or use another --home",
+                    "cannot start: the home {} is still held by another process after waiting \
+                     {} s; stop that process (or let it finish) and start again, or use \
+                     another --home",
                     home.display(),
-                    holder_text(&home),
                     LOCK_WAIT.as_secs()
                 ),
             ));
         }
-        if !waiting {
-            waiting = true;
+        // Said when a holder is named or changes, and again every half minute.
+        let text = holder.map(|h| h.to_string());
+        let news = text.is_some() && said.as_ref() != Some(&text);
+        if news
+            || (said.is_none() && text.is_none())
+            || now.duration_since(last_said) >= REMIND_EVERY
+        {
+            last_said = now;
             tracing::info!(
                 home = %home.display(),
-                holder = %holder_text(&home),
-                "the home is held by another process; waiting for it"
+                holder = text.as_deref().unwrap_or("another process"),
+                "the home is held by another process; starting as soon as it lets go"
             );
+            said = Some(text);
         }
         tokio::time::sleep(LOCK_POLL).await;
     }
@@ -216,6 +274,27 @@ async fn daemon_answers(home: &std::path::Path) -> bool {
 fn holder_text(home: &std::path::Path) -> String {
     errand_crdt::holder::Holder::read(home)
         .map_or_else(|| "another process".to_owned(), |h| h.to_string())
+}
+
+/// A daemon claimed the home but has not answered within [`DAEMON_START_WAIT`] (exit 5).
+fn not_started(home: &std::path::Path) -> ApiError {
+    let by = claim::claimant(home).map_or_else(String::new, |p| format!(" (pid {p})"));
+    let waiting_for = match errand_crdt::holder::Holder::read(home) {
+        Some(h) if h.pid != claim::claimant(home).unwrap_or(0) => {
+            format!("; it is waiting for {h} to let go of the home")
+        }
+        _ => String::new(),
+    };
+    ApiError::with_code(
+        exit::LOCKED,
+        format!(
+            "the daemon for {}{by} has not answered on {} after {} s{waiting_for}; try again \
+             in a moment",
+            home.display(),
+            control::socket_path(home).display(),
+            DAEMON_START_WAIT.as_secs()
+        ),
+    )
 }
 
 /// The home is held by a process that does not answer on the control socket (exit 5).

@@ -8,12 +8,14 @@
 //! - [`Peer::events`] reports connections, merged changes (with task ids) and "in sync".
 //!
 //! Files: `types` (config, events, errors, parsers), `handle` (the [`Peer`] handle and its
-//! local operations), `files` (its blob store, garbage collection, fetching), `status`, `supervisor` (start, shutdown, and the task that runs sync
+//! local operations), `files` (its blob store, garbage collection, fetching), `status`, `port` (the
+//! listening port kept across restarts), `supervisor` (start, shutdown, and the task that runs sync
 //! sessions and redials), `pairing` (pairing as a `Peer` does it, over [`crate::pair`]).
 
 mod files;
 mod handle;
 pub mod pairing;
+mod port;
 mod status;
 mod supervisor;
 mod types;

@@ -24,6 +24,7 @@ use crate::{
 
 use super::{
     handle::{Live, Net, Peer},
+    port,
     types::{PeerError, PeerEvent},
 };
 
@@ -56,19 +57,44 @@ impl Peer {
         }
         let (relays, relay_only) = (self.relays().await?, self.relay_only());
         let namespace = self.namespace().await?;
-        let (node, node_events, node_task) = node::spawn(
-            self.inner.keypair.clone(),
-            self.inner.gate.clone(),
-            NodeConfig {
-                listen: self.inner.config.listen.clone(),
-                mdns: self.inner.config.mdns,
-                relays,
-                namespace,
-                relay_only,
-                pairing_grace: crate::pair::STEP_TIMEOUT,
+        let listen = self.inner.config.listen.clone();
+        let node_config = |listen| NodeConfig {
+            listen,
+            mdns: self.inner.config.mdns,
+            relays: relays.clone(),
+            namespace: namespace.clone(),
+            relay_only,
+            pairing_grace: crate::pair::STEP_TIMEOUT,
+        };
+        let spawn =
+            |config| node::spawn(self.inner.keypair.clone(), self.inner.gate.clone(), config);
+        // Last run's port first, so the addresses paired devices remember stay good.
+        let kept = self
+            .inner
+            .replica
+            .store_blocking(|s| s.meta(port::META_LISTEN_PORT))
+            .await??
+            .and_then(|b| port::decode(&b));
+        let (node, node_events, node_task) = match kept.and_then(|p| port::with_port(&listen, p)) {
+            Some(same) => match spawn(node_config(same)).await {
+                Ok(spawned) => spawned,
+                Err(e) => {
+                    tracing::info!(error = %e, "last run's port is taken; listening on another");
+                    spawn(node_config(listen.clone())).await?
+                }
             },
-        )
-        .await?;
+            None => spawn(node_config(listen.clone())).await?,
+        };
+        if let Some(p) = port::port_to_keep(&listen, &node.listen_addrs().await?)
+            && kept != Some(p)
+        {
+            self.inner
+                .replica
+                .store_blocking(move |s| {
+                    s.write(|t| t.put_meta(port::META_LISTEN_PORT, &p.to_be_bytes()))
+                })
+                .await??;
+        }
         self.inner.view.send_modify(|v| v.node = Some(node.clone()));
         let cancel = CancellationToken::new();
         let (session_tx, session_rx) = mpsc::channel(SESSION_EVENT_CAPACITY);

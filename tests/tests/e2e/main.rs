@@ -9,6 +9,7 @@
 mod acp;
 mod cli_trust;
 mod control_socket;
+mod daemon_start;
 mod desktop;
 mod durability;
 mod export;
