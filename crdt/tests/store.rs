@@ -134,3 +134,41 @@ fn meta_sync_states_and_trusted_peers_round_trip() {
     );
     assert_eq!(store.trusted_peers().unwrap(), vec![peer]);
 }
+
+#[test]
+fn a_file_left_mostly_free_shrinks_when_opened_again_and_keeps_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(errand_crdt::store::STORE_FILE);
+    let doc = errand_crdt::DocId::parse("thread:01M95QGHBQ3XMTTA3E6XR810EC").unwrap();
+    let other = errand_crdt::DocId::parse("thread:01M95QGHBQ3XMTTA3E6XR810EC/1").unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        // 4 MB of chunks, another document's after them (so the free pages are not at the
+        // file's end, which redb trims by itself), then a small snapshot in their place.
+        for i in 0..64u8 {
+            store
+                .write(|t| t.append_chunk(&doc, &vec![i; 64 * 1024]))
+                .unwrap();
+        }
+        store
+            .write(|t| t.append_chunk(&other, &vec![1; 64 * 1024]))
+            .unwrap();
+        store
+            .write(|t| t.replace_snapshot(&doc, b"the snapshot"))
+            .unwrap();
+    }
+    let before = std::fs::metadata(&file).unwrap().len();
+    let store = Store::open(dir.path()).unwrap();
+    let after = std::fs::metadata(&file).unwrap().len();
+    assert!(
+        after * 4 < before,
+        "the file stayed at {after} bytes (was {before})"
+    );
+    let loaded = store.load_doc(&doc).unwrap();
+    assert_eq!(loaded.snapshot.as_deref(), Some(&b"the snapshot"[..]));
+    assert!(loaded.chunks.is_empty());
+    assert_eq!(
+        store.load_doc(&other).unwrap().chunks,
+        vec![vec![1; 64 * 1024]]
+    );
+}
