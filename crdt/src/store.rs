@@ -169,35 +169,64 @@ impl Drop for Store {
     }
 }
 
-/// Free pages worth giving back: at least this many bytes, and half of what is stored.
-const COMPACT_MIN_FREE_BYTES: u64 = 256 * 1024;
+/// Store key of the file's length right after its last compaction (8 bytes, big-endian).
+const META_COMPACTED_LEN: &str = "store_compacted_len";
 
-/// Gives the file's free pages back when they are many. redb reuses free pages but never
+/// A file smaller than this is never compacted, and one must grow by at least this much (and
+/// to twice its compacted length) before it is compacted again.
+const COMPACT_MIN_BYTES: u64 = 1 << 20;
+
+/// Gives the file's free pages back once it has grown a lot. redb reuses free pages but never
 /// shrinks its file by itself, and a thread's writes (chunks compacted into snapshots, index
 /// updates) leave about as many free pages as live ones: the 20,000-task desktop home of the
-/// benchmark was 3.7 MB on disk, 1.9 MB of it free, and 2.1 MB after this (compacting it took
-/// milliseconds). Done at open, before anything else uses the file; a failure leaves the file
-/// as it was, so it is logged and the store opens anyway.
-fn compact_if_fragmented(db: &mut Database, home: &Path) {
-    let stats = match db.begin_write().and_then(|tx| {
-        let stats = tx.stats();
-        tx.abort()?;
-        Ok(stats)
-    }) {
-        Ok(Ok(stats)) => stats,
-        _ => return,
-    };
-    let (free, used) = (
-        stats.fragmented_bytes(),
-        stats.stored_bytes() + stats.metadata_bytes(),
-    );
-    if free < COMPACT_MIN_FREE_BYTES || free < used / 2 {
-        return;
+/// benchmark was 3.7 MB on disk, 1.9 MB of it free, and 2.1 MB after this (in milliseconds).
+///
+/// Deciding must not read the file: redb's statistics walk every page (the large phone home's
+/// idle memory grew by 5 MB from it). So the length after the last compaction is kept in the
+/// store, and the file is compacted when it is twice that (or has none recorded). Compacting
+/// reads every page into redb's cache, so the database is opened afresh after it. Done at open,
+/// before anything else uses the file; a failed compaction leaves the file as it was and is
+/// only logged.
+fn compact_if_grown(
+    mut db: Database,
+    path: &Path,
+    opener: &Opener,
+) -> Result<Database, redb::DatabaseError> {
+    let len = std::fs::metadata(path).map_or(0, |m| m.len());
+    if len < COMPACT_MIN_BYTES {
+        return Ok(db);
     }
-    match db.compact() {
-        Ok(_) => tracing::debug!(home = %home.display(), free, used, "compacted the store"),
-        Err(e) => tracing::warn!(home = %home.display(), error = %e, "could not compact the store"),
+    let last = (|| {
+        let bytes = db
+            .begin_read()
+            .ok()?
+            .open_table(META)
+            .ok()?
+            .get(META_COMPACTED_LEN)
+            .ok()??;
+        Some(u64::from_be_bytes(bytes.value().try_into().ok()?))
+    })();
+    if last.is_some_and(|l| len < l.saturating_mul(2).max(l.saturating_add(COMPACT_MIN_BYTES))) {
+        return Ok(db);
     }
+    if let Err(e) = db.compact() {
+        tracing::warn!(path = %path.display(), error = %e, "could not compact the store");
+        return Ok(db);
+    }
+    let after = std::fs::metadata(path).map_or(len, |m| m.len());
+    let recorded = db.begin_write().map_err(redb::Error::from).and_then(|tx| {
+        tx.open_table(META)?
+            .insert(META_COMPACTED_LEN, &after.to_be_bytes()[..])?;
+        tx.commit()?;
+        Ok(())
+    });
+    if let Err(e) = recorded {
+        tracing::warn!(path = %path.display(), error = %e, "could not record the store's compaction");
+    }
+    tracing::debug!(path = %path.display(), before = len, after, "compacted the store");
+    // Dropped first: the file's lock must be released before it is opened again.
+    drop(db);
+    opener()
 }
 
 impl Store {
@@ -218,16 +247,19 @@ impl Store {
                     .create(&path)
             })
         };
-        let mut db = opener().map_err(|e| match e {
+        let opened = |e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(home.to_owned()),
             source => StoreError::Open {
                 path: home.to_owned(),
                 source,
             },
-        })?;
+        };
+        let db = opener().map_err(opened)?;
+        // Before the holder is recorded: another process may take the home while the file is
+        // opened again after a compaction (this one then finds it locked, and waits).
+        let db = compact_if_grown(db, &path, &opener).map_err(opened)?;
         restrict_file(&path);
         crate::holder::record(home);
-        compact_if_fragmented(&mut db, home);
         Self::with_tables(db, opener, home.to_owned(), true)
     }
 
