@@ -294,15 +294,27 @@ impl Store {
         home: PathBuf,
         on_disk: bool,
     ) -> Result<Self, StoreError> {
-        let tx = db.begin_write()?;
-        {
-            tx.open_table(SNAPSHOTS)?;
-            tx.open_table(CHUNKS)?;
-            tx.open_table(SYNC_STATES)?;
-            tx.open_table(META)?;
-            tx.open_table(TRUSTED)?;
+        // Created once: a home that has them is not written to (a durable commit, an fsync,
+        // on every open of every command).
+        let present = {
+            let rx = db.begin_read()?;
+            rx.open_table(SNAPSHOTS).is_ok()
+                && rx.open_table(CHUNKS).is_ok()
+                && rx.open_table(SYNC_STATES).is_ok()
+                && rx.open_table(META).is_ok()
+                && rx.open_table(TRUSTED).is_ok()
+        };
+        if !present {
+            let tx = db.begin_write()?;
+            {
+                tx.open_table(SNAPSHOTS)?;
+                tx.open_table(CHUNKS)?;
+                tx.open_table(SYNC_STATES)?;
+                tx.open_table(META)?;
+                tx.open_table(TRUSTED)?;
+            }
+            tx.commit()?;
         }
-        tx.commit()?;
         Ok(Self {
             db: RwLock::new(Some(db)),
             opener,

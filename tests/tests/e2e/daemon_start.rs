@@ -104,6 +104,16 @@ impl Drop for Proc {
     }
 }
 
+/// `errand-desktop run` on loopback with mDNS off, its stderr to `log`; not waited for.
+fn start_daemon(desktop: &Home, log: &Path) -> Result<Proc> {
+    Proc::spawn(
+        "errand-desktop",
+        &desktop.dir,
+        &["run", "--listen", LISTEN, "--no-mdns"],
+        log,
+    )
+}
+
 /// The ticket in `pair --json`'s output.
 fn ticket_of(json: &str) -> Result<String> {
     let v: serde_json::Value = serde_json::from_str(json).context("pair --json output")?;
@@ -166,12 +176,7 @@ fn a_daemon_started_while_pair_serves_itself_waits_for_it_then_runs() -> Result<
             .map(|_| pair.seen.join("\n"))?,
     )?;
     let daemon_log = root.path().join("run.stderr");
-    let mut daemon = Proc::spawn(
-        "errand-desktop",
-        &desktop.dir,
-        &["run", "--listen", LISTEN, "--no-mdns"],
-        &daemon_log,
-    )?;
+    let mut daemon = start_daemon(&desktop, &daemon_log)?;
     // Longer than a daemon used to wait for a home held by another process (10 s).
     std::thread::sleep(Duration::from_secs(12));
     ensure!(
@@ -195,12 +200,7 @@ fn pair_right_after_the_daemon_claims_the_home_goes_through_the_daemon() -> Resu
     let root = tempfile::tempdir()?;
     let desktop = Home::desktop(root.path(), "desk");
     let phone = Home::phone(root.path(), "phone");
-    let mut daemon = Proc::spawn(
-        "errand-desktop",
-        &desktop.dir,
-        &["run", "--listen", LISTEN, "--no-mdns"],
-        &root.path().join("run.stderr"),
-    )?;
+    let mut daemon = start_daemon(&desktop, &root.path().join("run.stderr"))?;
     // The moment the daemon has claimed the home (its pid in the claim file), long before it
     // serves its control socket.
     let claim = desktop.dir.join(errand_p2p::cli::claim::CLAIM_FILE);
@@ -227,12 +227,7 @@ fn pair_right_after_the_daemon_claims_the_home_goes_through_the_daemon() -> Resu
     // Restarted on a random port again, the desktop gets the port it had, so the phone (no
     // mDNS, no relay) reaches it at the address it remembers.
     drop(daemon);
-    let mut again = Proc::spawn(
-        "errand-desktop",
-        &desktop.dir,
-        &["run", "--listen", LISTEN, "--no-mdns"],
-        &root.path().join("run2.stderr"),
-    )?;
+    let mut again = start_daemon(&desktop, &root.path().join("run2.stderr"))?;
     again.wait_line("running", "errand-desktop run (restarted)")?;
     task_runs(&phone, &desktop)
 }
