@@ -90,8 +90,10 @@ impl Peer {
         {
             self.inner
                 .replica
+                // A hint, not a fact: not worth an fsync of its own (it is made durable by the
+                // next durable commit; lost in a crash, the next start takes a new port).
                 .store_blocking(move |s| {
-                    s.write(|t| t.put_meta(port::META_LISTEN_PORT, &p.to_be_bytes()))
+                    s.write_relaxed(|t| t.put_meta(port::META_LISTEN_PORT, &p.to_be_bytes()))
                 })
                 .await??;
         }
