@@ -79,10 +79,13 @@ pub fn home_dir(flag: Option<PathBuf>, kind: &str) -> PathBuf {
     std::path::absolute(&home).unwrap_or(home)
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default: `default` for our crates).
+/// Logs to stderr, filtered by `RUST_LOG` (default: `default` for our crates, and warnings of
+/// the libraries, or only their errors when `default` is `error`: the demo's story is not
+/// interrupted by a connection closing at its end).
 pub fn init_logging(default: &str) {
+    let others = if default == "error" { "error" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,errand={default},errand_p2p={default},errand_desktop={default},errand_mobile={default}")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{others},errand={default},errand_p2p={default},errand_desktop={default},errand_mobile={default}")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
