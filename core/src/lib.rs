@@ -33,6 +33,6 @@ pub use routine::{
 };
 pub use task::{
     EventKind, PendingPermission, PermissionChoice, PlanEntry, Request, Role, Task, TaskEvent,
-    TaskStatus, TaskView, ToolCallView, Utterance, fold, prompt_of,
+    TaskStatus, TaskView, ToolCallView, Utterance, artifacts_of, fold, prompt_of,
 };
 pub use ticket::{Ticket, TicketError};

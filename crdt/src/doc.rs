@@ -297,8 +297,19 @@ impl Part {
                 }
             }
         }
-        for part in parts {
-            self.doc.load_incremental(part)?;
+        // The chunks go in as one batch: Automerge applies a batch of changes in one pass
+        // over its columns, so one call per stored chunk redid that pass per chunk (a
+        // 250-task phone home whose chunks were never compacted took twice as long to load
+        // as a compacted 20,000-task one).
+        let rest: Vec<&[u8]> = parts.collect();
+        match rest.as_slice() {
+            [] => {}
+            [one] => {
+                self.doc.load_incremental(one)?;
+            }
+            many => {
+                self.doc.load_incremental(&many.concat())?;
+            }
         }
         self.saved = self.doc.get_heads();
         self.doc.reset_diff_cursor();
@@ -1394,6 +1405,26 @@ impl ThreadDoc {
             }
         }
         out.into_values().collect()
+    }
+
+    /// Hands `f` each well-formed task in the parts held in memory, one at a time, for a scan
+    /// that keeps little of each task: [`Self::tasks`] holds every task at once (a 20,000-task
+    /// thread left a phone daemon's heap 3 to 6 MB larger after one such read). Parts are
+    /// walked in order and a task id found in two segments counts once, from the lower one, as
+    /// in [`Self::tasks`]; within a part the order is the map's.
+    pub fn each_task(&self, mut f: impl FnMut(Task)) {
+        let authors = self.authors();
+        let mut seen = std::collections::HashSet::new();
+        for p in self.parts() {
+            let r = p.reader(&self.skipped, &self.genesis.owner);
+            for key in p.doc.keys(&p.tasks) {
+                if let Some(t) = r.read_task_key(&authors, &key)
+                    && seen.insert(t.id)
+                {
+                    f(t);
+                }
+            }
+        }
     }
 
     /// The well-formed tasks of part `n`, oldest first (empty if it is not held).

@@ -123,6 +123,12 @@ proptest! {
         }
         let folds = |d: &ThreadDoc| d.tasks().iter().map(|t| (t.id, fold(t))).collect::<Vec<_>>();
         prop_assert_eq!(folds(a), folds(b));
+        for d in [&*a, &*b] {
+            let mut one_at_a_time = Vec::new();
+            d.each_task(|t| one_at_a_time.push(t));
+            one_at_a_time.sort_by_key(|t| t.id);
+            prop_assert_eq!(one_at_a_time, d.tasks(), "each_task sees what tasks() sees");
+        }
         for n in a.loaded().into_iter().filter(|n| *n > 0 && *n < a.newest_segment()) {
             prop_assert!(a.part(n).unwrap().changes() >= LIMIT, "only full segments were left behind");
         }

@@ -149,11 +149,13 @@ async fn from_thread(
     let newest_occurrence = peer
         .replica()
         .read(move |d| {
-            d.tasks()
-                .iter()
-                .filter(|t| routine.is_occurrence(t))
-                .map(|t| t.id.timestamp_ms())
-                .max()
+            let mut newest = None;
+            d.each_task(|t| {
+                if routine.is_occurrence(&t) {
+                    newest = newest.max(Some(t.id.timestamp_ms()));
+                }
+            });
+            newest
         })
         .await?;
     let newest_missed = r.missed().map(|(_, last, _)| last).max();

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use errand_core::{BlobRef, TaskId, fold};
+use errand_core::{BlobRef, TaskId, artifacts_of, fold};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, Call, ops::GetTask, views::FileInfo};
@@ -196,23 +196,30 @@ async fn wanted(
     tasks: Option<std::collections::BTreeSet<TaskId>>,
     limit: u64,
 ) -> Vec<(libp2p::PeerId, BlobRef)> {
-    let read = peer
+    // Only the artifacts are kept, one task at a time: the look at start reads every task held.
+    let wanted_of = move |t: &errand_core::Task, out: &mut Vec<(libp2p::PeerId, BlobRef)>| {
+        let Ok(from) = libp2p::PeerId::from_bytes(&t.target.to_bytes()) else {
+            return;
+        };
+        for a in artifacts_of(t).into_iter().filter(|a| a.size <= limit) {
+            out.push((from, a));
+        }
+    };
+    let out = peer
         .replica()
-        .read(move |d| match &tasks {
-            Some(ids) => d.tasks_by_id(ids),
-            None => d.tasks(),
+        .read(move |d| {
+            let mut out = Vec::new();
+            match &tasks {
+                Some(ids) => d
+                    .tasks_by_id(ids)
+                    .iter()
+                    .for_each(|t| wanted_of(t, &mut out)),
+                None => d.each_task(|t| wanted_of(&t, &mut out)),
+            }
+            out
         })
         .await
         .unwrap_or_default();
-    let mut out = Vec::new();
-    for t in read {
-        let Ok(from) = libp2p::PeerId::from_bytes(&t.target.to_bytes()) else {
-            continue;
-        };
-        for a in fold(&t).artifacts.into_iter().filter(|a| a.size <= limit) {
-            out.push((from, a));
-        }
-    }
     let store = peer.blobs();
     tokio::task::spawn_blocking(move || {
         let mut seen = std::collections::HashSet::new();

@@ -16,7 +16,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use errand_core::{BlobHash, BlobRef, fold};
+use errand_core::{BlobHash, BlobRef, artifacts_of};
 use futures::{AsyncRead, AsyncWrite};
 use libp2p::PeerId;
 
@@ -160,15 +160,12 @@ impl Referenced {
         let set: HashSet<BlobHash> = self
             .replica
             .read(|d| {
-                d.tasks()
-                    .iter()
-                    .flat_map(|t| {
-                        let mut hashes: Vec<BlobHash> =
-                            t.attachments.iter().map(|a| a.hash).collect();
-                        hashes.extend(fold(t).artifacts.iter().map(|a| a.hash));
-                        hashes
-                    })
-                    .collect()
+                let mut set = HashSet::new();
+                d.each_task(|t| {
+                    set.extend(t.attachments.iter().map(|a| a.hash));
+                    set.extend(artifacts_of(&t).iter().map(|a| a.hash));
+                });
+                set
             })
             .await
             .unwrap_or_default();

@@ -45,7 +45,7 @@ use serde_json::{Value, json};
 
 /// Bump when the fixture's shape or the store format changes: cached fixtures of another
 /// version are ignored (and can be deleted).
-const FIXTURE_FORMAT: u32 = 3;
+const FIXTURE_FORMAT: u32 = 4;
 /// Facts per fixture task: delivered, started, output, finished (issue 8: "4 facts each").
 const FACTS_PER_TASK: usize = 4;
 /// Tasks in the small thread (issue 8).
@@ -1098,6 +1098,12 @@ fn fixture(cache: &Path, tasks: usize) -> Result<Fixture> {
         .build()?;
     let mut f = rt.block_on(build_fixture(&tmp, tasks))?;
     drop(rt);
+    // The homes at rest: building them leaves the store files mostly free pages (redb never
+    // shrinks a file), which a home's next open compacts once and records. Done here, so that
+    // the starts measured on copies of a fixture are the ones a user sees after the first.
+    for who in ["desktop", "phone"] {
+        errand_crdt::store::Store::open(&tmp.join(who))?;
+    }
     f.build_secs = started.elapsed().as_secs_f64();
     std::fs::write(tmp.join("fixture.json"), serde_json::to_vec_pretty(&f)?)?;
     std::fs::rename(&tmp, &dir)?;
