@@ -191,7 +191,14 @@ pub async fn open_with(config: PeerConfig) -> Result<Opened, ApiError> {
 /// to [`LOCK_WAIT`].
 pub async fn open_daemon(config: PeerConfig) -> Result<(Peer, DaemonClaim), ApiError> {
     let home = config.home.clone();
-    let claim = match DaemonClaim::take(&home) {
+    // Taking the claim may retry for a moment (see [`DaemonClaim::take`]): off the runtime.
+    let taken = {
+        let home = home.clone();
+        tokio::task::spawn_blocking(move || DaemonClaim::take(&home))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    };
+    let claim = match taken {
         Ok(Some(claim)) => claim,
         Ok(None) => {
             let by = claim::claimant(&home).map_or_else(String::new, |p| format!(" (pid {p})"));
