@@ -298,9 +298,9 @@ impl Part {
             }
         }
         // The chunks go in as one batch: Automerge applies a batch of changes in one pass
-        // over its columns, so one call per stored chunk redid that pass per chunk (a
-        // 250-task phone home whose chunks were never compacted took twice as long to load
-        // as a compacted 20,000-task one).
+        // over its columns, so one call per stored chunk redid that pass per chunk (a small
+        // phone home holding 61 one-change chunks after its snapshot, one per `send`, opened
+        // in 11 ms that way and in 7 ms in one call).
         let rest: Vec<&[u8]> = parts.collect();
         match rest.as_slice() {
             [] => {}
